@@ -137,7 +137,7 @@ class Tokenizer:
 
 class _GenerationTag(jinja2.ext.Extension):
     # `{% generation %}...{% endgeneration %}` marks assistant text for training masks; we only render it.
-    tags = {"generation"}
+    tags = frozenset({"generation"})
 
     def parse(self, parser):
         next(parser.stream)
@@ -221,7 +221,8 @@ def _byte_level_pre(pre: str) -> tuple:
         return None, pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), gpt2]), False
     if pre in ("llama-bpe", "llama3", "qwen2"):
         split = pre_tokenizers.Split(Regex(_QWEN2_SPLIT if pre == "qwen2" else _LLAMA3_SPLIT), behavior="isolated")
-        pre_tokenizer = pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        to_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        pre_tokenizer = pre_tokenizers.Sequence([split, to_bytes])
         # Qwen2 NFC-normalizes; Llama 3 looks a whole word up in the vocabulary before merging (llama.cpp too)
         return (normalizers.NFC(), pre_tokenizer, False) if pre == "qwen2" else (None, pre_tokenizer, True)
     raise ValueError(f"Unsupported GGUF tokenizer.ggml.pre {pre!r}; supported: {', '.join(_BYTE_LEVEL_PRE)}")
@@ -307,7 +308,7 @@ def tokenizer_files_from_gguf(reader: "gguf.GGUFReader") -> dict[str, str]:  # n
     if config["add_bos_token"] and "bos_token" in config:  # a tokenizer.json's post-processor adds bos
         bos, bos_id = config["bos_token"], meta["tokenizer.ggml.bos_token_id"]
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, bos_id)]
+            single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, bos_id)]
         )
     # "tokenizer.chat_template" is the default template; "tokenizer.chat_template.<name>" are named extras
     templates = [
@@ -316,6 +317,7 @@ def tokenizer_files_from_gguf(reader: "gguf.GGUFReader") -> dict[str, str]:  # n
         if name == "tokenizer.chat_template" or name.startswith("tokenizer.chat_template.")
     ]
     if templates:
-        config["chat_template"] = templates[0]["template"] if len(templates) == 1 else templates
+        only_default = len(templates) == 1 and templates[0]["name"] == "default"
+        config["chat_template"] = templates[0]["template"] if only_default else templates
     config_text = json.dumps(config, indent=2, ensure_ascii=False)
     return {"tokenizer.json": tok.to_str(), "tokenizer_config.json": config_text}

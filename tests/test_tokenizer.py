@@ -210,7 +210,7 @@ def test_chat_template_sources(hf_dir, tmp_path):
 @pytest.fixture(scope="module")
 def sp_dir(tmp_path_factory):
     rng = random.Random(0)
-    words = "the quick brown fox jumps over lazy dog model weights attention layer return value hello".split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "model", "weights", "hello"]
     lines = [" ".join(rng.choices(words, k=rng.randint(3, 12))) + rng.choice([".", "!", ",", " 42", " 3.14"])
              for _ in range(400)]  # fmt: skip
     lines += ["def f(x):", "    return x + 1", "café naïve résumé"]
