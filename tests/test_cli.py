@@ -1,0 +1,126 @@
+"""The command line: real generation from the packaged model, conversion, and one-line errors on bad input."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from generate import generate, load_model
+from tests.helpers import make_hf_model
+from tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str, cache: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FASTGEN_CACHE": str(cache or "/nonexistent")}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, pattern: str) -> None:
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") or ": error:" in last, result.stderr
+    assert pattern in last, last
+    assert "Traceback" not in result.stderr
+
+
+def test_default_model_generates_the_reference_text(smollm2_checkpoint):
+    prompt = "The capital of France is"
+    result = run("generate.py", "--prompt", prompt, "--temperature", "0", "--max_new_tokens", "12", "--num_samples", "1",
+                 cache=smollm2_checkpoint.parent.parent)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    tokenizer = load_tokenizer(smollm2_checkpoint.parent)
+    model = load_model(smollm2_checkpoint, "cpu", torch.float32)
+    ids = tokenizer.encode(prompt)
+    model.setup_caches(1, len(ids) + 12)
+    row = generate(model, [ids], 12, temperature=0, stop_ids=tokenizer.stop_ids)[0][0]
+    expected = prompt + tokenizer.decode([t for t in row if t not in tokenizer.stop_ids])
+    assert result.stdout.strip() == expected.strip()
+    assert "tok/s" in result.stderr and "time to first token" in result.stderr
+
+
+def test_prompt_file_is_one_batch(smollm2_checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The capital of France is\nOnce upon a time, in a small village,\n")
+    result = run("generate.py", "--prompt_file", str(prompts), "--temperature", "0", "--max_new_tokens", "6",
+                 "--num_samples", "1", "--checkpoint_path", str(smollm2_checkpoint))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("---") == 2 and "Once upon a time" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smollm2_checkpoint) -> Path:
+    """A tiny random Llama with the SmolLM2 tokenizer and a 64-token context, converted by the CLI."""
+    path = tmp_path_factory.mktemp("tiny_cli")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_checkpoint.parent / name, path / name)
+    result = run("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(path))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((path / "config.json").read_text())["model_type"] == "llama"
+    return path
+
+
+def test_converted_tiny_model_generates(tiny_dir):
+    result = run("generate.py", "--checkpoint_path", str(tiny_dir / "model.pth"), "--max_new_tokens", "5",
+                 "--num_samples", "2", "--seed", "1")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("tok/s") == 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--max_new_tokens", "0"], "--max_new_tokens must be at least 1"),
+    (["--top_p", "1.5"], "--top_p must be in"),
+])  # fmt: skip
+def test_bad_flags(tiny_dir, flags, message):
+    assert_one_line_error(run("generate.py", "--checkpoint_path", str(tiny_dir / "model.pth"), *flags), message)
+
+
+def test_missing_checkpoint():
+    assert_one_line_error(run("generate.py", "--checkpoint_path", "/no/such/model.pth"), "does not exist")
+
+
+def test_prompt_longer_than_context(tiny_dir):
+    prompt = "word " * 100  # > 64 tokens
+    result = run("generate.py", "--checkpoint_path", str(tiny_dir / "model.pth"), "--prompt", prompt)
+    assert_one_line_error(result, "the model's context is 64")
+
+
+def test_truncated_checkpoint(tiny_dir, tmp_path):
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_dir / name, tmp_path / name)
+    data = (tiny_dir / "model.pth").read_bytes()
+    (tmp_path / "model.pth").write_bytes(data[: len(data) // 2])
+    assert_one_line_error(run("generate.py", "--checkpoint_path", str(tmp_path / "model.pth")), "truncated or corrupt")
+
+
+def test_checkpoint_without_config(tiny_dir, tmp_path):
+    shutil.copy(tiny_dir / "model.pth", tmp_path / "model.pth")
+    assert_one_line_error(run("generate.py", "--checkpoint_path", str(tmp_path / "model.pth")), "no config.json")
+
+
+def test_convert_unknown_architecture_writes_nothing(tmp_path):
+    make_hf_model("llama_gqa").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
+    result = run("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(tmp_path))
+    assert_one_line_error(result, "unsupported model_type 'gpt_neox'")
+    assert not (tmp_path / "model.pth").exists()
+
+
+def test_convert_missing_folder_and_corrupt_gguf(tmp_path):
+    assert_one_line_error(run("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(tmp_path / "nope")), "does not exist")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + os.urandom(64))
+    assert_one_line_error(run("scripts/convert_hf_checkpoint.py", "--gguf", str(bad)), "cannot read GGUF file")
+    assert not (tmp_path / "model.pth").exists()
