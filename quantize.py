@@ -1,0 +1,561 @@
+"""Weight-only quantization as module swaps: int8 per channel, int4 in groups (round-to-nearest or GPTQ).
+
+    python quantize.py --checkpoint_path DIR/model.pth --mode int8                  # -> DIR/model_int8.pth
+    python quantize.py --checkpoint_path DIR/model.pth --mode int4 --groupsize 32   # -> DIR/model_int4.g32.pth
+    python quantize.py --checkpoint_path DIR/model.pth --mode int4-gptq --groupsize 64 \
+        --calibration_file data/botchan.txt                                         # -> DIR/model_int4-gptq.g64.pth
+    python quantize.py --self_check cuda          # packed kernels vs the dequantized reference on a device
+
+What is quantized: every nn.Linear of the transformer blocks (wqkv, wo, w13, w2) and the output projection
+when it has its own weight. The embedding stays in high precision, so a tied output (SmolLM2, Llama 3.2)
+stays unquantized too. The scheme is saved in the checkpoint as the entry "_quantization" and read back by
+prepare_quantized(); file names are only a convention. model.py never sees any of this.
+"""
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+import generate as gen
+from model import KVCache, Transformer, rope_cos_sin
+
+FORMAT_VERSION = 1
+MODES = ("int8", "int4", "int4-gptq")
+GROUP_SIZES = (32, 64, 128, 256)  # what the packed int4 kernels support
+
+
+# ----------------------------------------------------------------------------- int8, per output channel
+
+
+def int8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
+    # w: [n, k] -> q int8 [n, k], scales bf16 [n]; symmetric, w ~= q * scale
+    w = w.float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10).to(torch.bfloat16)  # rounded to what runs on GPU
+    q = (w / scales.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+class WeightOnlyInt8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+
+    def dequantized_weight(self) -> Tensor:
+        return self.weight.float() * self.scales.float()[:, None]  # the reference: [out, in] float32
+
+    def forward(self, x: Tensor) -> Tensor:
+        # the scale is per output channel, so it can multiply after the matmul; for one token inductor fuses
+        # the int8 -> x.dtype cast into the matmul and reads one byte per weight
+        y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+# ----------------------------------------------------------------------------- int4, asymmetric groups
+
+
+def int4_qparams(w: Tensor, groupsize: int) -> tuple[Tensor, Tensor]:
+    # w: [n, k] -> scales, zeros [n, k / groupsize] (float32 holding bf16 values: what the kernels read).
+    # Each group maps [min, max] onto 0..15; the kernels compute w = (q - 8) * scale + zero.
+    groups = w.float().reshape(w.shape[0], -1, groupsize)
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+    scales = ((hi - lo) / 15).clamp(min=1e-6).to(torch.bfloat16).float()
+    zeros = (lo + 8 * scales).to(torch.bfloat16).float()
+    return scales, zeros
+
+
+def int4_round(w: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
+    # w, scales, zeros broadcastable -> q in 0..15 (as float); the inverse of (q - 8) * scale + zero
+    return ((w - zeros) / scales + 8).round().clamp(0, 15)
+
+
+def int4_quantize(w: Tensor, groupsize: int) -> tuple[Tensor, Tensor, Tensor]:
+    # round to nearest: w [n, k] -> q [n, k] uint8 (0..15), scales, zeros [n, k / groupsize]
+    scales, zeros = int4_qparams(w, groupsize)
+    groups = w.float().reshape(w.shape[0], -1, groupsize)
+    q = int4_round(groups, scales[..., None], zeros[..., None])
+    return q.reshape(w.shape).to(torch.uint8), scales, zeros
+
+
+def int4_dequantize(q: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
+    # q: [n, k] values 0..15, scales/zeros: [n, G] -> w [n, k] float32
+    groups = q.float().reshape(q.shape[0], scales.shape[1], -1)
+    return ((groups - 8) * scales[..., None] + zeros[..., None]).reshape(q.shape)
+
+
+def pack_nibbles(q: Tensor) -> Tensor:
+    # q: [n, k] values 0..15 -> [n, k / 2] uint8, even column in the high nibble: the layout that
+    # aten._convert_weight_to_int4pack takes on CUDA since torch 2.5 (it took int32 [n, k] before)
+    q = q.to(torch.uint8)
+    return (q[:, 0::2] << 4) | q[:, 1::2]
+
+
+def unpack_nibbles(packed: Tensor) -> Tensor:
+    # [n, k / 2] uint8 -> [n, k] uint8 values 0..15
+    return torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(packed.shape[0], -1)
+
+
+class WeightOnlyInt4Linear(nn.Module):
+    """int4 weights in groups of `groupsize` input features, one bf16 scale and zero per group.
+
+    The checkpoint holds a portable layout, output features on dim 0 and input features on dim 1 (what
+    tp.py slices): weight [out, in / 2] uint8 nibble pairs and scales_and_zeros [out, in / groupsize, 2].
+    pack() turns it into the layout of the device's kernel after loading; until then forward dequantizes
+    (the reference path: any device, any dtype).
+    When in_features is not a multiple of groupsize (only with pad=True) it is zero-padded to one.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, groupsize: int = 32,
+                 device=None, dtype=None):  # fmt: skip
+        super().__init__()
+        self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
+        self.padded_in = math.ceil(in_features / groupsize) * groupsize
+        self.register_buffer("weight", torch.empty(out_features, self.padded_in // 2, dtype=torch.uint8, device=device))
+        sz_shape = (out_features, self.padded_in // groupsize, 2)
+        self.register_buffer("scales_and_zeros", torch.empty(sz_shape, dtype=torch.bfloat16, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.kernel = "reference"  # or "cuda" / "cpu" once pack() has rearranged the weight
+
+    @classmethod
+    def from_quantized(cls, q: Tensor, scales: Tensor, zeros: Tensor, in_features: int, bias: Tensor | None):
+        # q: [out, padded_in] 0..15, scales/zeros: [out, padded_in / groupsize]
+        module = cls(in_features, q.shape[0], bias is not None, q.shape[1] // scales.shape[1], device=q.device)
+        module.weight = pack_nibbles(q)
+        module.scales_and_zeros = torch.stack([scales, zeros], dim=-1).to(torch.bfloat16)
+        if bias is not None:
+            module.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return module
+
+    def dequantized_weight(self) -> Tensor:
+        # the reference: [out, padded_in] float32 (portable layout only)
+        assert self.kernel == "reference", "dequantized_weight() needs the portable layout (before pack())"
+        scales, zeros = self.scales_and_zeros.float().unbind(-1)  # [out, G] each
+        return int4_dequantize(unpack_nibbles(self.weight), scales, zeros)
+
+    @torch.no_grad()
+    def pack(self, dtype: torch.dtype | None = None, kernel: str | None = None) -> None:
+        """Rearrange the weight for the fast kernel of the device it now lives on (call after the last .to()).
+        dtype: that of the activations, if known (the CPU kernel wants scales of the same dtype).
+        kernel: "cuda" | "cpu" | "reference" to force a choice (tests); default: what suits the device."""
+        if self.kernel != "reference":
+            return
+        self.padded_in = self.weight.shape[1] * 2  # tp.py may have sliced the input features
+        if self.padded_in != math.ceil(self.in_features / self.groupsize) * self.groupsize:
+            raise ValueError(f"int4 weight holds {self.padded_in} input features for {self.in_features}: "
+                             "a zero-padded (--pad) layer cannot be split across ranks")  # fmt: skip
+        kernel = kernel or default_int4_kernel(self.weight.device, self.out_features)
+        # both kernels (tinygemm's layout) read scales and zeros as [in / groupsize, out, 2]
+        sz = self.scales_and_zeros.transpose(0, 1).contiguous()
+        if kernel == "cuda":
+            inner_k_tiles = next(t for t in (8, 4, 2) if self.padded_in % (16 * t) == 0)
+            self.weight = torch.ops.aten._convert_weight_to_int4pack(self.weight.contiguous(), inner_k_tiles)
+            self.scales_and_zeros = sz.to(torch.bfloat16)  # the kernel reads bf16 only
+        elif kernel == "cpu":
+            q = unpack_nibbles(self.weight).to(torch.int32)
+            self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+            self.scales_and_zeros = sz.to(dtype or sz.dtype)  # inductor cannot lower the kernel with a cast feeding it
+        self.kernel = kernel
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: [..., in_features] -> [..., out_features]
+        if self.padded_in != self.in_features:
+            x = F.pad(x, (0, self.padded_in - self.in_features))
+        if self.kernel == "cuda":  # tinygemm: bf16 activations, [M, K] contiguous
+            x2 = x.reshape(-1, self.padded_in).to(torch.bfloat16).contiguous()
+            y = torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.groupsize, self.scales_and_zeros)
+            y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        elif self.kernel == "cpu":
+            x2 = x.reshape(-1, self.padded_in).contiguous()
+            sz = self.scales_and_zeros
+            sz = sz if sz.dtype == x.dtype else sz.to(x.dtype)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.groupsize, sz)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.dequantized_weight().to(x.dtype))
+        return y if self.bias is None else y + self.bias
+
+
+def default_int4_kernel(device: torch.device, out_features: int) -> str:
+    if device.type == "cuda" and out_features % 8 == 0:  # tinygemm tiles n by 8
+        return "cuda"
+    # torch's CPU int4 kernel is written for AVX-512: on an AVX2 machine (torch 2.13) it was 2x faster than
+    # dequantize + matmul for one row but 20x slower for 64 rows, so there the reference path is used
+    avx512 = torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX"))
+    if device.type == "cpu" and avx512 and out_features % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return "cpu"
+    return "reference"
+
+
+# ----------------------------------------------------------------------------- choosing and swapping modules
+
+
+def parse_mode(mode: str, groupsize: int | None = None) -> tuple[str, int | None]:
+    """'int8' | 'int4' | 'int4-g128' | 'int4-gptq' (+ groupsize) -> (mode, groupsize); bench.py uses the -gN names."""
+    base, _, suffix = mode.partition("-g")
+    if base == "int4" and suffix.isdigit():
+        mode, groupsize = "int4", int(suffix)
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization mode {mode!r}; supported: {', '.join(MODES)} (and int4-gN for bench)")
+    if mode == "int8":
+        return mode, None
+    groupsize = groupsize or 32
+    if groupsize not in GROUP_SIZES:
+        raise ValueError(f"int4 group size must be one of {GROUP_SIZES} (what the kernels support), got {groupsize}")
+    return mode, groupsize
+
+
+def quantizable(model: Transformer) -> list[tuple[str, nn.Linear]]:
+    """The linears quantize.py replaces: all of the blocks', and the output unless it is tied to the embedding."""
+    found = [(f"layers.{name}", m) for name, m in model.layers.named_modules() if isinstance(m, nn.Linear)]
+    if not model.config.tie_word_embeddings:
+        found.append(("output", model.output))
+    return found
+
+
+def check_groupsize(model: Transformer, groupsize: int, pad: bool) -> None:
+    bad = [(name, m.in_features) for name, m in quantizable(model) if m.in_features % groupsize]
+    if bad and not pad:
+        name, k = bad[0]
+        ok = [g for g in GROUP_SIZES if all(f % g == 0 for _, f in bad)]
+        raise ValueError(f"group size {groupsize} does not divide the {k} input features of {name} "
+                         f"({len(bad)} layers like it); use --groupsize {' or '.join(map(str, ok)) or '32'}, "
+                         f"or --pad to zero-pad those layers to a multiple of {groupsize}")  # fmt: skip
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def prepare_quantized(model: Transformer, meta: dict) -> None:
+    """Swap empty quantized modules into a (meta-device) model so load_state_dict(assign=True) can fill them."""
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"unsupported quantization metadata {meta!r}; this quantize.py writes format {FORMAT_VERSION}")
+    mode, groupsize = meta.get("mode"), meta.get("groupsize")
+    if mode not in ("int8", "int4"):
+        raise ValueError(f"checkpoint says quantization mode {mode!r}; supported: int8, int4")
+    for name, lin in quantizable(model):
+        with torch.device(lin.weight.device):
+            if mode == "int8":
+                new = WeightOnlyInt8Linear(lin.in_features, lin.out_features, lin.bias is not None)
+            else:
+                new = WeightOnlyInt4Linear(lin.in_features, lin.out_features, lin.bias is not None, groupsize)
+        set_module(model, name, new)
+
+
+def pack_for_device(model: nn.Module, kernel: str | None = None) -> nn.Module:
+    """Give every int4 module the layout of its device's kernel. Call after the model's final .to()."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)  # the compute dtype
+    for m in model.modules():
+        if isinstance(m, WeightOnlyInt4Linear):
+            m.pack(dtype, kernel)
+    return model
+
+
+@torch.no_grad()
+def quantize_linear(lin: nn.Linear, mode: str, groupsize: int | None = None, device=None) -> nn.Module:
+    """Round to nearest: a quantized copy of `lin` (portable layout), computed on `device`, kept on lin's device."""
+    home = lin.weight.device
+    w = lin.weight.detach().to(device or home)
+    if mode == "int8":
+        q, scales = int8_quantize(w)
+        new = WeightOnlyInt8Linear(lin.in_features, lin.out_features, lin.bias is not None, device=home)
+        new.weight, new.scales = q.to(home), scales.to(home)
+        if lin.bias is not None:
+            new.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+        return new
+    q, scales, zeros = int4_quantize(F.pad(w, (0, -w.shape[1] % groupsize)), groupsize)
+    return WeightOnlyInt4Linear.from_quantized(q.to(home), scales.to(home), zeros.to(home), lin.in_features, lin.bias)
+
+
+@torch.no_grad()
+def quantize_model(model: Transformer, mode: str, groupsize: int | None = None, pad: bool = False, device=None,
+                   pack: bool = True, progress: bool = False) -> Transformer:  # fmt: skip
+    """Round-to-nearest int8 or int4 in place ('int4-g128' names work too). Each weight is quantized on
+    `device` (default: where it is). pack=False keeps the portable layout, to save it."""
+    mode, groupsize = parse_mode(mode, groupsize)
+    if mode == "int4-gptq":
+        raise ValueError("int4-gptq needs calibration data: use gptq_quantize_model() or the command line")
+    if mode == "int4":
+        check_groupsize(model, groupsize, pad)
+    for name, lin in tqdm(quantizable(model), desc=f"quantizing {mode}", unit="layer", disable=not progress):
+        set_module(model, name, quantize_linear(lin, mode, groupsize, device))
+    return pack_for_device(model) if pack else model
+
+
+# ----------------------------------------------------------------------------- GPTQ
+
+
+@torch.no_grad()
+def gptq_quantize_weight(w: Tensor, H: Tensor, groupsize: int, act_order: bool = False, damp: float = 0.01,
+                         blocksize: int = 128) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """GPTQ (Frantar et al. 2023) for one weight. w: [n, k] (k a multiple of groupsize), H: [k, k] the
+    Hessian 2/N X^T X of the layer's inputs. Columns are quantized one at a time; each one's rounding
+    error, divided by the pivot of the inverse Hessian's Cholesky factor, is spread over the columns not
+    yet quantized, so the layer's output on the calibration inputs moves as little as possible.
+    Returns q [n, k] uint8, scales and zeros [n, k / groupsize] in the format of int4_quantize."""
+    W, H = w.float().clone(), H.float().clone()
+    n, k = W.shape
+    dead = H.diagonal() == 0  # inputs that are always zero (padding): their weights do not matter
+    H.diagonal()[dead] = 1
+    W[:, dead] = 0
+    scales = torch.zeros(n, k // groupsize, device=W.device)
+    zeros = torch.zeros_like(scales)
+    order = torch.arange(k, device=W.device)
+    if act_order:  # columns with the largest input energy first; groups then stay fixed (static groups),
+        scales, zeros = int4_qparams(W, groupsize)  # computed before any error feedback, so the
+        order = torch.argsort(H.diagonal(), descending=True)  # kernels' contiguous groups still apply
+        W, H = W[:, order], H[order][:, order]
+    H.diagonal().add_(damp * H.diagonal().mean())  # dampening keeps the Cholesky factorisation stable
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    group_of = (order // groupsize).tolist()  # group of each (permuted) column
+    Q = torch.zeros_like(W)
+    blocksize = max(blocksize, groupsize)  # a multiple of groupsize, so a group never straddles two blocks
+    for i1 in range(0, k, blocksize):
+        i2 = min(i1 + blocksize, k)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col, g = i1 + i, group_of[i1 + i]
+            if not act_order and col % groupsize == 0:  # group parameters from the already-updated weights
+                scales[:, g : g + 1], zeros[:, g : g + 1] = int4_qparams(W1[:, i : i + groupsize], groupsize)
+            w = W1[:, i]
+            q = int4_round(w, scales[:, g], zeros[:, g])
+            Q[:, col] = q
+            err = (w - ((q - 8) * scales[:, g] + zeros[:, g])) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the columns after this block
+    if act_order:
+        Q = Q[:, torch.argsort(order)]
+    return Q.to(torch.uint8), scales, zeros
+
+
+def calibration_tokens(tokenizer, path: Path, samples: int, seq_length: int, seed: int = 0) -> Tensor:
+    """`samples` windows of `seq_length` tokens at random places of a text file -> [samples, seq_length]."""
+    if not Path(path).is_file():
+        raise gen.UserError(f"calibration file {path} does not exist")
+    ids = tokenizer.encode(Path(path).read_text(errors="replace"))
+    if len(ids) < seq_length:
+        raise gen.UserError(f"{path} has {len(ids)} tokens, fewer than --calibration_seq_length {seq_length}")
+    starts = torch.randint(0, len(ids) - seq_length + 1, (samples,), generator=torch.Generator().manual_seed(seed))
+    ids = torch.tensor(ids)
+    return torch.stack([ids[s : s + seq_length] for s in starts.tolist()])
+
+
+class BlockRunner:
+    """Runs one transformer block at a time over full (unpadded) sequences from position 0: what
+    Transformer.forward does per layer, without caches for the whole model (tests check it matches)."""
+
+    def __init__(self, model: Transformer, seq_length: int, device, dtype):
+        cfg = model.config
+        cos, sin = rope_cos_sin(cfg, seq_length, device)
+        self.cos, self.sin = cos.to(dtype), sin.to(dtype)
+        self.pos = torch.arange(seq_length, device=device)
+        self.causal = self.pos[None, :] <= self.pos[:, None]  # [S, S]
+        self.window = self.causal & (self.pos[:, None] - self.pos[None, :] < (cfg.sliding_window or seq_length))
+        self.kv_shape = (cfg.n_local_heads, seq_length, cfg.head_dim)  # per sequence
+        self.device, self.dtype = device, dtype
+
+    def __call__(self, layer: nn.Module, x: Tensor) -> Tensor:
+        # x: [B, S, dim] -> [B, S, dim]; a fresh cache per call, so batches may differ in size
+        H, S, D = self.kv_shape
+        if x.shape[1] != S:
+            raise ValueError(f"BlockRunner was built for sequences of {S} tokens, got {x.shape[1]}")
+        kept, layer.attention.kv_cache = layer.attention.kv_cache, KVCache(x.shape[0], H, S, D, self.dtype).to(self.device)
+        try:
+            return layer(x, self.pos, self.cos, self.sin, self.window if layer.sliding else self.causal)
+        finally:
+            layer.attention.kv_cache = kept
+
+
+@torch.no_grad()
+def gptq_quantize_model(model: Transformer, tokens: Tensor, groupsize: int, pad: bool = False, device=None,
+                        batch_size: int = 8, act_order: bool = True, damp: float = 0.01,
+                        progress: bool = True) -> Transformer:  # fmt: skip
+    """GPTQ int4 in place, one block at a time: only the current block and the calibration activations
+    [samples, seq_length, dim] live on `device`, so a 7B model fits one GPU. The inputs of block i come from
+    blocks 0..i-1 already quantized, so each block also corrects the error of those before it.
+    tokens: [samples, seq_length]. Leaves the portable layout (call pack_for_device to run fast)."""
+    check_groupsize(model, groupsize, pad)
+    home = model.tok_embeddings.weight.device
+    device = torch.device(device or home)
+    runner = BlockRunner(model, tokens.shape[1], device, model.tok_embeddings.weight.dtype)
+    xs = [model.tok_embeddings(t.to(home)).to(device) for t in tokens.split(batch_size)]  # [b, S, dim] each
+    for i, layer in enumerate(tqdm(model.layers, desc=f"GPTQ int4 g{groupsize}", unit="block", disable=not progress)):
+        layer.to(device)
+        targets = {f"layers.{i}.{n}": m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        hessians = {name: Hessian(m) for name, m in targets.items()}
+        for x in xs:
+            runner(layer, x)
+        for name, lin in targets.items():
+            set_module(model, name, gptq_linear(lin, hessians.pop(name).done(), groupsize, act_order, damp))
+        xs = [runner(layer, x) for x in xs]  # through the quantized block: the next block's inputs
+        layer.to(home)
+    if not model.config.tie_word_embeddings:  # the output projection, fed by the final norm
+        norm, lin = model.norm.to(device), model.output.to(device)
+        H = Hessian(None, lin.in_features, device)
+        for x in xs:
+            H.add(norm(x))
+        model.output = gptq_linear(lin, H.done(), groupsize, act_order, damp).to(home)
+        model.norm.to(home)
+    return model
+
+
+class Hessian:
+    """Accumulates H = 2/N sum_x x x^T over the inputs x of a linear layer (through a forward pre-hook)."""
+
+    def __init__(self, lin: nn.Linear | None, in_features: int = 0, device=None):
+        k = lin.in_features if lin is not None else in_features
+        self.H = torch.zeros(k, k, device=device or lin.weight.device)
+        self.n = 0
+        self.handle = lin.register_forward_pre_hook(lambda m, args: self.add(args[0])) if lin is not None else None
+
+    def add(self, x: Tensor) -> None:
+        x = x.reshape(-1, self.H.shape[0]).float()
+        self.H.addmm_(x.t(), x)
+        self.n += x.shape[0]
+
+    def done(self) -> Tensor:
+        if self.handle is not None:
+            self.handle.remove()
+        return self.H * (2 / self.n)
+
+
+def gptq_linear(lin: nn.Linear, H: Tensor, groupsize: int, act_order: bool, damp: float) -> "WeightOnlyInt4Linear":
+    pad = -lin.in_features % groupsize  # zero columns of W and zero rows/columns of H (dead inputs)
+    q, scales, zeros = gptq_quantize_weight(F.pad(lin.weight, (0, pad)), F.pad(H, (0, pad, 0, pad)), groupsize, act_order, damp)
+    return WeightOnlyInt4Linear.from_quantized(q, scales, zeros, lin.in_features, lin.bias)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def output_name(mode: str, groupsize: int | None) -> str:
+    return "model_int8.pth" if mode == "int8" else f"model_{mode}.g{groupsize}.pth"  # gpt-fast's names
+
+
+def quantize_checkpoint(checkpoint_path: Path, mode: str, groupsize: int | None = None, pad: bool = False,
+                        calibration_file: Path | None = None, calibration_samples: int = 128,
+                        calibration_seq_length: int = 512, act_order: bool = True, device=None,
+                        batch_size: int = 8) -> Path:  # fmt: skip
+    """Quantize DIR/model.pth into DIR/<gpt-fast name>, written atomically; returns its path."""
+    from scripts.convert_hf_checkpoint import atomic_write
+
+    mode, groupsize = parse_mode(mode, groupsize)
+    checkpoint_path = Path(checkpoint_path)
+    state_dict = gen.load_checkpoint(checkpoint_path)
+    if not isinstance(state_dict, dict) or not any(isinstance(v, Tensor) for v in state_dict.values()):
+        raise gen.UserError(f"{checkpoint_path} is not a model state dict (write one with scripts/convert_hf_checkpoint.py)")
+    if "_quantization" in state_dict:
+        raise gen.UserError(f"{checkpoint_path} is already quantized ({state_dict['_quantization'].get('mode')}); "
+                            "quantize the original model.pth")  # fmt: skip
+    if mode == "int4-gptq" and calibration_file is None:
+        raise gen.UserError("--mode int4-gptq needs --calibration_file (a text file, not the evaluation text)")
+    dtype = next(v.dtype for v in state_dict.values() if isinstance(v, Tensor) and v.is_floating_point())
+    del state_dict
+    model = gen.load_model(checkpoint_path, "cpu", dtype)  # mmap: weights are read as they are quantized
+    meta = {"format_version": FORMAT_VERSION, "mode": "int8" if mode == "int8" else "int4"}
+    if mode == "int4-gptq":
+        from tokenizer import load_tokenizer
+
+        check_groupsize(model, groupsize, pad)  # before the slow part
+        tokens = calibration_tokens(load_tokenizer(checkpoint_path.parent), calibration_file,
+                                    calibration_samples, calibration_seq_length)  # fmt: skip
+        gptq_quantize_model(model, tokens, groupsize, pad, device, batch_size, act_order)
+        meta.update(method="gptq", calibration_file=Path(calibration_file).name, calibration_samples=calibration_samples,
+                    calibration_seq_length=calibration_seq_length, act_order=int(act_order))  # fmt: skip
+    else:
+        quantize_model(model, mode, groupsize, pad, device, pack=False, progress=True)
+        meta["method"] = "rtn"
+    if groupsize is not None:
+        meta["groupsize"] = groupsize
+    out = model.state_dict()
+    if model.config.tie_word_embeddings:
+        out.pop("output.weight", None)  # the embedding, saved once (as the converter does)
+    out["_quantization"] = meta
+    target = checkpoint_path.parent / output_name(mode, groupsize)
+    atomic_write(target, lambda tmp: torch.save(out, tmp))
+    return target
+
+
+@torch.no_grad()
+def self_check(device: str, shapes: list[tuple[int, int]] | None = None, compile: bool = True,
+               kernel: str | None = None) -> bool:  # fmt: skip
+    """Quantized modules on `device` (packed kernels where the device has one) against the dequantized
+    reference in float64, eager and compiled, and the saved (portable) layout loaded onto the CPU.
+    Prints one line per case; returns whether all are within bounds."""
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4  # of max |reference|; bf16 rounds outputs to 2^-8
+    shapes = shapes or [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 576), (200, 576)]  # (out, in); 200 % 8 != 0
+    ok = True
+    for out_f, in_f in shapes:
+        for mode, g in [("int8", None)] + [("int4", g) for g in GROUP_SIZES if in_f % g == 0]:
+            m = quantize_linear(nn.Linear(in_f, out_f, bias=True, device=device, dtype=dtype), mode, g)
+            ref_w, ref_b = m.dequantized_weight().double(), m.bias.double()
+            portable = {k: v.cpu() for k, v in m.state_dict().items()}
+            on_cpu = type(m)(in_f, out_f, True, *([g] if g else []))
+            on_cpu.load_state_dict(portable)
+            pack_for_device(m, kernel), pack_for_device(on_cpu, kernel if kernel != "cuda" else None)
+            if compile:
+                torch._dynamo.reset()
+            compiled = torch.compile(m, fullgraph=True) if compile else None
+            for rows in (1, 7):
+                x = torch.randn(rows, in_f, device=device, dtype=dtype)
+                ref = x.double() @ ref_w.t() + ref_b
+                scale = ref.abs().max().item()
+                errs = {"eager": (m(x).double() - ref).abs().max().item() / scale}
+                if compiled is not None:
+                    errs["compiled"] = (compiled(x).double() - ref).abs().max().item() / scale
+                errs["cpu-after-load"] = (on_cpu(x.cpu().float()).double() - ref.cpu()).abs().max().item() / scale
+                good = all(e < tol for e in errs.values())
+                ok &= good
+                print(f"{'ok  ' if good else 'FAIL'} {mode} g{g or '-':<4} {out_f:>5}x{in_f:<5} M={rows} {dtype} "
+                      f"kernel={getattr(m, 'kernel', 'int8'):9} rel err "
+                      + " ".join(f"{k} {v:.1e}" for k, v in errs.items()) + f" (bound {tol:.0e})")  # fmt: skip
+    return ok
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint_path", type=Path, help="DIR/model.pth (config.json beside it)")
+    p.add_argument("--mode", choices=MODES, default="int8")
+    p.add_argument("--groupsize", type=int, default=32, choices=GROUP_SIZES, help="int4 input features per scale")
+    p.add_argument("--pad", action="store_true", help="zero-pad layers whose input features the group size does not divide")
+    p.add_argument("--calibration_file", type=Path, help="GPTQ: a text file (never the evaluation text)")
+    p.add_argument("--calibration_samples", type=int, default=128, help="GPTQ: number of token windows")
+    p.add_argument("--calibration_seq_length", type=int, default=512, help="GPTQ: tokens per window")
+    p.add_argument("--calibration_batch_size", type=int, default=8, help="GPTQ: windows per forward")
+    p.add_argument("--act_order", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ: quantize columns by decreasing input energy (static groups; no run-time cost)")
+    p.add_argument("--device", default=None, help="where to quantize (default: cuda if available, else cpu)")
+    p.add_argument("--self_check", metavar="DEVICE", help="check the packed kernels on DEVICE against the reference")
+    args = p.parse_args(argv)
+    if args.self_check:
+        sys.exit(0 if self_check(args.self_check) else 1)
+    if args.checkpoint_path is None:
+        p.error("--checkpoint_path is required")
+    for name in ("calibration_samples", "calibration_seq_length", "calibration_batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    try:
+        target = quantize_checkpoint(args.checkpoint_path, args.mode, args.groupsize, args.pad, args.calibration_file,
+                                     args.calibration_samples, args.calibration_seq_length, args.act_order,
+                                     args.device or gen.default_device(), args.calibration_batch_size)  # fmt: skip
+    except (gen.UserError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"wrote {target}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""quantize.py: quantized linears against their dequantized reference, checkpoints that round-trip and
+generate, GPTQ against round-to-nearest, and one-line errors on bad input."""
+import shutil
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.testing import assert_close
+
+import generate as gen
+import quantize as Q
+from tests.helpers import load_tiny, make_checkpoint
+
+KERNELS = ["reference", "cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # int4 paths this machine has
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random Llama (GQA, untied output), converted: its model.pth."""
+    return make_checkpoint("llama_gqa", tmp_path_factory.mktemp("llama_gqa"))[1]
+
+
+def dequantized_copy(model: nn.Module) -> nn.Module:
+    """The reference model: every quantized linear replaced by an nn.Linear holding its dequantized weight."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, (Q.WeightOnlyInt8Linear, Q.WeightOnlyInt4Linear)):
+            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            lin.weight.data = m.dequantized_weight()[:, : m.in_features].contiguous()
+            if m.bias is not None:
+                lin.bias.data = m.bias.data.clone()
+            Q.set_module(model, name, lin)
+    return model
+
+
+def quantize_cli(*args: str) -> None:
+    Q.main([*args])
+
+
+# ----------------------------------------------------------------------------- the number formats
+
+
+def test_int8_error_is_at_most_half_a_step():
+    w = torch.randn(64, 256) * torch.logspace(-3, 0, 64)[:, None]  # rows of very different scale
+    q, scales = Q.int8_quantize(w)
+    assert q.dtype == torch.int8 and scales.shape == (64,)
+    step = scales.float()[:, None]
+    assert ((w - q.float() * step).abs() <= step / 2 * (1 + 1e-6)).all()
+
+
+@pytest.mark.parametrize("groupsize", Q.GROUP_SIZES)
+def test_int4_error_is_at_most_half_a_step(groupsize):
+    w = torch.randn(32, 512) + torch.linspace(-2, 2, 512)  # groups with an offset: the zero point matters
+    q, scales, zeros = Q.int4_quantize(w, groupsize)
+    assert q.max() <= 15 and scales.shape == zeros.shape == (32, 512 // groupsize)
+    step = scales.repeat_interleave(groupsize, dim=1)
+    # half a step, plus the bf16 rounding of the zero point (2^-9 relative) that can clip the extremes
+    bound = step / 2 + zeros.abs().repeat_interleave(groupsize, dim=1) * 2**-8 + 1e-6
+    assert ((w - Q.int4_dequantize(q, scales, zeros)).abs() <= bound).all()
+
+
+def test_nibbles_pack_even_columns_high():
+    # the layout torch >= 2.5's _convert_weight_to_int4pack (CUDA) takes: byte = q[2j] << 4 | q[2j + 1]
+    q = torch.tensor([[1, 2, 15, 0], [7, 8, 3, 12]])
+    assert Q.pack_nibbles(q).tolist() == [[0x12, 0xF0], [0x78, 0x3C]]
+    assert torch.equal(Q.unpack_nibbles(Q.pack_nibbles(q)), q.to(torch.uint8))
+
+
+# ----------------------------------------------------------------------------- quantized linears
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("groupsize", [32, 128])
+def test_int4_linear_matches_dequantized_reference(kernel, groupsize):
+    device = "cuda" if kernel == "cuda" else "cpu"
+    dtype = torch.bfloat16 if kernel == "cuda" else torch.float32
+    lin = nn.Linear(256, 96, bias=True, device=device, dtype=dtype)
+    m = Q.quantize_linear(lin, "int4", groupsize)
+    ref_w = m.dequantized_weight().double()
+    m.pack(dtype, kernel)
+    assert m.kernel == kernel
+    x = torch.randn(2, 5, 256, device=device, dtype=dtype)
+    ref = x.double() @ ref_w.t() + m.bias.double()
+    # bound: float32 accumulation error (1e-5 of the largest output), or bf16 output rounding on CUDA
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    assert (m(x).double() - ref).abs().max() <= tol * ref.abs().max()
+
+
+def test_int8_linear_matches_dequantized_reference():
+    lin = nn.Linear(256, 96, bias=True)
+    m = Q.quantize_linear(lin, "int8")
+    x = torch.randn(3, 256)
+    ref = x.double() @ m.dequantized_weight().double().t() + m.bias.double()
+    assert (m(x).double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # and the dequantized weight is the original within half a step per row
+    assert ((m.dequantized_weight() - lin.weight).abs() <= m.scales.float()[:, None] / 2 + 1e-7).all()
+
+
+def test_self_check_passes_on_cpu():
+    # the function the lead runs on the GPU (python quantize.py --self_check cuda), here on small CPU shapes,
+    # through torch.compile too; kernel="cpu" forces torch's CPU int4 kernel even where it is not the default
+    assert Q.self_check("cpu", shapes=[(96, 64), (48, 96)], compile=True, kernel="cpu")
+    assert Q.self_check("cpu", shapes=[(40, 64)], compile=False)  # 40 % 16 != 0: reference path
+
+
+# ----------------------------------------------------------------------------- whole models
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "qwen2", "llama_tied"])  # untied, biases, tied output
+@pytest.mark.parametrize("mode,kernel", [("int8", None)] + [("int4", k) for k in KERNELS if k != "cuda"])
+def test_quantized_model_matches_its_dequantized_reference(family, mode, kernel, tmp_path):
+    _, checkpoint = make_checkpoint(family, tmp_path)
+    x = torch.randint(0, 128, (2, 24))
+    model = Q.pack_for_device(Q.quantize_model(load_tiny(checkpoint, batch_size=2), mode, pack=False), kernel)
+    reference = dequantized_copy(Q.quantize_model(load_tiny(checkpoint, batch_size=2), mode, pack=False))
+    with torch.no_grad():
+        assert_close(model(x, torch.arange(24)), reference(x, torch.arange(24)), atol=1e-4, rtol=1e-4)
+
+
+def test_what_is_quantized(tmp_path):
+    # blocks' linears always; the output only when it is not the embedding; the embedding never
+    _, untied = make_checkpoint("llama_gqa", tmp_path / "untied")
+    _, tied = make_checkpoint("llama_tied", tmp_path / "tied")
+    model = Q.quantize_model(load_tiny(untied), "int8")
+    assert isinstance(model.output, Q.WeightOnlyInt8Linear)
+    assert all(isinstance(m, Q.WeightOnlyInt8Linear) for m in (model.layers[0].attention.wqkv, model.layers[1].feed_forward.w2))
+    model = Q.quantize_model(load_tiny(tied), "int4")
+    assert type(model.output) is nn.Linear and model.output.weight is model.tok_embeddings.weight
+    assert model.tok_embeddings.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("mode,args,name", [("int8", [], "model_int8.pth"), ("int4", ["--groupsize", "32"], "model_int4.g32.pth")])
+def test_checkpoint_round_trip_gives_identical_outputs(tiny, mode, args, name):
+    quantize_cli("--checkpoint_path", str(tiny), "--mode", mode, *args, "--device", "cpu")
+    saved = tiny.parent / name
+    meta = torch.load(saved, weights_only=True)["_quantization"]
+    assert meta["mode"] == mode and meta["format_version"] == Q.FORMAT_VERSION
+    loaded = load_tiny(saved)
+    in_memory = Q.quantize_model(load_tiny(tiny), mode)
+    x = torch.randint(0, 128, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(loaded(x, torch.arange(20)), in_memory(x, torch.arange(20)))
+
+
+@pytest.mark.parametrize("mode,name", [("int8", "model_int8.pth"), ("int4", "model_int4.g32.pth")])
+def test_quantized_checkpoint_generates_like_its_reference(tiny, mode, name):
+    quantize_cli("--checkpoint_path", str(tiny), "--mode", mode, "--device", "cpu")
+    prompt = list(range(5, 17))
+    rows, _ = gen.generate(load_tiny(tiny.parent / name), [prompt], 30, temperature=0)
+    reference = dequantized_copy(Q.quantize_model(load_tiny(tiny), mode, pack=False))
+    assert rows == gen.generate(reference, [prompt], 30, temperature=0)[0]
+    assert len(set(rows[0])) > 1  # not a degenerate repetition
+
+
+def test_scheme_comes_from_metadata_not_the_file_name(tiny, tmp_path):
+    quantize_cli("--checkpoint_path", str(tiny), "--mode", "int4", "--groupsize", "64", "--pad", "--device", "cpu")
+    folder = tmp_path / "renamed"
+    shutil.copytree(tiny.parent, folder)
+    shutil.move(folder / "model_int4.g64.pth", folder / "model_int8.g32.pth")  # a misleading name
+    model = load_tiny(folder / "model_int8.g32.pth")
+    w2 = model.layers[0].feed_forward.w2
+    assert isinstance(w2, Q.WeightOnlyInt4Linear) and w2.groupsize == 64
+    assert (w2.in_features, w2.padded_in) == (96, 128)  # 96 inputs zero-padded to two groups of 64
+
+
+def test_padded_groups_match_their_reference(tiny):
+    # --pad: inputs zero-padded to a multiple of the group size, in the weight and at run time
+    model = Q.quantize_model(load_tiny(tiny), "int4", 64, pad=True)
+    reference = dequantized_copy(Q.quantize_model(load_tiny(tiny), "int4", 64, pad=True, pack=False))
+    x = torch.randint(0, 128, (1, 16))
+    with torch.no_grad():
+        assert_close(model(x, torch.arange(16)), reference(x, torch.arange(16)), atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- GPTQ
+
+
+def test_gptq_with_uncorrelated_inputs_is_round_to_nearest():
+    # with H = I no column's error can be compensated by the others: GPTQ must reduce to plain rounding
+    w = torch.randn(48, 128)
+    assert all(torch.equal(a, b) for a, b in zip(Q.gptq_quantize_weight(w, torch.eye(128), 32), Q.int4_quantize(w, 32)))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rounding_on_correlated_inputs(act_order):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(4096, 8, generator=g) @ torch.randn(8, 128, generator=g) + 0.1 * torch.randn(4096, 128, generator=g)
+    w = torch.randn(48, 128, generator=g)
+    q, s, z = Q.gptq_quantize_weight(w, 2 * X.T @ X / len(X), 32, act_order=act_order)
+    gptq_err = (X @ (Q.int4_dequantize(q, s, z) - w).T).pow(2).mean()
+    rtn_err = (X @ (Q.int4_dequantize(*Q.int4_quantize(w, 32)) - w).T).pow(2).mean()
+    assert gptq_err < 0.5 * rtn_err
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "mistral_window", "qwen3"])
+def test_block_runner_equals_the_model_forward(family, tmp_path):
+    # GPTQ runs one block at a time: its runner must compute exactly what Transformer.forward does
+    _, checkpoint = make_checkpoint(family, tmp_path)
+    model = load_tiny(checkpoint, batch_size=2)
+    tokens = torch.randint(0, 128, (2, 40))  # longer than mistral's window of 8
+    runner = Q.BlockRunner(model, 40, "cpu", torch.float32)
+    with torch.no_grad():
+        x = model.tok_embeddings(tokens)
+        for layer in model.layers:
+            x = runner(layer, x)
+        assert_close(model.output(model.norm(x)), model(tokens, torch.arange(40)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_model_has_lower_error_than_rounding_on_calibration_inputs(tiny, act_order):
+    tokens = torch.randint(0, 128, (8, 64), generator=torch.Generator().manual_seed(0))
+    float_model = load_tiny(tiny, batch_size=8, max_seq_length=64)
+    inputs = {}  # each linear's inputs in the float model, over the calibration tokens
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0].reshape(-1, a[0].shape[-1])))
+             for n, m in Q.quantizable(float_model)]  # fmt: skip
+    with torch.no_grad():
+        float_logits = float_model(tokens, torch.arange(64))
+    for h in hooks:
+        h.remove()
+    gptq = Q.gptq_quantize_model(load_tiny(tiny, 64, 8), tokens, 32, act_order=act_order, progress=False)
+    rtn = Q.quantize_model(load_tiny(tiny, 64, 8), "int4", 32, pack=False)
+    weights = dict(Q.quantizable(float_model))
+    for name, x in inputs.items():  # layer by layer: output error on that layer's calibration inputs
+        w = weights[name].weight
+        errors = [(x @ (m.get_submodule(name).dequantized_weight() - w).T).pow(2).mean() for m in (gptq, rtn)]
+        assert errors[0] < errors[1], name
+    with torch.no_grad():  # and end to end
+        gptq_err = (Q.pack_for_device(gptq)(tokens, torch.arange(64)) - float_logits).pow(2).mean()
+        rtn_err = (Q.pack_for_device(rtn)(tokens, torch.arange(64)) - float_logits).pow(2).mean()
+    assert gptq_err < rtn_err
+
+
+# ----------------------------------------------------------------------------- the command line on the real model
+
+
+@pytest.fixture(scope="module")
+def smol_dir(smollm2_checkpoint, tmp_path_factory):
+    """A private folder with the converted SmolLM2 (linked) and its config and tokenizer files."""
+    folder = tmp_path_factory.mktemp("smol_quant")
+    for f in smollm2_checkpoint.parent.iterdir():
+        if f.name == "model.pth":
+            (folder / f.name).symlink_to(f)
+        elif f.is_file():
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
+@pytest.mark.parametrize("mode,args,name", [("int8", [], "model_int8.pth"), ("int4", ["--groupsize", "32"], "model_int4.g32.pth")])
+def test_real_model_quantizes_generates_and_keeps_its_perplexity(smol_dir, mode, args, name, capsys):
+    import eval as ev
+    from scripts.fetch_text import fetch
+    from tokenizer import load_tokenizer
+
+    quantize_cli("--checkpoint_path", str(smol_dir / "model.pth"), "--mode", mode, *args, "--device", "cpu")
+    assert capsys.readouterr().out.strip() == f"wrote {smol_dir / name}"
+    gen.main(["--checkpoint_path", str(smol_dir / name), "--prompt", "The capital of France is", "--max_new_tokens", "8",
+              "--num_samples", "1", "--temperature", "0", "--device", "cpu"])  # fmt: skip
+    out = capsys.readouterr()
+    assert out.out.startswith("The capital of France is") and len(out.out.strip()) > len("The capital of France is")
+    assert "tok/s" in out.err
+    ids = load_tokenizer(smol_dir).encode(fetch("lee_background.cor").read_text()[:3000])[:384]
+    ppl = {}
+    for f in ("model.pth", name):
+        model = gen.load_model(smol_dir / f, "cpu", torch.float32)
+        model.setup_caches(1, 256)
+        ppl[f] = ev.perplexity(model, ids, 256, 128, progress=False)
+    # held-out news text; loose bounds (the full table is scripts/quant_quality.py)
+    assert abs(ppl[name] / ppl["model.pth"] - 1) < (0.01 if mode == "int8" else 0.05), ppl
+
+
+def test_gptq_command_line_writes_a_loadable_checkpoint(smol_dir, tmp_path):
+    # a tiny random model with the real tokenizer and vocabulary, so the CLI's calibration path runs quickly
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from scripts.convert_hf_checkpoint import convert
+    from scripts.fetch_text import fetch
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    checkpoint = convert(checkpoint_dir=tmp_path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smol_dir / f, tmp_path / f)
+    quantize_cli("--checkpoint_path", str(checkpoint), "--mode", "int4-gptq", "--groupsize", "32",
+                 "--calibration_file", str(fetch("botchan.txt")), "--calibration_samples", "4",
+                 "--calibration_seq_length", "32", "--device", "cpu")  # fmt: skip
+    saved = tmp_path / "model_int4-gptq.g32.pth"
+    meta = torch.load(saved, weights_only=True)["_quantization"]
+    assert meta["method"] == "gptq" and meta["calibration_file"] == "botchan.txt" and meta["groupsize"] == 32
+    model = gen.load_model(saved, "cpu", torch.float32)
+    assert isinstance(model.output, Q.WeightOnlyInt4Linear)
+    model.setup_caches(1, 32)
+    rows, _ = gen.generate(model, [[1, 2, 3]], 5, temperature=0)
+    assert len(rows[0]) == 5
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def assert_one_line_error(capsys, pattern: str) -> None:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error:") and pattern in err[-1], err
+
+
+def test_unknown_mode_is_a_clear_error(tiny, capsys):
+    with pytest.raises(SystemExit) as e:
+        quantize_cli("--checkpoint_path", str(tiny), "--mode", "int3")
+    assert e.value.code != 0
+    assert "invalid choice: 'int3'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown quantization mode 'int3'.*int8, int4, int4-gptq"):
+        Q.quantize_model(load_tiny(tiny), "int3")
+    with pytest.raises(ValueError, match="group size must be one of"):
+        Q.quantize_model(load_tiny(tiny), "int4-g48")
+
+
+def test_group_size_not_dividing_the_inputs_is_a_clear_error(tiny, capsys):
+    target = tiny.parent / "model_int4.g64.pth"
+    target.unlink(missing_ok=True)
+    with pytest.raises(SystemExit) as e:
+        quantize_cli("--checkpoint_path", str(tiny), "--mode", "int4", "--groupsize", "64")
+    assert e.value.code == 1
+    assert_one_line_error(capsys, "group size 64 does not divide the 96 input features of layers.0.feed_forward.w2")
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("content", ["text", "list"])
+def test_non_model_file_is_a_clear_error(tiny, tmp_path, capsys, content):
+    shutil.copy(tiny.parent / "config.json", tmp_path / "config.json")
+    bad = tmp_path / "model.pth"
+    if content == "text":
+        bad.write_text("not a checkpoint")
+    else:
+        torch.save([1, 2, 3], bad)
+    with pytest.raises(SystemExit) as e:
+        quantize_cli("--checkpoint_path", str(bad), "--mode", "int8")
+    assert e.value.code == 1
+    assert_one_line_error(capsys, "cannot read checkpoint" if content == "text" else "is not a model state dict")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.pth"]  # nothing written
+
+
+def test_already_quantized_and_missing_calibration_are_clear_errors(tiny, capsys):
+    quantize_cli("--checkpoint_path", str(tiny), "--mode", "int8", "--device", "cpu")
+    with pytest.raises(SystemExit):
+        quantize_cli("--checkpoint_path", str(tiny.parent / "model_int8.pth"), "--mode", "int4")
+    assert_one_line_error(capsys, "is already quantized (int8)")
+    with pytest.raises(SystemExit):
+        quantize_cli("--checkpoint_path", str(tiny), "--mode", "int4-gptq")
+    assert_one_line_error(capsys, "needs --calibration_file")
