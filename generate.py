@@ -3,6 +3,8 @@
     python generate.py --prompt "The capital of France is"          # packaged SmolLM2, converted once
     python generate.py --checkpoint_path checkpoints/ORG/NAME/model.pth --compile --prompt "..."
     python generate.py --interactive                                 # streaming chat
+    python generate.py --draft_checkpoint_path SMALL/model.pth --speculate_k 5 --compile   # speculative
+    python generate.py --prompt_lookup 3 --speculate_k 8 --compile   # speculation from the context's n-grams
 
 Reads top to bottom: sampling, prefill, decode step, generate loop, loading, main().
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+import tp
 from model import ModelArgs, Transformer
 
 DEFAULT_CACHE = Path(os.environ.get("FASTGEN_CACHE", Path.home() / ".cache" / "fastgen"))
@@ -205,7 +208,14 @@ def load_model(checkpoint_path: Path, device, precision: torch.dtype) -> Transfo
     missing = [n for n, p in itertools.chain(model.named_parameters(), model.named_buffers()) if p.is_meta]
     if missing:
         raise UserError(f"{checkpoint_path} lacks weights: {missing[:3]}")
-    return model.to(device=device, dtype=precision).eval()
+    if tp.world_size() > 1:  # under torchrun: keep this rank's slices before copying to the device
+        tp.apply_tp(model)
+    model = model.to(device=device, dtype=precision).eval()
+    if quant is not None:  # int4 weights are stored portably; rearrange them for this device's kernel
+        from quantize import pack_for_device
+
+        pack_for_device(model)
+    return model
 
 
 def model_bytes(model: Transformer) -> int:
@@ -248,6 +258,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic prompt length)")
     p.add_argument("--profile", type=Path, default=None, help="write a torch.profiler trace to this path")
     p.add_argument("--device", type=str, default=default_device(), help="cuda, cpu, ...")
+    p.add_argument("--draft_checkpoint_path", type=Path, default=None,
+                   help="speculative decoding with this draft model (same tokenizer; batch size 1)")  # fmt: skip
+    p.add_argument("--speculate_k", type=int, default=5, help="tokens proposed per speculative step")
+    p.add_argument("--prompt_lookup", type=int, default=0, metavar="N",
+                   help="speculative decoding from n-grams (n <= N) of the prompt and output (batch size 1)")  # fmt: skip
     p.add_argument("--precision", type=str, default=None, choices=sorted(PRECISIONS),
                    help="compute dtype (default: bfloat16 on GPU, float32 on CPU)")  # fmt: skip
     args = p.parse_args(argv)
@@ -260,6 +275,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--top_p must be in (0, 1]")
     if args.top_k == 0:
         args.top_k = None
+    if args.speculate_k < 1 or args.prompt_lookup < 0:
+        p.error("--speculate_k must be at least 1 and --prompt_lookup not negative")
+    if args.draft_checkpoint_path is not None and args.prompt_lookup:
+        p.error("choose one of --draft_checkpoint_path and --prompt_lookup")
+    args.speculate = args.draft_checkpoint_path is not None or args.prompt_lookup > 0
+    if args.speculate and (args.batch_size > 1 or args.interactive):
+        p.error("speculative decoding runs one prompt at a time: no --batch_size > 1 or --interactive")
     return args
 
 
@@ -335,9 +357,15 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     from tokenizer import load_tokenizer
 
+    device = args.device
+    local_rank = tp.maybe_init_dist(torch.device(device).type)
+    if local_rank is not None:  # torchrun: one GPU per rank, identical sampling, output from rank 0 only
+        device = f"cuda:{local_rank}" if device.startswith("cuda") else device
+        args.seed = 1234 if args.seed is None else args.seed
+        if tp.rank() != 0:
+            sys.stdout = sys.stderr = open(os.devnull, "w")
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    device = args.device
     precision = PRECISIONS[args.precision] if args.precision else (torch.float32 if device == "cpu" else torch.bfloat16)
     checkpoint_path = args.checkpoint_path or default_checkpoint()
 
@@ -350,6 +378,19 @@ def main(argv=None) -> None:
         raise UserError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     block = model.config.block_size
+    draft, k = None, args.speculate_k if args.speculate else 0  # k: extra cache slots a verify step may write
+    if args.speculate:
+        import speculative  # imported here: it imports this module for the sampling functions
+
+        if args.draft_checkpoint_path is not None:
+            draft = load_model(args.draft_checkpoint_path, device, precision)
+            folder = args.draft_checkpoint_path.parent
+            has_tokenizer = (folder / "tokenizer.json").exists() or (folder / "tokenizer.model").exists()
+            if draft.config.vocab_size != model.config.vocab_size or has_tokenizer and not speculative.same_vocabulary(
+                tokenizer, load_tokenizer(folder)
+            ):  # fmt: skip
+                raise UserError(f"the draft's vocabulary ({draft.config.vocab_size} tokens) differs from the target's "
+                                f"({model.config.vocab_size}): the draft must use the same tokenizer")  # fmt: skip
 
     if args.interactive:
         with torch.device(device):
@@ -364,6 +405,8 @@ def main(argv=None) -> None:
         texts = [line for line in args.prompt_file.read_text().splitlines() if line.strip()]
         if not texts:
             raise UserError(f"prompt file {args.prompt_file} has no prompts")
+        if args.speculate and len(texts) > 1:
+            raise UserError(f"speculative decoding runs one prompt at a time; {args.prompt_file} has {len(texts)}")
     else:
         texts = [args.prompt] * args.batch_size
     prompts = [tokenizer.encode(t) for t in texts]
@@ -374,8 +417,11 @@ def main(argv=None) -> None:
         raise UserError(f"prompt has {longest} tokens but the model's context is {block}")
     max_new = min(args.max_new_tokens, block - longest)
     with torch.device(device):
-        model.setup_caches(max_batch_size=len(prompts), max_seq_length=longest + max_new)
+        for m in (model, draft) if draft is not None else (model,):
+            m.setup_caches(max_batch_size=len(prompts), max_seq_length=longest + max_new + k)
     setup_compile(args.compile, args.compile_prefill)
+    if args.speculate and args.compile:
+        speculative.setup_compile()
     nbytes = model_bytes(model)
     stream = len(prompts) == 1
 
@@ -387,8 +433,13 @@ def main(argv=None) -> None:
         if stream:
             print(texts[0], end="", flush=True)
         with prof:
-            rows, stats = generate(model, prompts, max_new, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.eos_id or 0,
-                                   callback=stream_printer(tokenizer) if stream else None, **sampling)  # fmt: skip
+            callback = stream_printer(tokenizer) if stream else None
+            if args.speculate:
+                rows, stats = speculative.speculative_generate(model, prompts[0], max_new, draft=draft, k=k,
+                    lookup=args.prompt_lookup, stop_ids=tokenizer.stop_ids, callback=callback, **sampling)  # fmt: skip
+            else:
+                rows, stats = generate(model, prompts, max_new, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.eos_id or 0,
+                                       callback=callback, **sampling)  # fmt: skip
         if profiling:
             prof.export_chrome_trace(str(args.profile))
         if not stream:
@@ -403,6 +454,8 @@ def main(argv=None) -> None:
         print(f"sample {i + 1}: {n} tokens, {what} {stats['time']:.2f} s, {tok_s:.1f} tok/s per row, "
               f"{nbytes * tok_s / 1e9:.1f} GB/s, time to first token {stats['ttft'] * 1000:.0f} ms{peak}",
               file=sys.stderr)  # fmt: skip
+        if args.speculate:
+            print(speculative.acceptance_line(stats, k), file=sys.stderr)
 
 
 if __name__ == "__main__":

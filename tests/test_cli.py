@@ -124,3 +124,24 @@ def test_convert_missing_folder_and_corrupt_gguf(tmp_path):
     bad.write_bytes(b"GGUF" + os.urandom(64))
     assert_one_line_error(run("scripts/convert_hf_checkpoint.py", "--gguf", str(bad)), "cannot read GGUF file")
     assert not (tmp_path / "model.pth").exists()
+
+
+def test_interactive_chat_keeps_the_conversation_in_the_cache(smollm2_checkpoint):
+    questions = ["What is the capital of France?", "And of Germany?"]
+    result = subprocess.run(
+        [sys.executable, "generate.py", "--interactive", "--temperature", "0", "--max_new_tokens", "30",
+         "--checkpoint_path", str(smollm2_checkpoint)],
+        cwd=ROOT, input="\n".join(questions) + "\n", capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    replies = [r.split("\n\nuser>")[0].strip() for r in result.stdout.split("assistant> ")[1:]]
+    assert len(replies) == 2 and "Paris" in replies[0] and "Berlin" in replies[1]
+    # the second answer, computed from scratch over the whole conversation, must be the same
+    tokenizer = load_tokenizer(smollm2_checkpoint.parent)
+    model = load_model(smollm2_checkpoint, "cpu", torch.float32)
+    messages = [{"role": "user", "content": questions[0]}, {"role": "assistant", "content": replies[0]},
+                {"role": "user", "content": questions[1]}]  # fmt: skip
+    ids = tokenizer.encode(tokenizer.apply_chat_template(messages), bos=False)
+    model.setup_caches(1, len(ids) + 30)
+    row = generate(model, [ids], 30, temperature=0, stop_ids=tokenizer.stop_ids)[0][0]
+    assert tokenizer.decode([t for t in row if t not in tokenizer.stop_ids]).strip() == replies[1]

@@ -115,3 +115,21 @@ def test_meta_build_has_no_real_storage():
     with torch.device("meta"):
         model = Transformer(ModelArgs(n_layer=2, dim=256, n_head=4, intermediate_size=512))
     assert all(p.is_meta for p in model.parameters())
+
+
+def test_prefill_compiles_once_for_all_prompt_lengths_and_decode_once_for_all_steps(tmp_path):
+    import generate as gen
+    from torch._dynamo.testing import CompileCounter
+
+    _, checkpoint = make_checkpoint("llama_gqa", tmp_path)
+    model = load_tiny(checkpoint)
+    prefill_counter, decode_counter = CompileCounter(), CompileCounter()
+    prefill = torch.compile(gen.prefill, backend=prefill_counter, dynamic=True, fullgraph=True)
+    decode = torch.compile(gen.decode_one_token, backend=decode_counter, fullgraph=True)
+    with torch.no_grad():
+        for length in (5, 9, 17, 33):
+            token = prefill(model, torch.randint(0, 128, (1, length)), torch.arange(length), temperature=0.8, top_k=20)
+            for pos in range(length, length + 4):
+                token, _ = decode(model, token, torch.tensor([pos]), temperature=0.8, top_k=20)
+    assert prefill_counter.frame_count == 1
+    assert decode_counter.frame_count == 1
