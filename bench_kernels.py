@@ -1,0 +1,344 @@
+"""Check, tune and benchmark the Triton decode kernels of kernels.py on one GPU.
+
+    python bench_kernels.py --check          # every op vs its dequantized float32 reference, and compiled capture
+    python bench_kernels.py --tune           # time candidate configs on the 7B shapes, write kernel_configs.json
+    python bench_kernels.py                  # GB/s per primitive and shape, next to the device copy GB/s
+    python bench_kernels.py --check --tune --bench --shapes 7b 8b
+
+The benchmark times each primitive inside a CUDA graph (as the decode step runs) while rotating over enough
+copies of the weight to overflow L2, so no weight is read from cache. GB/s counts weight and scale bytes.
+"""
+import argparse
+import concurrent.futures
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+
+# Llama-2-7B and Llama-3-8B layer matmuls (N outputs, K inputs): fused qkv, wo, fused gate|up, down; and the
+# output projection (reported apart from the per-layer sum)
+SHAPES = {
+    "7b": [("qkv", 12288, 4096), ("wo", 4096, 4096), ("w13", 22016, 4096), ("w2", 4096, 11008), ("out", 32000, 4096)],
+    "8b": [("qkv", 6144, 4096), ("wo", 4096, 4096), ("w13", 28672, 4096), ("w2", 4096, 14336), ("out", 128256, 4096)],
+}
+N_LAYERS = {"7b": 32, "8b": 32}
+FORMATS = ["bfloat16", "int8", "fp8", "int4g32", "int4g128"]
+BOUND = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative error, by activation dtype
+
+
+def make_weights(fmt: str, n: int, k: int, device, dtype=torch.bfloat16, seed: int = 0) -> tuple:
+    """Random weights in fmt's layout, as kernels.call(fmt, x, *weights) takes them (scales in dtype); drawn
+    on the device itself, so 7B-sized ones take milliseconds. Also used by tests/test_kernels.py."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    rand = lambda *shape: torch.rand(*shape, generator=g, device=device)  # noqa: E731
+    if fmt == "int8":
+        w = torch.randint(-128, 128, (n, k), generator=g, device=device, dtype=torch.int8)
+        return w, (rand(n) * 0.01 + 0.001).to(dtype)
+    if fmt == "fp8":
+        w = (torch.randn(n, k, generator=g, device=device) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+        return w, (rand(n) * 0.001 + 1e-4).to(dtype)
+    if fmt.startswith("int4"):
+        group = int(fmt[5:])
+        q = torch.randint(0, 16, (n, k), generator=g, device=device, dtype=torch.uint8)
+        scales, zeros = rand(n, k // group) * 0.02 + 0.001, (rand(n, k // group) - 0.5) * 0.04
+        return kernels.pack_int4(q, group), kernels.pack_scales_zeros(scales, zeros).to(dtype), group
+    return ((torch.randn(n, k, generator=g, device=device) * 0.02).to(getattr(torch, fmt)),)
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def poison(*like: tuple) -> None:
+    # Fill and free buffers of the output's sizes, so the op's own allocations (the caching allocator hands
+    # the same blocks back) start as NaN: any output element the kernel fails to write shows up.
+    bufs = [torch.full(shape, float("nan"), device="cuda", dtype=dtype) for shape, dtype in like]
+    del bufs
+
+
+# ----------------------------------------------------------------------------- correctness
+
+
+def check(formats: list[str], trials: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    paths = {  # the code paths, forced, on top of the configured one
+        "gemv": lambda: kernels.Config(32, 256),
+        "gemv_split": lambda: kernels.Config(16, 256, split_k=3),
+        "dot_m1": lambda: kernels.Config(32, 256, dot=True),
+    }
+    worst = {}
+    for fmt in formats + ["float16", "int4g64"]:
+        act = torch.float16 if fmt == "float16" else torch.bfloat16
+        for t in range(trials):
+            n = 128 * int(torch.randint(1, 64, (1,), generator=gen))
+            k = 256 * int(torch.randint(1, 40, (1,), generator=gen))
+            m = [1, 1, 2, 5, 16, 24][t % 6]
+            weights = make_weights(fmt, n, k, "cuda", act, seed=1000 + t)
+            x = torch.randn(m, k, device="cuda", dtype=act)
+            ref = x.double() @ kernels.dequantize(fmt, *weights).double().T
+            runs = {"config": lambda: kernels.call(fmt, x, *weights)}
+            for name, cfg in paths.items():
+                if m == 1 and kernels.valid(cfg(), fmt, n, k):
+                    runs[name] = lambda cfg=cfg: kernels.run_with(fmt, x, weights, cfg())
+            for name, run in runs.items():
+                poison(((m, n), act), ((m, n), torch.float32))
+                y = run()
+                torch.cuda.synchronize()
+                assert not y.isnan().any(), f"{fmt} {name} M={m} N={n} K={k}: output not fully written"
+                err = rel_err(y, ref)
+                assert err < BOUND[act], f"{fmt} {name} M={m} N={n} K={k}: relative error {err:.2e}"
+                worst[fmt] = max(worst.get(fmt, 0.0), err)
+    for fmt, err in worst.items():
+        bound = BOUND[torch.float16 if fmt == "float16" else torch.bfloat16]
+        print(f"check {fmt:9s} worst relative error {err:.2e} over {trials} random shapes (bound {bound:.0e})")
+
+    # int4 uses tinygemm's formula: the same q, scales and zeros give the same product as _weight_int4pack_mm
+    for group in (32, 128):
+        w, sz, _ = make_weights(f"int4g{group}", 4096, 4096, "cuda", seed=7)
+        x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+        stock = int4_stock(w, sz, group)
+        err = rel_err(kernels.int4_linear(x, w, sz, group), stock(x))
+        print(f"check int4g{group} vs torch._weight_int4pack_mm relative difference {err:.2e}")
+        assert err < 1e-2
+
+    # captured by torch.compile(fullgraph=True, mode="reduce-overhead") with no graph break
+    torch._dynamo.reset()
+    for fmt in formats:
+        weights = make_weights(fmt, 4096, 4096, "cuda", seed=3)
+        x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+
+        def step(x, weights=weights, fmt=fmt):
+            return F.silu(kernels.call(fmt, x, *weights)) * 2
+
+        explained = torch._dynamo.explain(step)(x)
+        assert explained.graph_break_count == 0, f"{fmt}: {explained.break_reasons}"
+        compiled = torch.compile(step, fullgraph=True, mode="reduce-overhead")
+        for _ in range(3):  # warm-up, record, replay
+            y = compiled(x)
+        err = rel_err(y, step(x))
+        print(f"check {fmt:9s} compiled (reduce-overhead, fullgraph) vs eager relative difference {err:.2e}")
+        assert err < 1e-3
+
+
+# ----------------------------------------------------------------------------- tuning
+
+
+def _compile(work: list[tuple[str, int, kernels.Config]]) -> int:
+    # one worker: launch each config once on a tiny problem with the same Triton specialisation as the real
+    # one (dtypes, M == 1 or not, ints divisible by 16), which leaves the binary in Triton's disk cache
+    for fmt, m, cfg in work:
+        n, k = max(cfg.block_n, 128), cfg.block_k * cfg.split_k
+        x = torch.randn(m, k, device="cuda", dtype=kernels.act_dtype(fmt))
+        kernels.run_with(fmt, x, make_weights(fmt, n, k, "cuda"), cfg)
+    torch.cuda.synchronize()
+    return len(work)
+
+
+def precompile(work: list[tuple[str, int, kernels.Config]], jobs: int) -> None:
+    """Triton compiles a kernel on its first launch, one at a time: compile them in parallel processes first."""
+    work = sorted(set(work), key=str)
+    chunks = [work[i::jobs] for i in range(jobs) if work[i::jobs]]
+    t = time.time()
+    with concurrent.futures.ProcessPoolExecutor(len(chunks), mp_context=multiprocessing.get_context("spawn")) as pool:
+        done = sum(pool.map(_compile, chunks))
+    print(f"compiled {done} kernel variants in {len(chunks)} processes in {time.time() - t:.0f} s")
+
+
+def tune(cases: list[tuple[str, int, int, int]], jobs: int, rep_ms: int = 20) -> None:
+    """Time kernels.candidates(...) for each (fmt, N, K, M) with triton.testing.do_bench (which flushes L2
+    before each call, as streaming weights once per token does) and store the fastest in kernel_configs.json
+    under this GPU's name. Run once per GPU model; the kernels never tune at start-up."""
+    from triton.testing import do_bench
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if jobs > 1:
+        precompile([(f, m, c) for f, n, k, m in cases for c in kernels.candidates(f, n, k, m, sms)], jobs)
+    best = {}
+    for fmt, n, k, m in cases:
+        weights = make_weights(fmt, n, k, device)
+        x = torch.randn(m, k, device=device, dtype=kernels.act_dtype(fmt))
+        ref = x.double() @ kernels.dequantize(fmt, *weights).double().T
+        timed = []
+        for cfg in kernels.candidates(fmt, n, k, m, sms):
+            try:
+                err = rel_err(kernels.run_with(fmt, x, weights, cfg), ref)
+                assert err < BOUND[x.dtype], f"relative error {err:.2e}"
+                run = lambda: kernels.run_with(fmt, x, weights, cfg)  # noqa: E731
+                timed.append((do_bench(run, warmup=5, rep=rep_ms, return_mode="median"), cfg))
+            except Exception as e:  # a config this GPU or Triton version cannot build: skip it, and say so
+                print(f"  skip {cfg}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}")
+        key = kernels.config_key(fmt, n, k, m)
+        if not timed:
+            print(f"{key}: no candidate worked; the heuristic stays")
+            continue
+        ms, best[key] = min(timed, key=lambda t: t[0])
+        default = kernels.heuristic(fmt, n, k, m, sms)
+        ms_default = next((t for t, c in timed if c == default), float("nan"))
+        print(f"{key:28s} {ms * 1e3:7.1f} us  (heuristic {ms_default * 1e3:7.1f} us)  {best[key]}")
+    kernels.store_configs(best, device)
+
+
+# ----------------------------------------------------------------------------- stock paths
+
+
+def int4_stock(w: torch.Tensor, sz: torch.Tensor, group: int):
+    # the same int4 weight for torch's tinygemm: uint8 [N, K/2] (even k in the high nibble) -> its tiled layout
+    q = kernels.unpack_int4(w, group)
+    packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).contiguous(), 8)
+    sz_t = sz.transpose(0, 1).contiguous().to(torch.bfloat16)  # [K/group, N, 2]
+    return lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, group, sz_t)
+
+
+def stock_fn(fmt: str, weights: tuple, m: int):
+    """The stock path for one weight: what the project uses without these kernels."""
+    if fmt == "bfloat16":
+        return lambda x: F.linear(x, weights[0])
+    if fmt == "int8":  # what runs eagerly; under torch.compile inductor fuses the dequantization instead
+        return lambda x: F.linear(x, weights[0].to(x.dtype)) * weights[1]
+    if fmt == "fp8":  # row-wise scaled fp8 GEMM; x pre-quantized, rows padded to 16 as cuBLASLt wants
+        w, s = weights
+        scale_b = s.float()[None, :]
+
+        def fp8(x):
+            xp = F.pad(x, (0, 0, 0, (-m) % 16)).to(torch.float8_e4m3fn)
+            scale_a = torch.ones(xp.shape[0], 1, device=x.device)
+            return torch._scaled_mm(xp, w.t(), scale_a, scale_b, out_dtype=torch.bfloat16)[:m]
+
+        return fp8
+    return int4_stock(*weights)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def graph_time(calls: list, reps: int = 15, rounds: int = 3) -> float:
+    """Median seconds per call of calls (one per weight copy), replayed from a CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the capture: Triton compiles, cuBLAS picks kernels
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(rounds):
+            for call in calls:
+                call()
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / (rounds * len(calls)))
+    return statistics.median(times)
+
+
+def copy_gbps(nbytes: int = 1 << 30) -> float:
+    # device-to-device copy, counted as read + write (the figure BENCHMARKS.md quotes)
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    t = graph_time([lambda: dst.copy_(src)], reps=10, rounds=2)
+    return 2 * nbytes / t / 1e9
+
+
+def nbytes(weights: tuple) -> int:
+    return sum(t.numel() * t.element_size() for t in weights if isinstance(t, torch.Tensor))
+
+
+def bench(formats: list[str], shape_sets: list[str], ms: list[int]) -> None:
+    props = torch.cuda.get_device_properties(0)
+    copy = copy_gbps()
+    print(f"device {props.name}, torch {torch.__version__}, triton {kernels.triton.__version__}, "
+          f"copy {copy:.0f} GB/s (read + write)")  # fmt: skip
+    print(json.dumps({"prim": "copy", "gbps": round(copy, 1), "device": props.name, "torch": torch.__version__,
+                      "triton": kernels.triton.__version__}))  # fmt: skip
+    l2 = getattr(props, "L2_cache_size", 50 << 20)
+    header = ("shape", "M", "format", "ours us", "GB/s", "%copy", "stock us", "GB/s")
+    print("{:12s} {:>3s} {:9s} {:>8s} {:>6s} {:>6s} {:>9s} {:>6s}".format(*header))
+    for set_name in shape_sets:
+        totals = {}  # (fmt, m, who) -> [bytes, seconds] over the layer matmuls
+        for name, n, k in SHAPES[set_name]:
+            for fmt in formats:
+                base = make_weights(fmt, n, k, "cuda", seed=0)
+                size = nbytes(base)
+                copies = [base] + [tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in base)
+                                   for _ in range(min(63, math.ceil(3 * l2 / size)))]  # fmt: skip
+                for m in ms:
+                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                    ours = graph_time([lambda w=w: kernels.call(fmt, x, *w) for w in copies])
+                    stocks = [stock_fn(fmt, w, m) for w in copies]
+                    theirs = graph_time([lambda s=s: s(x) for s in stocks])
+                    del stocks
+                    row = {"prim": fmt, "shape": f"{set_name}.{name}", "n": n, "k": k, "m": m, "bytes": size,
+                           "ours_us": round(ours * 1e6, 2), "ours_gbps": round(size / ours / 1e9, 1),
+                           "stock_us": round(theirs * 1e6, 2), "stock_gbps": round(size / theirs / 1e9, 1)}  # fmt: skip
+                    gbps, stock_gbps = size / ours / 1e9, size / theirs / 1e9
+                    print(f"{set_name + '.' + name:12s} {m:3d} {fmt:9s} {ours * 1e6:8.1f} {gbps:6.0f} "
+                          f"{100 * gbps / copy:5.0f}% {theirs * 1e6:9.1f} {stock_gbps:6.0f}")
+                    print(json.dumps(row))
+                    if name != "out":
+                        for who, t in (("ours", ours), ("stock", theirs)):
+                            acc = totals.setdefault((fmt, m, who), [0, 0.0])
+                            acc[0] += size
+                            acc[1] += t
+                del copies, base
+                torch.cuda.empty_cache()
+        for (fmt, m, who), (size, t) in sorted(totals.items()):
+            cap = 1 / (N_LAYERS[set_name] * t)
+            gbps = size / t / 1e9
+            print(f"{set_name} per layer {fmt:9s} M={m:<2d} {who:5s}: {gbps:6.0f} GB/s ({100 * gbps / copy:.0f}% of "
+                  f"copy), layer matmuls cap decode at {cap:.0f} tok/s")
+            print(json.dumps({"prim": fmt, "shape": f"{set_name}.layer", "m": m, "who": who,
+                              "gbps": round(size / t / 1e9, 1), "cap_tok_s": round(cap, 1)}))  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="correctness against dequantized references")
+    parser.add_argument("--tune", action="store_true", help="tune configs and write kernel_configs.json")
+    parser.add_argument("--bench", action="store_true", help="the microbenchmark (the default with no flag)")
+    parser.add_argument("--formats", nargs="+", default=FORMATS, help=f"default: {' '.join(FORMATS)}")
+    parser.add_argument("--shapes", nargs="+", default=["7b"], choices=sorted(SHAPES))
+    parser.add_argument("--m", nargs="+", type=int, default=[1, 4, 16], help="rows of x to benchmark")
+    parser.add_argument("--tune_m", nargs="+", type=int, default=[1, 16], help="rows of x to tune for")
+    parser.add_argument("--trials", type=int, default=8, help="random shapes per format in --check")
+    parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1), help="compile processes (--tune)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("error: bench_kernels.py needs a CUDA GPU (CPU tests: python -m pytest tests/test_kernels.py)")
+    unknown = [f for f in args.formats if f not in FORMATS + ["float16", "int4g64", "int4g256"]]
+    if unknown:
+        sys.exit(f"error: unknown format(s) {unknown}; known: {FORMATS + ['float16', 'int4g64', 'int4g256']}")
+    formats = [f for f in args.formats if f != "fp8" or kernels.fp8_ok(torch.device("cuda"))]
+    if len(formats) < len(args.formats):
+        print("fp8 skipped: this GPU has no e4m3 support (needs sm_89 or newer)")
+    t0 = time.time()
+    if args.check:
+        check(formats, args.trials)
+        print(f"check passed in {time.time() - t0:.0f} s")
+    if args.tune:
+        t1 = time.time()
+        cases = [(f, n, k, m) for s in args.shapes for _, n, k in SHAPES[s] for f in formats for m in args.tune_m]
+        tune(cases, args.jobs)
+        print(f"tuned {len(cases)} cases in {time.time() - t1:.0f} s -> {kernels.CONFIG_FILE}")
+    if args.bench or not (args.check or args.tune):
+        t1 = time.time()
+        bench(formats, args.shapes, args.m)
+        print(f"benchmark in {time.time() - t1:.0f} s")
+    print(f"total {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,493 @@
+"""Triton kernels for decode-time matmuls: y[M, N] = x[M, K] @ W[N, K]^T with M small (1 to ~16).
+
+Batch-1 decoding reads every weight once per token, so these kernels are built to stream the weight at the
+memory-bandwidth floor: every weight byte is read exactly once for all M rows, loads are wide and
+contiguous along K, and the grid is split along K when N alone gives too few programs to fill the GPU.
+
+Weight formats (activations x: bf16, fp16 or fp32; accumulation in fp32; output in x's dtype):
+    linear(x, w)                   w: [N, K] in x's dtype
+    int8_linear(x, w, scale)       w: [N, K] int8, scale: [N]        W = w * scale[:, None]
+    fp8_linear(x, w, scale)        w: [N, K] float8_e4m3fn, scale: [N]  W = w * scale[:, None]
+    int4_linear(x, w, sz, group)   w: [N, K/8] int32 (pack_int4), sz: [N, K/group, 2] (pack_scales_zeros)
+                                   W[n, k] = (q[n, k] - 8) * scale[n, k // group] + zero[n, k // group]
+The int4 formula is that of torch's tinygemm (`_weight_int4pack_mm`), so its scales and zeros serve both
+paths: tinygemm's scales_and_zeros [K/group, N, 2] is `pack_scales_zeros(*scales_and_zeros.unbind(-1))` after
+`.transpose(0, 1)`; the nibbles q [N, K] (0..15) are repacked once at load time with pack_int4.
+
+When to call them: `supported(x, n, k)`: a CUDA tensor with at most MAX_M rows (decode, speculative
+verification); anything else (prefill, CPU) should take the stock path (F.linear, tinygemm, _scaled_mm).
+The kernels are correct for any M, just not faster than cuBLAS for large M. fp8 needs sm_89+ (`fp8_ok`).
+
+Each op is a torch.library custom op (triton_op on the GPU) with a fake implementation, so
+torch.compile(fullgraph=True, mode="reduce-overhead") captures it in the CUDA graph without a graph break.
+Block sizes come from kernel_configs.json (written once per GPU model by `python bench_kernels.py --tune`),
+else from a heuristic; nothing is tuned at start-up. Without a GPU the same kernels run in Triton's
+interpreter (numpy): slow, but it lets CPU CI test them on small shapes.
+"""
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+if not torch.cuda.is_available():
+    # No GPU: @triton.jit must build interpreted kernels. Set before the decorators below run (triton reads
+    # the variable at decoration time), so it holds whichever module imported kernels first.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+MAX_M = 16  # rows up to which the kernels beat the prefill paths; also the tensor-core tile height
+CONFIG_FILE = Path(__file__).with_name("kernel_configs.json")
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _int8_to_f32(q):
+    # int8 -> float32 without the (quarter-rate) I2F instruction: put 128 + q in the low mantissa bits of
+    # 2^23 and subtract 2^23 + 128; both steps are exact
+    return (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit
+def _dot_t(a, b, acc, DOT_F32: tl.constexpr):
+    # acc + a @ b^T on tensor cores; DOT_F32 for fp32 activations (exact "ieee" products), and for bf16 in
+    # the interpreter, whose tl.dot multiplies bf16 bit patterns as integers (triton 3.9)
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
+    return tl.dot(a, tl.trans(b.to(a.dtype)), acc)
+
+
+@triton.jit
+def _store(y_ptr, out, rm, rn, M, N, ATOMIC: tl.constexpr):
+    # out: [BLOCK_M, BLOCK_N] fp32 partial (split-K) or final result
+    ptrs = y_ptr + rm[:, None] * N + rn[None, :]
+    mask = rm[:, None] < M
+    if ATOMIC:  # split-K: programs along K add into a zeroed fp32 buffer
+        tl.atomic_add(ptrs, out, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _linear_kernel(
+    x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, k_len,
+    HAS_SCALE: tl.constexpr, W_INT8: tl.constexpr, ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # x: [M, K], w: [N, K] (float, int8 or fp8), s: [N] per-output-channel scale, y: [M, N]
+    # grid: (N / BLOCK_N, split-K, cdiv(M, BLOCK_M)); this program: BLOCK_N outputs over inputs
+    # [pid_k * k_len, (pid_k + 1) * k_len) cut at K; k_len is a multiple of BLOCK_K, so no masks along K
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = pid_k * k_len + tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]  # [BLOCK_N, BLOCK_K], contiguous along K
+    if BLOCK_M == 1:
+        # matrix-vector on CUDA cores: accumulate elementwise, reduce over K once at the end
+        # x pointers broadcast over the rows: x is loaded in the weights' own layout (no shared-memory
+        # shuffle and barrier per step); the repeated loads hit L1
+        x_ptrs = x_ptr + pid_m * K + rk[None, :] + 0 * rn[:, None]  # [BLOCK_N, BLOCK_K]
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k in range(0, tl.minimum(k_len, K - pid_k * k_len), BLOCK_K):
+            w = tl.load(w_ptrs + k)
+            w = _int8_to_f32(w) if W_INT8 else w.to(tl.float32)
+            acc += w * tl.load(x_ptrs + k).to(tl.float32)
+        out = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
+    else:
+        # up to 16 rows: tensor cores on x[16, BLOCK_K] @ w^T; int8 and fp8 are exact in bf16/fp16
+        x_ptrs = x_ptr + rm[:, None] * K + rk[None, :]  # [BLOCK_M, BLOCK_K]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k in range(0, tl.minimum(k_len, K - pid_k * k_len), BLOCK_K):
+            xk = tl.load(x_ptrs + k, mask=rm[:, None] < M, other=0.0)
+            acc = _dot_t(xk, tl.load(w_ptrs + k), acc, DOT_F32)
+        out = acc
+    if HAS_SCALE:  # per-channel scale factors out of the sum over K
+        out = out * tl.load(s_ptr + rn).to(tl.float32)[None, :]
+    _store(y_ptr, out, rm, rn, M, N, ATOMIC)
+
+
+@triton.jit
+def _nibble_pair(q, p: tl.constexpr):
+    # int32 words q -> floats (1 + q_hi / 16, 1 + q_lo / 256) for nibbles hi = 2p + 1 and lo = 2p. One shift
+    # puts nibble hi in bits 19..22 and nibble lo in bits 15..18, the top of 1.0's mantissa; a mask and
+    # 1.0's exponent bits then make each a float: no int-to-float conversion, half a shift per weight.
+    if p < 2:
+        t = q << (15 - 8 * p)
+    else:
+        t = q >> (8 * p - 15)
+    hi = ((t & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+    lo = ((t & 0x00078000) | 0x3F800000).to(tl.float32, bitcast=True)
+    return hi, lo
+
+
+@triton.jit
+def _int4_kernel(
+    x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, k_len,
+    GROUP: tl.constexpr, ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # x: [M, K]; w: [N, K/8] int32 from pack_int4; sz: [N, K/GROUP, 2] (scale, zero)
+    # W[n, k] = (q[n, k] - 8) * scale + zero. Within a group, word j's nibble i holds q[i * GROUP/8 + j], so
+    # every nibble position meets a contiguous slice of x. _nibble_pair gives f = 1 + q/16 for odd i and
+    # 1 + q/256 for even i, so W = 16 * scale * f + (zero - 24 * scale), or 256 * scale * f + (zero - 264 * scale).
+    G: tl.constexpr = BLOCK_K // GROUP  # groups per tile
+    WG: tl.constexpr = GROUP // 8  # words per group
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rg, rw = tl.arange(0, G), tl.arange(0, WG)
+    k0 = pid_k * k_len
+    # K and k_len are multiples of 128 (checked by the caller): tell Triton, so word loads are 16 bytes wide
+    row_words, k0_words = tl.multiple_of(K // 8, 16), tl.multiple_of(k0 // 8, 16)
+    w_ptrs = w_ptr + rn[:, None, None].to(tl.int64) * row_words + k0_words + rg[None, :, None] * WG + rw[None, None, :]
+    # (scale, zero) pairs as [BLOCK_N, G, 2]: one load serves both
+    sz_ptrs = sz_ptr + rn[:, None, None].to(tl.int64) * (K // GROUP * 2) + (k0 // GROUP + rg[None, :, None]) * 2
+    sz_ptrs += tl.arange(0, 2)[None, None, :]
+    if BLOCK_M == 1:
+        # x pointers broadcast over the rows: loaded in the weights' own layout (no shared-memory shuffle);
+        # the repeated loads hit L1
+        x_ptrs = x_ptr + pid_m * K + k0 + rg[None, :, None] * GROUP + rw[None, None, :] + 0 * rn[:, None, None]
+        acc = tl.zeros([BLOCK_N, G], dtype=tl.float32)
+        for k in range(0, tl.minimum(k_len, K - pid_k * k_len), BLOCK_K):
+            q = tl.load(w_ptrs + k // 8)  # [BLOCK_N, G, WG] words
+            scale, zero = tl.split(tl.load(sz_ptrs + k // GROUP * 2).to(tl.float32))  # [BLOCK_N, G] each
+            # sums of f * x and of x, over odd (hi) and even (lo) nibble positions: [BLOCK_N, G, WG]
+            fx_hi = tl.zeros([BLOCK_N, G, WG], dtype=tl.float32)
+            fx_lo, x_hi, x_lo = tl.zeros_like(fx_hi), tl.zeros_like(fx_hi), tl.zeros_like(fx_hi)
+            for p in tl.static_range(4):
+                f_hi, f_lo = _nibble_pair(q, p)
+                xh = tl.load(x_ptrs + k + (2 * p + 1) * WG).to(tl.float32)
+                xl = tl.load(x_ptrs + k + 2 * p * WG).to(tl.float32)
+                fx_hi += f_hi * xh
+                fx_lo += f_lo * xl
+                x_hi += xh
+                x_lo += xl
+            # per group: sum_k (q - 8) x = 16 sum f_hi x + 256 sum f_lo x - 24 sum x_hi - 264 sum x_lo
+            qx = 16.0 * tl.sum(fx_hi, axis=2) + 256.0 * tl.sum(fx_lo, axis=2)
+            qx -= 24.0 * tl.sum(x_hi, axis=2) + 264.0 * tl.sum(x_lo, axis=2)
+            acc += scale * qx + zero * tl.sum(x_hi + x_lo, axis=2)
+        out = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
+    else:
+        # dequantize one nibble position at a time ([BLOCK_N, BLOCK_K/8]) and feed the tensor cores with the
+        # matching slice of x
+        x_ptrs = x_ptr + rm[:, None, None] * K + k0 + rg[None, :, None] * GROUP + rw[None, None, :]  # [M, G, WG]
+        x_mask = rm[:, None, None] < M
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k in range(0, tl.minimum(k_len, K - pid_k * k_len), BLOCK_K):
+            q = tl.load(w_ptrs + k // 8)
+            scale, zero = tl.split(tl.load(sz_ptrs + k // GROUP * 2).to(tl.float32))
+            a_hi, b_hi = (16.0 * scale)[:, :, None], (zero - 24.0 * scale)[:, :, None]
+            a_lo, b_lo = (256.0 * scale)[:, :, None], (zero - 264.0 * scale)[:, :, None]
+            for p in tl.static_range(4):
+                f_hi, f_lo = _nibble_pair(q, p)
+                xh = tl.load(x_ptrs + k + (2 * p + 1) * WG, mask=x_mask, other=0.0)
+                xl = tl.load(x_ptrs + k + 2 * p * WG, mask=x_mask, other=0.0)
+                wh, wl = f_hi * a_hi + b_hi, f_lo * a_lo + b_lo  # dequantized [BLOCK_N, G, WG]
+                xh, xl = tl.reshape(xh, [BLOCK_M, BLOCK_K // 8]), tl.reshape(xl, [BLOCK_M, BLOCK_K // 8])
+                acc = _dot_t(xh, tl.reshape(wh, [BLOCK_N, BLOCK_K // 8]), acc, DOT_F32)
+                acc = _dot_t(xl, tl.reshape(wl, [BLOCK_N, BLOCK_K // 8]), acc, DOT_F32)
+        out = acc
+    _store(y_ptr, out, rm, rn, M, N, ATOMIC)
+
+
+# ----------------------------------------------------------------------------- launch configurations
+
+
+@dataclass(frozen=True)
+class Config:
+    block_n: int  # output channels per program
+    block_k: int  # weight elements along K per loop step
+    split_k: int = 1  # programs along K (fp32 atomics, then a cast) when N alone gives too few programs
+    num_warps: int = 4
+    num_stages: int = 2
+    dot: bool = False  # M == 1 only: use the tensor-core path too (M > 1 always does)
+
+
+def m_bucket(m: int) -> int:
+    return 1 if m == 1 else 4 if m <= 4 else 16
+
+
+def config_key(fmt: str, n: int, k: int, m: int) -> str:
+    # fmt: "bfloat16" / "float16" / "float32" (plain weights), "int8", "fp8", "int4g32", ...
+    return f"{fmt}:{n}x{k}:m{m_bucket(m)}"
+
+
+def _bits(fmt: str) -> int:
+    return 4 if fmt.startswith("int4") else 8 if fmt in ("int8", "fp8") else torch.finfo(getattr(torch, fmt)).bits
+
+
+def act_dtype(fmt: str) -> torch.dtype:
+    # activations used when tuning/benchmarking fmt: bf16 for quantized weights, else the weight's dtype
+    return getattr(torch, fmt) if fmt in ("bfloat16", "float16", "float32") else torch.bfloat16
+
+
+def valid(cfg: Config, fmt: str, n: int, k: int) -> bool:
+    group = int(fmt[5:]) if fmt.startswith("int4") else 1
+    tiles_k = k // cfg.block_k
+    return n % cfg.block_n == 0 and k % cfg.block_k == 0 and cfg.block_k % group == 0 and cfg.split_k <= tiles_k
+
+
+def _load_table() -> dict:
+    # {gpu name: {config_key: Config fields}}, written by store_configs (bench_kernels.py --tune); read at import
+    if not CONFIG_FILE.exists():
+        return {}
+    return json.loads(CONFIG_FILE.read_text())
+
+
+_TABLE = _load_table()
+_DEVICE_NAMES: dict[int, str] = {}
+_SM_COUNTS: dict[int, int] = {}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return device.type
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _DEVICE_NAMES:
+        _DEVICE_NAMES[idx] = torch.cuda.get_device_name(idx)
+        _SM_COUNTS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _DEVICE_NAMES[idx]
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":  # the interpreter runs programs one by one: fewer, bigger ones are faster
+        return 1
+    _device_name(device)
+    return _SM_COUNTS[device.index if device.index is not None else torch.cuda.current_device()]
+
+
+def candidates(fmt: str, n: int, k: int, m: int, sms: int = 132) -> list[Config]:
+    """The configs bench_kernels.py --tune tries: weight tiles of 4-16 KB per loop step, shaped from wide
+    (BLOCK_K up to 1024) to tall (BLOCK_N up to 128, for K like 11008 = 2^8 * 43 that only tiles by 256),
+    split-K 1-8 (while that leaves < 8 programs per SM); for M == 1 also the tensor-core path."""
+    bits, out = _bits(fmt), []
+    for dot in (False, True) if m == 1 else (True,):
+        for tile_bytes in (8192,) if dot else (4096, 8192, 16384):
+            for block_k in (128, 256, 512, 1024):
+                block_n = tile_bytes * 8 // (bits * block_k)
+                if not (16 if dot else 8) <= block_n <= (64 if dot else 128):
+                    continue
+                for split_k in (1, 2, 4, 8):
+                    cfg = Config(block_n, block_k, split_k, 8 if tile_bytes > 8192 else 4, 3 if dot else 2, dot)
+                    if valid(cfg, fmt, n, k) and (split_k == 1 or (n // block_n) * split_k // 2 < 4 * sms):
+                        out.append(cfg)
+    return out
+
+
+def heuristic(fmt: str, n: int, k: int, m: int, sms: int = 132) -> Config:
+    """The config used when the table has none: an 8 KB tile from candidates(), with enough programs for
+    two per SM, using as little split-K (atomics, a zero fill and a cast) as gets there."""
+    dot = m > 1
+    cands = [c for c in candidates(fmt, n, k, m, sms) if c.dot == dot and c.num_warps == 4]
+    if not cands:  # tiny or odd shapes: the smallest tile that always fits (N, K multiples of 128)
+        group = int(fmt[5:]) if fmt.startswith("int4") else 1
+        return Config(16, max(128, group), 1, 4, 3 if dot else 2, dot)
+    def score(c: Config) -> tuple:
+        programs = (n // c.block_n) * c.split_k
+        if programs < 2 * sms:
+            return (1, -programs)
+        return (0, c.split_k, abs(c.block_n * c.block_k * _bits(fmt) - 8192 * 8), abs(c.block_k - 512))
+
+    return min(cands, key=score)
+
+
+def store_configs(configs: dict[str, Config], device: torch.device, path: Path = CONFIG_FILE) -> None:
+    # merge tuned configs (config_key -> Config) into path under this GPU's name; written whole or not at all
+    table = json.loads(path.read_text()) if path.exists() else {}
+    table.setdefault(_device_name(device), {}).update({key: asdict(cfg) for key, cfg in configs.items()})
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    _TABLE.clear()
+    _TABLE.update(table)
+
+
+def get_config(fmt: str, n: int, k: int, m: int, device: torch.device) -> Config:
+    key = config_key(fmt, n, k, m)
+    entry = _TABLE.get(_device_name(device), {}).get(key)
+    if entry is None:  # tuned on another GPU model: still a better guess than the heuristic
+        entry = next((t[key] for t in _TABLE.values() if key in t), None)
+    cfg = Config(**entry) if entry is not None else heuristic(fmt, n, k, m, _sm_count(device))
+    return cfg if m == 1 else Config(**{**asdict(cfg), "dot": True})
+
+
+# ----------------------------------------------------------------------------- launching
+
+
+def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | None = None, **constexprs) -> Tensor:
+    # x: [..., K] -> y [..., n]
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k).contiguous()  # [M, K]
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty(*x.shape[:-1], n)
+    cfg = cfg or get_config(fmt, n, k, m, x.device)
+    assert valid(cfg, fmt, n, k), f"config {cfg} does not tile {fmt} {n}x{k}"
+    block_m = MAX_M if (m > 1 or cfg.dot) else 1
+    atomic = cfg.split_k > 1
+    y = torch.zeros(m, n, device=x.device, dtype=torch.float32) if atomic else x.new_empty(m, n)
+    grid = (n // cfg.block_n, cfg.split_k, triton.cdiv(m, block_m))
+    k_len = triton.cdiv(k // cfg.block_k, cfg.split_k) * cfg.block_k  # inputs per split, whole tiles
+    torch.library.wrap_triton(kernel)[grid](
+        x2, *weights, y, m, n, k, k_len, ATOMIC=atomic,
+        DOT_F32=x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16),
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **constexprs,
+    )  # fmt: skip
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def _check(x: Tensor, w: Tensor, k: int) -> None:
+    assert x.dtype in FLOAT_DTYPES, f"activations must be bf16, fp16 or fp32, got {x.dtype}"
+    assert x.shape[-1] == k, f"x has {x.shape[-1]} features, the weight expects {k}"
+    assert w.shape[0] % 128 == 0 and k % 128 == 0, f"N and K must be multiples of 128, got {w.shape[0]}x{k}"
+    assert w.is_contiguous() and w.device == x.device, "weight must be contiguous and on x's device"
+
+
+def _op(name: str, fake):
+    """Register fn as the custom op fastgen::name. On the GPU it is a triton_op: inductor sees the kernel
+    launch itself. Interpreted kernels (CPU) cannot be traced, so there it is an opaque custom op."""
+
+    def register(fn):
+        make = torch.library.custom_op if INTERPRET else torch.library.triton_op
+        op = make(f"fastgen::{name}", fn, mutates_args=())
+        op.register_fake(fake)
+        return op
+
+    return register
+
+
+def _fake_per_channel(x: Tensor, w: Tensor, scale: Tensor) -> Tensor:
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+def _fake_linear(x: Tensor, w: Tensor) -> Tensor:
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+def _fake_int4(x: Tensor, w: Tensor, scales_zeros: Tensor, group_size: int) -> Tensor:
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+@_op("linear", _fake_linear)
+def linear(x: Tensor, w: Tensor) -> Tensor:
+    # x: [..., K], w: [N, K] in x's dtype -> [..., N]
+    _check(x, w, w.shape[1])
+    assert w.dtype == x.dtype, f"weight dtype {w.dtype} differs from activations {x.dtype}"
+    fmt = str(w.dtype).removeprefix("torch.")
+    return _launch(_linear_kernel, fmt, x, (w, w), w.shape[0], HAS_SCALE=False, W_INT8=False)
+
+
+@_op("int8_linear", _fake_per_channel)
+def int8_linear(x: Tensor, w: Tensor, scale: Tensor) -> Tensor:
+    # x: [..., K], w: [N, K] int8, scale: [N] -> [..., N]
+    _check(x, w, w.shape[1])
+    assert w.dtype == torch.int8 and scale.shape == (w.shape[0],), "int8 weight [N, K] with scale [N] expected"
+    return _launch(_linear_kernel, "int8", x, (w, scale), w.shape[0], HAS_SCALE=True, W_INT8=True)
+
+
+@_op("fp8_linear", _fake_per_channel)
+def fp8_linear(x: Tensor, w: Tensor, scale: Tensor) -> Tensor:
+    # x: [..., K], w: [N, K] float8_e4m3fn, scale: [N] -> [..., N]
+    _check(x, w, w.shape[1])
+    assert w.dtype == torch.float8_e4m3fn and scale.shape == (w.shape[0],), "e4m3 weight [N, K], scale [N] expected"
+    return _launch(_linear_kernel, "fp8", x, (w, scale), w.shape[0], HAS_SCALE=True, W_INT8=False)
+
+
+@_op("int4_linear", _fake_int4)
+def int4_linear(x: Tensor, w: Tensor, scales_zeros: Tensor, group_size: int) -> Tensor:
+    # x: [..., K], w: [N, K/8] int32 from pack_int4, scales_zeros: [N, K/group_size, 2] -> [..., N]
+    k = w.shape[1] * 8
+    _check(x, w, k)
+    assert group_size in (32, 64, 128, 256), f"group size must be 32, 64, 128 or 256, got {group_size}"
+    assert w.dtype == torch.int32, f"packed int4 weight must be int32 from pack_int4, got {w.dtype}"
+    assert scales_zeros.shape == (w.shape[0], k // group_size, 2), (
+        f"scales_zeros must be [N, K/group, 2] = {[w.shape[0], k // group_size, 2]}, got {list(scales_zeros.shape)}"
+    )
+    assert scales_zeros.is_contiguous()
+    return _launch(_int4_kernel, f"int4g{group_size}", x, (w, scales_zeros), w.shape[0], GROUP=group_size)
+
+
+def supported(x: Tensor, n: int, k: int) -> bool:
+    """Whether y = x @ W^T ([..., K] -> [..., N]) should use these kernels: decode-sized inputs on a GPU.
+    Depends only on x's device, dtype and shape, so it is free inside torch.compile (a guard at most)."""
+    m = x.numel() // max(k, 1)
+    return x.is_cuda and x.dtype in FLOAT_DTYPES and m <= MAX_M and n % 128 == 0 and k % 128 == 0
+
+
+def fp8_ok(device: torch.device) -> bool:
+    # e4m3 loads and conversions need sm_89 (Ada) or newer; check once at load time, not per call
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+# ----------------------------------------------------------------------------- int4 layout
+
+
+def pack_int4(q: Tensor, group_size: int) -> Tensor:
+    # q: [N, K] integers in 0..15 -> [N, K/8] int32. In each group of group_size, word j holds
+    # q[i * group_size/8 + j] in bits 4i..4i+3 (i = 0..7): each nibble position meets a contiguous slice of x.
+    n, k = q.shape
+    assert k % group_size == 0 and group_size % 8 == 0, f"K={k} must be a multiple of the group size {group_size}"
+    q = q.to(torch.int32).view(n, k // group_size, 8, group_size // 8)  # [N, groups, nibble i, word j]
+    words = torch.zeros_like(q[:, :, 0])
+    for i in range(8):
+        words |= q[:, :, i] << (4 * i)  # nibble 7 reaches bit 31: the sign bit, harmless
+    return words.reshape(n, k // 8).contiguous()
+
+
+def unpack_int4(w: Tensor, group_size: int) -> Tensor:
+    # [N, K/8] int32 from pack_int4 -> [N, K] uint8 in 0..15
+    n = w.shape[0]
+    words = w.view(n, -1, 1, group_size // 8)  # [N, groups, 1, word j]
+    shifts = torch.arange(0, 32, 4, device=w.device, dtype=torch.int32).view(1, 1, 8, 1)
+    return ((words >> shifts) & 0xF).to(torch.uint8).reshape(n, -1)
+
+
+def pack_scales_zeros(scales: Tensor, zeros: Tensor) -> Tensor:
+    # scales, zeros: [N, K/group] -> [N, K/group, 2], so the kernel fetches both with one load
+    return torch.stack([scales, zeros], dim=-1).contiguous()
+
+
+def dequantize_int4(w: Tensor, scales_zeros: Tensor, group_size: int) -> Tensor:
+    # the reference the kernel is tested against: [N, K] float32
+    q = unpack_int4(w, group_size).float().view(w.shape[0], -1, group_size)  # [N, K/group, group]
+    sz = scales_zeros.float()
+    return ((q - 8) * sz[..., :1] + sz[..., 1:]).reshape(w.shape[0], -1)
+
+
+# ----------------------------------------------------------------------------- by format name (tests, tuning)
+
+
+def dequantize(fmt: str, *weights) -> Tensor:
+    # the reference of each format: the weights call(fmt, x, *weights) takes -> [N, K] float32
+    if fmt in ("int8", "fp8"):
+        return weights[0].float() * weights[1].float()[:, None]
+    if fmt.startswith("int4"):
+        return dequantize_int4(*weights)
+    return weights[0].float()
+
+
+def call(fmt: str, x: Tensor, *weights) -> Tensor:
+    # the op for format fmt: "bfloat16" / "float16" / "float32" (linear), "int8", "fp8", "int4g<group>"
+    if fmt.startswith("int4"):
+        return int4_linear(x, *weights)
+    if fmt in ("int8", "fp8"):
+        return (int8_linear if fmt == "int8" else fp8_linear)(x, *weights)
+    return linear(x, *weights)
+
+
+def run_with(fmt: str, x: Tensor, weights: tuple, cfg: Config) -> Tensor:
+    # the kernel with an explicit config, outside the custom op: for tuning and for tests of every code path
+    if fmt.startswith("int4"):
+        return _launch(_int4_kernel, fmt, x, weights[:2], weights[0].shape[0], cfg, GROUP=weights[2])
+    per_channel = fmt in ("int8", "fp8")
+    w, s = weights[0], weights[1] if per_channel else weights[0]
+    return _launch(_linear_kernel, fmt, x, (w, s), w.shape[0], cfg, HAS_SCALE=per_channel, W_INT8=fmt == "int8")

@@ -1,0 +1,187 @@
+"""The Triton decode kernels of kernels.py, each against its dequantized float32 reference.
+
+Without a GPU, kernels.py builds its kernels for Triton's interpreter (numpy), so these tests run the very
+kernel code on the CPU; shapes stay small. bench_kernels.py --check repeats the comparison on a GPU.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+from bench_kernels import make_weights
+
+ROOT = Path(__file__).resolve().parent.parent
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FORMATS = ["float32", "bfloat16", "float16", "int8", "fp8", "int4g32", "int4g64", "int4g128"]
+# relative error bounds by activation dtype: the output is rounded to it (fp32: accumulation order only)
+BOUND = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def case(fmt: str, m: int, n: int, k: int, act: torch.dtype, seed: int = 0):
+    weights = make_weights(fmt, n, k, DEVICE, dtype=act, seed=seed)  # scales in the activations' dtype
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, act)
+    ref = x.double() @ kernels.dequantize(fmt, *weights).double().T  # [M, N]
+    return x, weights, ref
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("m", [1, 3, 16, 20])
+def test_op_matches_dequantized_reference(fmt, m):
+    # the public op with its default config; M = 20 takes two row blocks (the kernels stay correct past MAX_M)
+    act = torch.float32 if fmt == "float32" else torch.float16 if fmt == "float16" else torch.bfloat16
+    x, weights, ref = case(fmt, m, 256, 384, act, seed=m)
+    y = kernels.call(fmt, x, *weights)
+    assert y.shape == (m, 256) and y.dtype == act
+    assert rel_err(y, ref) < BOUND[act]
+
+
+@pytest.mark.parametrize("fmt", ["bfloat16", "int8", "fp8", "int4g32", "int4g128"])
+def test_fp32_activations_are_exact_up_to_accumulation(fmt):
+    # fp32 activations: the dequantization itself must be exact (int4: 1 + q/16 and 1 + q/256 tricks)
+    x, weights, ref = case(fmt, 2, 256, 512, torch.float32)
+    weights = (weights[0].float(),) if fmt == "bfloat16" else weights
+    fmt = "float32" if fmt == "bfloat16" else fmt
+    assert rel_err(kernels.call(fmt, x, *weights), ref) < 2e-5
+
+
+CONFIGS = {  # every code path: CUDA-core matrix-vector, tensor cores at M = 1, split-K (ragged: 5 tiles / 3)
+    "gemv": (1, kernels.Config(block_n=64, block_k=128)),
+    "gemv_split_ragged": (1, kernels.Config(block_n=128, block_k=128, split_k=3)),
+    "dot_m1": (1, kernels.Config(block_n=128, block_k=128, dot=True)),
+    "dot_split": (5, kernels.Config(block_n=64, block_k=128, split_k=2, dot=True)),
+}
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8", "fp8", "int4g32", "int4g128"])
+def test_every_code_path(fmt, path):
+    m, cfg = CONFIGS[path]
+    act = torch.bfloat16 if fmt != "float32" else torch.float32
+    x, weights, ref = case(fmt, m, 128, 640, act)
+    assert kernels.valid(cfg, fmt, 128, 640)
+    assert rel_err(kernels.run_with(fmt, x, weights, cfg), ref) < BOUND[act]
+
+
+def test_int4_layout():
+    # pack_int4: in each group, word j holds q[i * group/8 + j] in bits 4i..4i+3
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (128, 256), generator=g, dtype=torch.uint8)
+    w = kernels.pack_int4(q, 64)
+    assert w.shape == (128, 32) and w.dtype == torch.int32
+    word = int(w[5, 8 + 3]) & 0xFFFFFFFF  # row 5, group 1 (8 words per group of 64), word 3
+    assert [(word >> (4 * i)) & 0xF for i in range(8)] == [int(q[5, 64 + i * 8 + 3]) for i in range(8)]
+    assert torch.equal(kernels.unpack_int4(w, 64), q)
+
+
+def test_int4_formula_matches_tinygemm_convention():
+    # W = (q - 8) * scale + zero, with scales and zeros interleaved per group: [N, K/group, 2]
+    q = torch.tensor([[0, 15] * 16 + [8] * 32])  # [1, 64]: two groups of 32
+    sz = kernels.pack_scales_zeros(torch.tensor([[0.5, 2.0]]), torch.tensor([[1.0, -3.0]]))
+    w = kernels.dequantize_int4(kernels.pack_int4(q, 32), sz, 32)
+    assert w[0, :2].tolist() == [-3.0, 4.5] and w[0, 32:].unique().tolist() == [-3.0]
+
+
+@pytest.mark.parametrize("fmt", ["bfloat16", "int8", "fp8", "int4g32"])
+def test_custom_op_registration(fmt):
+    # schema, fake (meta) implementation and functionalization, as torch.compile needs them
+    x, weights, _ = case(fmt, 2, 128, 256, torch.bfloat16)
+    ops = {"int8": kernels.int8_linear, "fp8": kernels.fp8_linear, "int4g32": kernels.int4_linear}
+    op = ops.get(fmt, kernels.linear)
+    checks = ("test_faketensor", "test_aot_dispatch_static")
+    if fmt != "fp8":  # test_schema multiplies the inputs, which CPU torch cannot do in fp8
+        checks += ("test_schema",)
+    torch.library.opcheck(op, (x, *weights), test_utils=checks)
+
+
+def test_compiles_with_fullgraph_and_no_graph_break():
+    x, (w, sz, group), ref = case("int4g32", 1, 128, 256, torch.bfloat16)
+    x8, (w8, s8), ref8 = case("int8", 1, 128, 256, torch.bfloat16)
+
+    def step(x, x8):  # a decode-step-like mix: two custom ops and pointwise work between them
+        return torch.nn.functional.silu(kernels.int4_linear(x, w, sz, group)) + kernels.int8_linear(x8, w8, s8)
+
+    explained = torch._dynamo.explain(step)(x, x8)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, x8), step(x, x8))
+
+
+def test_supported_routes_only_decode_sized_gpu_inputs():
+    x = torch.randn(1, 4096, device="cpu")
+    assert not kernels.supported(x, 4096, 4096)  # CPU: the stock path
+    assert not kernels.supported(torch.randn(1, 100), 128, 100)  # K not a multiple of 128
+    if DEVICE == "cuda":
+        assert kernels.supported(x.cuda().bfloat16(), 4096, 4096)
+        assert not kernels.supported(torch.randn(17, 4096, device="cuda"), 4096, 4096)  # prefill
+
+
+def test_tuned_table_overrides_the_heuristic(monkeypatch):
+    key = kernels.config_key("int8", 4096, 4096, 1)
+    tuned = kernels.Config(block_n=64, block_k=256, split_k=2, num_warps=8)
+    device = torch.device(DEVICE)
+    entry = json.loads(json.dumps(tuned.__dict__))  # as read back from kernel_configs.json
+    monkeypatch.setattr(kernels, "_TABLE", {kernels._device_name(device): {key: entry}})
+    assert kernels.get_config("int8", 4096, 4096, 1, device) == tuned
+    default = kernels.heuristic("int8", 4096, 11008, 1, kernels._sm_count(device))
+    assert kernels.get_config("int8", 4096, 11008, 1, device) == default
+    assert kernels.get_config("int8", 4096, 4096, 5, device).dot  # M > 1 always takes the tensor-core path
+
+
+def test_heuristic_tiles_every_shape():
+    for fmt in ["bfloat16", "int8", "fp8", "int4g32", "int4g128"]:
+        for n, k in [(128, 128), (384, 640), (12288, 4096), (4096, 11008), (128256, 4096), (4096, 14336)]:
+            for m in (1, 4, 16):
+                cfg = kernels.heuristic(fmt, n, k, m)
+                assert kernels.valid(cfg, fmt, n, k), (fmt, n, k, m, cfg)
+
+
+def test_bad_shapes_are_clear_errors():
+    x, (w, s), _ = case("int8", 1, 128, 256, torch.bfloat16)
+    with pytest.raises(AssertionError, match="multiples of 128"):
+        kernels.int8_linear(x[:, :200], w[:, :200].contiguous(), s)
+    with pytest.raises(AssertionError, match="features"):
+        kernels.int8_linear(torch.randn(1, 128, dtype=torch.bfloat16), w, s)
+
+
+GPU_COMPILE = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels
+
+def build(fn, sig, consts):
+    # pointers and the K-sized ints are 16-divisible, as the JIT would specialise them at a real launch
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(sig.items()) if t[0] == "*" or name != "M"}
+    src = ASTSource(fn=fn, signature={**sig, **{c: "constexpr" for c in consts}}, constexprs=consts, attrs=attrs)
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+
+ints = {"M": "i32", "N": "i32", "K": "i32", "k_len": "i32"}
+for w, int8, bm, atomic in [("*i8", True, 1, True), ("*fp8e4nv", False, 16, False)]:  # both paths, both stores
+    sig = {"x_ptr": "*bf16", "w_ptr": w, "s_ptr": "*bf16", "y_ptr": "*fp32" if atomic else "*bf16", **ints}
+    build(kernels._linear_kernel, sig, dict(HAS_SCALE=True, W_INT8=int8, ATOMIC=atomic, DOT_F32=False,
+                                            BLOCK_M=bm, BLOCK_N=32, BLOCK_K=256))
+for bm in (1, 16):
+    sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "sz_ptr": "*bf16", "y_ptr": "*bf16", **ints}
+    build(kernels._int4_kernel, sig, dict(GROUP=32, ATOMIC=False, DOT_F32=False, BLOCK_M=bm, BLOCK_N=32, BLOCK_K=512))
+print("ok")
+"""
+
+
+def test_kernels_compile_for_h100():
+    # The interpreter accepts code the GPU compiler may reject: compile every kernel variant for sm_90 with
+    # Triton's bundled ptxas (no GPU needed), in a process where TRITON_INTERPRET is off.
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    cmd = [sys.executable, "-c", GPU_COMPILE, str(ROOT)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
