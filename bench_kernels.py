@@ -152,38 +152,48 @@ def precompile(work: list[tuple[str, int, kernels.Config]], jobs: int) -> None:
     print(f"compiled {done} kernel variants in {len(chunks)} processes in {time.time() - t:.0f} s")
 
 
-def tune(cases: list[tuple[str, int, int, int]], jobs: int, rep_ms: int = 20) -> None:
-    """Time kernels.candidates(...) for each (fmt, N, K, M) with triton.testing.do_bench (which flushes L2
-    before each call, as streaming weights once per token does) and store the fastest in kernel_configs.json
-    under this GPU's name. Run once per GPU model; the kernels never tune at start-up."""
-    from triton.testing import do_bench
+def weight_copies(fmt: str, n: int, k: int, seed: int = 0) -> list[tuple]:
+    """Enough copies of one random weight to overflow the L2 cache when used in turn: each kernel call then
+    streams its weight from memory, as a decode step does (every weight is read once per token)."""
+    base = make_weights(fmt, n, k, "cuda", seed=seed)
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    extra = min(63, math.ceil(3 * l2 / nbytes(base)))
+    return [base] + [tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in base) for _ in range(extra)]
 
+
+def tune(cases: list[tuple[str, int, int, int]], jobs: int) -> None:
+    """Time kernels.candidates(...) for each (fmt, N, K, M) and store the fastest in kernel_configs.json under
+    this GPU's name. Each candidate is timed as the benchmark times it: replayed from a CUDA graph (no launch
+    overhead: a decode step is one graph) over weight copies that overflow L2. Run once per GPU model; the
+    kernels never tune at start-up."""
     device = torch.device("cuda", torch.cuda.current_device())
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     if jobs > 1:
         precompile([(f, m, c) for f, n, k, m in cases for c in kernels.candidates(f, n, k, m, sms)], jobs)
     best = {}
     for fmt, n, k, m in cases:
-        weights = make_weights(fmt, n, k, device)
+        copies = weight_copies(fmt, n, k)
         x = torch.randn(m, k, device=device, dtype=kernels.act_dtype(fmt))
-        ref = x.double() @ kernels.dequantize(fmt, *weights).double().T
+        ref = x.double() @ kernels.dequantize(fmt, *copies[0]).double().T
         timed = []
         for cfg in kernels.candidates(fmt, n, k, m, sms):
             try:
-                err = rel_err(kernels.run_with(fmt, x, weights, cfg), ref)
+                err = rel_err(kernels.run_with(fmt, x, copies[0], cfg), ref)
                 assert err < BOUND[x.dtype], f"relative error {err:.2e}"
-                run = lambda: kernels.run_with(fmt, x, weights, cfg)  # noqa: E731
-                timed.append((do_bench(run, warmup=5, rep=rep_ms, return_mode="median"), cfg))
+                calls = [lambda w=w, cfg=cfg: kernels.run_with(fmt, x, w, cfg) for w in copies]
+                timed.append((graph_time(calls, reps=5, rounds=2), cfg))
             except Exception as e:  # a config this GPU or Triton version cannot build: skip it, and say so
                 print(f"  skip {cfg}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}")
         key = kernels.config_key(fmt, n, k, m)
+        del copies
         if not timed:
             print(f"{key}: no candidate worked; the heuristic stays")
             continue
-        ms, best[key] = min(timed, key=lambda t: t[0])
+        t, best[key] = min(timed, key=lambda t: t[0])
         default = kernels.heuristic(fmt, n, k, m, sms)
-        ms_default = next((t for t, c in timed if c == default), float("nan"))
-        print(f"{key:28s} {ms * 1e3:7.1f} us  (heuristic {ms_default * 1e3:7.1f} us)  {best[key]}")
+        t_default = next((t for t, c in timed if c == default), float("nan"))
+        size = nbytes(make_weights(fmt, n, k, device))
+        print(f"{key:28s} {t * 1e6:7.1f} us {size / t / 1e9:6.0f} GB/s (heuristic {t_default * 1e6:7.1f} us)  {best[key]}")
     kernels.store_configs(best, device)
 
 
@@ -264,17 +274,14 @@ def bench(formats: list[str], shape_sets: list[str], ms: list[int]) -> None:
           f"copy {copy:.0f} GB/s (read + write)")  # fmt: skip
     print(json.dumps({"prim": "copy", "gbps": round(copy, 1), "device": props.name, "torch": torch.__version__,
                       "triton": kernels.triton.__version__}))  # fmt: skip
-    l2 = getattr(props, "L2_cache_size", 50 << 20)
     header = ("shape", "M", "format", "ours us", "GB/s", "%copy", "stock us", "GB/s")
     print("{:12s} {:>3s} {:9s} {:>8s} {:>6s} {:>6s} {:>9s} {:>6s}".format(*header))
     for set_name in shape_sets:
         totals = {}  # (fmt, m, who) -> [bytes, seconds] over the layer matmuls
         for name, n, k in SHAPES[set_name]:
             for fmt in formats:
-                base = make_weights(fmt, n, k, "cuda", seed=0)
-                size = nbytes(base)
-                copies = [base] + [tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in base)
-                                   for _ in range(min(63, math.ceil(3 * l2 / size)))]  # fmt: skip
+                copies = weight_copies(fmt, n, k)
+                size = nbytes(copies[0])
                 for m in ms:
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                     ours = graph_time([lambda w=w: kernels.call(fmt, x, *w) for w in copies])
@@ -293,7 +300,7 @@ def bench(formats: list[str], shape_sets: list[str], ms: list[int]) -> None:
                             acc = totals.setdefault((fmt, m, who), [0, 0.0])
                             acc[0] += size
                             acc[1] += t
-                del copies, base
+                del copies
                 torch.cuda.empty_cache()
         for (fmt, m, who), (size, t) in sorted(totals.items()):
             cap = 1 / (N_LAYERS[set_name] * t)
@@ -312,7 +319,7 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", default=FORMATS, help=f"default: {' '.join(FORMATS)}")
     parser.add_argument("--shapes", nargs="+", default=["7b"], choices=sorted(SHAPES))
     parser.add_argument("--m", nargs="+", type=int, default=[1, 4, 16], help="rows of x to benchmark")
-    parser.add_argument("--tune_m", nargs="+", type=int, default=[1, 16], help="rows of x to tune for")
+    parser.add_argument("--tune_m", nargs="+", type=int, default=[1, 4, 16], help="rows of x to tune for")
     parser.add_argument("--trials", type=int, default=8, help="random shapes per format in --check")
     parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1), help="compile processes (--tune)")
     args = parser.parse_args()

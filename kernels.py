@@ -18,8 +18,8 @@ When to call them: `supported(x, n, k)`: a CUDA tensor with at most MAX_M rows (
 verification); anything else (prefill, CPU) should take the stock path (F.linear, tinygemm, _scaled_mm).
 The kernels are correct for any M, just not faster than cuBLAS for large M. fp8 needs sm_89+ (`fp8_ok`).
 
-Each op is a torch.library custom op (triton_op on the GPU) with a fake implementation, so
-torch.compile(fullgraph=True, mode="reduce-overhead") captures it in the CUDA graph without a graph break.
+Each op is a torch.library custom op with a fake implementation, so torch.compile(fullgraph=True,
+mode="reduce-overhead") captures it in the CUDA graph without a graph break.
 Block sizes come from kernel_configs.json (written once per GPU model by `python bench_kernels.py --tune`),
 else from a heuristic; nothing is tuned at start-up. Without a GPU the same kernels run in Triton's
 interpreter (numpy): slow, but it lets CPU CI test them on small shapes.
@@ -130,11 +130,12 @@ def _nibble_pair(q, p: tl.constexpr):
 
 @triton.jit
 def _int4_kernel(
-    x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, k_len,
+    x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, k_len, KW, KW_LEN,
     GROUP: tl.constexpr, ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    # x: [M, K]; w: [N, K/8] int32 from pack_int4; sz: [N, K/GROUP, 2] (scale, zero)
+    # x: [M, K]; w: [N, K/8] int32 from pack_int4; sz: [N, K/GROUP, 2] (scale, zero); KW = K / 8 and
+    # KW_LEN = k_len / 8 are passed as arguments so Triton sees they are multiples of 16 (16-byte word loads)
     # W[n, k] = (q[n, k] - 8) * scale + zero. Within a group, word j's nibble i holds q[i * GROUP/8 + j], so
     # every nibble position meets a contiguous slice of x. _nibble_pair gives f = 1 + q/16 for odd i and
     # 1 + q/256 for even i, so W = 16 * scale * f + (zero - 24 * scale), or 256 * scale * f + (zero - 264 * scale).
@@ -145,9 +146,7 @@ def _int4_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rg, rw = tl.arange(0, G), tl.arange(0, WG)
     k0 = pid_k * k_len
-    # K and k_len are multiples of 128 (checked by the caller): tell Triton, so word loads are 16 bytes wide
-    row_words, k0_words = tl.multiple_of(K // 8, 16), tl.multiple_of(k0 // 8, 16)
-    w_ptrs = w_ptr + rn[:, None, None].to(tl.int64) * row_words + k0_words + rg[None, :, None] * WG + rw[None, None, :]
+    w_ptrs = w_ptr + rn[:, None, None].to(tl.int64) * KW + pid_k * KW_LEN + rg[None, :, None] * WG + rw[None, None, :]
     # (scale, zero) pairs as [BLOCK_N, G, 2]: one load serves both
     sz_ptrs = sz_ptr + rn[:, None, None].to(tl.int64) * (K // GROUP * 2) + (k0 // GROUP + rg[None, :, None]) * 2
     sz_ptrs += tl.arange(0, 2)[None, None, :]
@@ -336,7 +335,9 @@ def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | N
     y = torch.zeros(m, n, device=x.device, dtype=torch.float32) if atomic else x.new_empty(m, n)
     grid = (n // cfg.block_n, cfg.split_k, triton.cdiv(m, block_m))
     k_len = triton.cdiv(k // cfg.block_k, cfg.split_k) * cfg.block_k  # inputs per split, whole tiles
-    torch.library.wrap_triton(kernel)[grid](
+    if kernel is _int4_kernel:
+        constexprs.update(KW=k // 8, KW_LEN=k_len // 8)  # plain ints, not constexprs (see the kernel)
+    kernel[grid](
         x2, *weights, y, m, n, k, k_len, ATOMIC=atomic,
         DOT_F32=x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
@@ -353,12 +354,12 @@ def _check(x: Tensor, w: Tensor, k: int) -> None:
 
 
 def _op(name: str, fake):
-    """Register fn as the custom op fastgen::name. On the GPU it is a triton_op: inductor sees the kernel
-    launch itself. Interpreted kernels (CPU) cannot be traced, so there it is an opaque custom op."""
+    """Register fn as the custom op fastgen::name with its fake (shape-only) implementation. An opaque op
+    rather than a triton_op: inductor then leaves the launch code alone, so symbolic shapes (a dynamically
+    compiled prefill, a verify step) never reach it, and CUDA graphs capture the kernel all the same."""
 
     def register(fn):
-        make = torch.library.custom_op if INTERPRET else torch.library.triton_op
-        op = make(f"fastgen::{name}", fn, mutates_args=())
+        op = torch.library.custom_op(f"fastgen::{name}", fn, mutates_args=())
         op.register_fake(fake)
         return op
 

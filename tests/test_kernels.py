@@ -172,7 +172,7 @@ for w, int8, bm, atomic in [("*i8", True, 1, True), ("*fp8e4nv", False, 16, Fals
     build(kernels._linear_kernel, sig, dict(HAS_SCALE=True, W_INT8=int8, ATOMIC=atomic, DOT_F32=False,
                                             BLOCK_M=bm, BLOCK_N=32, BLOCK_K=256))
 for bm in (1, 16):
-    sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "sz_ptr": "*bf16", "y_ptr": "*bf16", **ints}
+    sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "sz_ptr": "*bf16", "y_ptr": "*bf16", **ints, "KW": "i32", "KW_LEN": "i32"}
     build(kernels._int4_kernel, sig, dict(GROUP=32, ATOMIC=False, DOT_F32=False, BLOCK_M=bm, BLOCK_N=32, BLOCK_K=512))
 print("ok")
 """
