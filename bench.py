@@ -1,6 +1,7 @@
 """Decode-speed benchmark on random weights of a named shape (../shared/BENCHMARKS.md workload).
 
-    python bench.py --shape 7B --mode bf16 int8 int4 --runs 3
+    python bench.py --shape 7B --mode bf16 int8 int4 fp8 --runs 3
+    python bench.py --shape 7B --mode int4-g128 --kernels triton stock   # kernels.py vs torch's own kernels
 
 Prints one JSON line per configuration: median tok/s over --runs after a first (compiling) call,
 achieved GB/s (non-embedding weight bytes x tok/s), % of the floor set by the copy bandwidth measured in
@@ -8,6 +9,7 @@ the same process, first-call time, peak memory, device and versions.
 """
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -43,11 +45,9 @@ def random_model(shape: str, device, dtype) -> Transformer:
 
 
 def apply_mode(model: Transformer, mode: str) -> Transformer:
-    if mode == "bf16":
-        return model
-    import quantize
+    import quantize  # also for bf16: prepare_for_device picks each linear's kernel, as generate.load_model does
 
-    return quantize.quantize_model(model, mode)
+    return quantize.prepare_for_device(model) if mode == "bf16" else quantize.quantize_model(model, mode)
 
 
 def copy_bandwidth(device) -> float:
@@ -67,8 +67,10 @@ def copy_bandwidth(device) -> float:
     return 2 * n * 2 / statistics.median(times) / 1e9
 
 
-def run(args, mode: str, copy_gbs: float) -> dict:
+def run(args, mode: str, copy_gbs: float, kernels: str) -> dict:
     device = args.device
+    os.environ["FASTGEN_KERNELS"] = kernels  # read by quantize.use_triton when the modules are prepared
+    torch._dynamo.reset()
     torch.manual_seed(0)
     model = apply_mode(random_model(args.shape, device, torch.bfloat16 if device != "cpu" else torch.float32), mode)
     prompt = torch.randint(0, model.config.vocab_size, (args.prompt_length,)).tolist()
@@ -90,7 +92,7 @@ def run(args, mode: str, copy_gbs: float) -> dict:
     gbs = nbytes * tok_s / 1e9
     peak = torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else None
     return {
-        "shape": args.shape, "mode": mode, "compile": args.compile, "tok_s": round(tok_s, 2),
+        "shape": args.shape, "mode": mode, "kernels": kernels, "compile": args.compile, "tok_s": round(tok_s, 2),
         "runs_tok_s": [round(s, 2) for s in speeds], "weight_gb": round(nbytes / 1e9, 3), "gb_s": round(gbs, 1),
         "copy_gb_s": round(copy_gbs, 1), "pct_of_floor": round(100 * gbs / copy_gbs, 1),
         "first_call_s": round(first_call, 1), "peak_mem_gb": peak and round(peak, 2), **versions(),
@@ -119,12 +121,15 @@ def main(argv=None) -> None:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--no_compile", dest="compile", action="store_false")
     p.add_argument("--compile_prefill", action="store_true")
+    p.add_argument("--kernels", nargs="+", default=["triton"], choices=["triton", "stock"],
+                   help="triton: kernels.py for decode matmuls (the default); stock: torch's own (cuBLAS, tinygemm)")
     p.add_argument("--device", default=gen.default_device())
     args = p.parse_args(argv)
     gen.setup_compile(args.compile, args.compile_prefill)
     copy_gbs = copy_bandwidth(args.device)
     for mode in args.mode:
-        print(json.dumps(run(args, mode, copy_gbs)), flush=True)
+        for kernels in args.kernels:
+            print(json.dumps(run(args, mode, copy_gbs, kernels)), flush=True)
 
 
 if __name__ == "__main__":

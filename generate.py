@@ -211,10 +211,10 @@ def load_model(checkpoint_path: Path, device, precision: torch.dtype) -> Transfo
     if tp.world_size() > 1:  # under torchrun: keep this rank's slices before copying to the device
         tp.apply_tp(model)
     model = model.to(device=device, dtype=precision).eval()
-    if quant is not None:  # int4 weights are stored portably; rearrange them for this device's kernel
-        from quantize import pack_for_device
+    if quant is not None or model.tok_embeddings.weight.is_cuda:  # each linear's kernel for this device
+        from quantize import prepare_for_device
 
-        pack_for_device(model)
+        prepare_for_device(model)
     return model
 
 
@@ -466,3 +466,6 @@ if __name__ == "__main__":
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception:
+        sys.stderr = sys.__stderr__  # a crash on any rank shows (other ranks' output is silenced under torchrun)
+        raise

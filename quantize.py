@@ -4,15 +4,22 @@
     python quantize.py --checkpoint_path DIR/model.pth --mode int4 --groupsize 32   # -> DIR/model_int4.g32.pth
     python quantize.py --checkpoint_path DIR/model.pth --mode int4-gptq --groupsize 64 \
         --calibration_file data/botchan.txt                                         # -> DIR/model_int4-gptq.g64.pth
+    python quantize.py --checkpoint_path DIR/model.pth --mode fp8                   # -> DIR/model_fp8.pth
     python quantize.py --self_check cuda          # packed kernels vs the dequantized reference on a device
 
 What is quantized: every nn.Linear of the transformer blocks (wqkv, wo, w13, w2) and the output projection
 when it has its own weight. The embedding stays in high precision, so a tied output (SmolLM2, Llama 3.2)
 stays unquantized too. The scheme is saved in the checkpoint as the entry "_quantization" and read back by
 prepare_quantized(); file names are only a convention. model.py never sees any of this.
+
+Kernels: on a GPU, decode-sized matmuls (at most kernels.MAX_M rows) of every format, bf16 included, go to
+the Triton ops of kernels.py; larger inputs (prefill) take the stock path (cuBLAS on the dequantized or
+upcast weight, or tinygemm for int4 layers the Triton kernel cannot tile). prepare_for_device() makes that
+choice once per module after loading; FASTGEN_KERNELS=stock turns the Triton ops off (for comparisons).
 """
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -26,7 +33,7 @@ import generate as gen
 from model import KVCache, Transformer, rope_cos_sin
 
 FORMAT_VERSION = 1
-MODES = ("int8", "int4", "int4-gptq")
+MODES = ("int8", "int4", "int4-gptq", "fp8")
 GROUP_SIZES = (32, 64, 128, 256)  # what the packed int4 kernels support
 
 
@@ -48,15 +55,73 @@ class WeightOnlyInt8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.triton = False  # set by prepare_for_device: decode-sized inputs go to kernels.int8_linear
 
     def dequantized_weight(self) -> Tensor:
         return self.weight.float() * self.scales.float()[:, None]  # the reference: [out, in] float32
 
     def forward(self, x: Tensor) -> Tensor:
-        # the scale is per output channel, so it can multiply after the matmul; for one token inductor fuses
-        # the int8 -> x.dtype cast into the matmul and reads one byte per weight
-        y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        if self.triton and kernels.supported(x, self.out_features, self.in_features):
+            y = kernels.int8_linear(x, self.weight, self.scales)
+        else:  # the scale is per output channel, so it multiplies after the matmul
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         return y if self.bias is None else y + self.bias
+
+
+# ----------------------------------------------------------------------------- fp8 (e4m3), per output channel
+
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def fp8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
+    # w: [n, k] -> q float8_e4m3fn [n, k], scales bf16 [n]; w ~= q * scale, each row's max maps to 448
+    w = w.float()
+    scales = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12).to(torch.bfloat16)
+    q = (w / scales.float()[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scales
+
+
+class WeightOnlyFp8Linear(WeightOnlyInt8Linear):
+    """The int8 module with e4m3 weights (3 mantissa bits and a per-element exponent instead of a uniform grid).
+    The weight is held as its uint8 bit pattern: Module.to(dtype) converts every floating-point tensor,
+    float8 included, and would silently upcast it; the view back to float8 is free."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.weight = torch.empty(out_features, in_features, dtype=torch.uint8, device=device)
+
+    @classmethod
+    def from_quantized(cls, q: Tensor, scales: Tensor, bias: Tensor | None) -> "WeightOnlyFp8Linear":
+        module = cls(q.shape[1], q.shape[0], bias is not None, device=q.device)
+        module.weight, module.scales = q.view(torch.uint8), scales
+        if bias is not None:
+            module.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return module
+
+    def dequantized_weight(self) -> Tensor:
+        return self.weight.view(torch.float8_e4m3fn).float() * self.scales.float()[:, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight.view(torch.float8_e4m3fn)  # [out, in]
+        if self.triton and kernels.supported(x, self.out_features, self.in_features):
+            y = kernels.fp8_linear(x, w, self.scales)
+        else:
+            y = F.linear(x, w.to(x.dtype)) * self.scales.to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+# ----------------------------------------------------------------------------- plain weights on the GPU
+
+
+class TritonLinear(nn.Linear):
+    """nn.Linear whose decode-sized matmuls use kernels.linear (faster than cuBLAS at M <= 16 on H100);
+    swapped in by prepare_for_device for unquantized layers. Same parameters, same state dict."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if kernels.supported(x, self.out_features, self.in_features) and x.dtype == self.weight.dtype:
+            y = kernels.linear(x, self.weight)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
 
 
 # ----------------------------------------------------------------------------- int4, asymmetric groups
@@ -144,15 +209,20 @@ class WeightOnlyInt4Linear(nn.Module):
     def pack(self, dtype: torch.dtype | None = None, kernel: str | None = None) -> None:
         """Rearrange the weight for the fast kernel of the device it now lives on (call after the last .to()).
         dtype: that of the activations, if known (the CPU kernel wants scales of the same dtype).
-        kernel: "cuda" | "cpu" | "reference" to force a choice (tests); default: what suits the device."""
+        kernel: "triton" | "cuda" | "cpu" | "reference" to force a choice (tests); default: what suits the device."""
         if self.kernel != "reference":
             return
         self.padded_in = self.weight.shape[1] * 2  # tp.py may have sliced the input features
         if self.padded_in != math.ceil(self.in_features / self.groupsize) * self.groupsize:
             raise ValueError(f"int4 weight holds {self.padded_in} input features for {self.in_features}: "
                              "a zero-padded (--pad) layer cannot be split across ranks")  # fmt: skip
-        kernel = kernel or default_int4_kernel(self.weight.device, self.out_features)
-        # both kernels (tinygemm's layout) read scales and zeros as [in / groupsize, out, 2]
+        kernel = kernel or default_int4_kernel(self.weight.device, self.out_features, self.padded_in)
+        if kernel == "triton":  # kernels.py's layout: int32 [out, in / 8] and scales_and_zeros as saved
+            load_kernels()
+            self.weight = kernels.pack_int4(unpack_nibbles(self.weight), self.groupsize)
+            self.kernel = kernel
+            return
+        # both torch kernels (tinygemm's layout) read scales and zeros as [in / groupsize, out, 2]
         sz = self.scales_and_zeros.transpose(0, 1).contiguous()
         if kernel == "cuda":
             inner_k_tiles = next(t for t in (8, 4, 2) if self.padded_in % (16 * t) == 0)
@@ -168,7 +238,13 @@ class WeightOnlyInt4Linear(nn.Module):
         # x: [..., in_features] -> [..., out_features]
         if self.padded_in != self.in_features:
             x = F.pad(x, (0, self.padded_in - self.in_features))
-        if self.kernel == "cuda":  # tinygemm: bf16 activations, [M, K] contiguous
+        if self.kernel == "triton":  # decode: the Triton kernel; prefill: cuBLAS on the dequantized weight
+            if kernels.supported(x, self.out_features, self.padded_in):
+                y = kernels.int4_linear(x, self.weight, self.scales_and_zeros, self.groupsize)
+            else:
+                w = kernels.dequantize_int4(self.weight, self.scales_and_zeros, self.groupsize)
+                y = F.linear(x, w.to(x.dtype))
+        elif self.kernel == "cuda":  # tinygemm: bf16 activations, [M, K] contiguous
             x2 = x.reshape(-1, self.padded_in).to(torch.bfloat16).contiguous()
             y = torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.groupsize, self.scales_and_zeros)
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -183,7 +259,12 @@ class WeightOnlyInt4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def default_int4_kernel(device: torch.device, out_features: int) -> str:
+def default_int4_kernel(device: torch.device, out_features: int, in_features: int) -> str:
+    # On the H100 tinygemm streams int4 weights faster than kernels.int4_linear for one row (bench_kernels.py:
+    # 1626 vs 1475 GB/s per 7B layer at group 32), so the Triton kernel is opt-in: FASTGEN_INT4_KERNEL=triton
+    triton = os.environ.get("FASTGEN_INT4_KERNEL") == "triton" and use_triton(device)
+    if triton and out_features % 128 == 0 and in_features % 128 == 0:
+        return "triton"
     if device.type == "cuda" and out_features % 8 == 0:  # tinygemm tiles n by 8
         return "cuda"
     # torch's CPU int4 kernel is written for AVX-512: on an AVX2 machine (torch 2.13) it was 2x faster than
@@ -198,13 +279,13 @@ def default_int4_kernel(device: torch.device, out_features: int) -> str:
 
 
 def parse_mode(mode: str, groupsize: int | None = None) -> tuple[str, int | None]:
-    """'int8' | 'int4' | 'int4-g128' | 'int4-gptq' (+ groupsize) -> (mode, groupsize); bench.py uses the -gN names."""
+    """'int8' | 'fp8' | 'int4' | 'int4-g128' | 'int4-gptq' (+ groupsize) -> (mode, groupsize); bench.py uses -gN names."""
     base, _, suffix = mode.partition("-g")
     if base == "int4" and suffix.isdigit():
         mode, groupsize = "int4", int(suffix)
     if mode not in MODES:
         raise ValueError(f"unknown quantization mode {mode!r}; supported: {', '.join(MODES)} (and int4-gN for bench)")
-    if mode == "int8":
+    if mode in ("int8", "fp8"):
         return mode, None
     groupsize = groupsize or 32
     if groupsize not in GROUP_SIZES:
@@ -240,23 +321,57 @@ def prepare_quantized(model: Transformer, meta: dict) -> None:
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"unsupported quantization metadata {meta!r}; this quantize.py writes format {FORMAT_VERSION}")
     mode, groupsize = meta.get("mode"), meta.get("groupsize")
-    if mode not in ("int8", "int4"):
-        raise ValueError(f"checkpoint says quantization mode {mode!r}; supported: int8, int4")
+    if mode not in ("int8", "int4", "fp8"):
+        raise ValueError(f"checkpoint says quantization mode {mode!r}; supported: int8, int4, fp8")
     for name, lin in quantizable(model):
         with torch.device(lin.weight.device):
-            if mode == "int8":
-                new = WeightOnlyInt8Linear(lin.in_features, lin.out_features, lin.bias is not None)
+            if mode in ("int8", "fp8"):
+                cls = WeightOnlyInt8Linear if mode == "int8" else WeightOnlyFp8Linear
+                new = cls(lin.in_features, lin.out_features, lin.bias is not None)
             else:
                 new = WeightOnlyInt4Linear(lin.in_features, lin.out_features, lin.bias is not None, groupsize)
         set_module(model, name, new)
 
 
-def pack_for_device(model: nn.Module, kernel: str | None = None) -> nn.Module:
-    """Give every int4 module the layout of its device's kernel. Call after the model's final .to()."""
+kernels = None  # kernels.py, imported by load_kernels() once a module wants it (it needs triton)
+
+
+def load_kernels() -> None:
+    global kernels
+    if kernels is None:
+        import kernels as k
+
+        kernels = k
+
+
+def use_triton(device: torch.device) -> bool:
+    """Whether modules on `device` call the Triton kernels: on CUDA, unless FASTGEN_KERNELS=stock."""
+    if torch.device(device).type != "cuda" or os.environ.get("FASTGEN_KERNELS", "triton") == "stock":
+        return False
+    load_kernels()
+    return True
+
+
+def prepare_for_device(model: nn.Module, kernel: str | None = None) -> nn.Module:
+    """Choose each linear module's kernel for the device it now lives on. Call after the model's final .to().
+    int4 modules get the layout of their kernel; on a GPU the int8 and fp8 modules and the unquantized linears
+    (swapped for TritonLinear) call the Triton ops for decode-sized inputs. kernel: force a choice (tests):
+    "triton" (the Triton path wherever kernels.supported() says so), or "cuda" / "cpu" / "reference" for int4."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)  # the compute dtype
     for m in model.modules():
+        if not isinstance(m, (nn.Linear, WeightOnlyInt8Linear, WeightOnlyInt4Linear)):
+            continue
+        triton = kernel == "triton" if kernel else use_triton(m.weight.device)
+        if triton:
+            load_kernels()
         if isinstance(m, WeightOnlyInt4Linear):
             m.pack(dtype, kernel)
+        elif isinstance(m, WeightOnlyFp8Linear):
+            m.triton = triton and (kernel == "triton" or kernels.fp8_ok(m.weight.device))
+        elif isinstance(m, WeightOnlyInt8Linear):
+            m.triton = triton
+        elif type(m) is nn.Linear and triton:
+            m.__class__ = TritonLinear  # same parameters and state dict: only forward changes
     return model
 
 
@@ -265,6 +380,9 @@ def quantize_linear(lin: nn.Linear, mode: str, groupsize: int | None = None, dev
     """Round to nearest: a quantized copy of `lin` (portable layout), computed on `device`, kept on lin's device."""
     home = lin.weight.device
     w = lin.weight.detach().to(device or home)
+    if mode == "fp8":
+        q, scales = fp8_quantize(w)
+        return WeightOnlyFp8Linear.from_quantized(q.to(home), scales.to(home), lin.bias)
     if mode == "int8":
         q, scales = int8_quantize(w)
         new = WeightOnlyInt8Linear(lin.in_features, lin.out_features, lin.bias is not None, device=home)
@@ -279,7 +397,7 @@ def quantize_linear(lin: nn.Linear, mode: str, groupsize: int | None = None, dev
 @torch.no_grad()
 def quantize_model(model: Transformer, mode: str, groupsize: int | None = None, pad: bool = False, device=None,
                    pack: bool = True, progress: bool = False) -> Transformer:  # fmt: skip
-    """Round-to-nearest int8 or int4 in place ('int4-g128' names work too). Each weight is quantized on
+    """Round-to-nearest int8, fp8 or int4 in place ('int4-g128' names work too). Each weight is quantized on
     `device` (default: where it is). pack=False keeps the portable layout, to save it."""
     mode, groupsize = parse_mode(mode, groupsize)
     if mode == "int4-gptq":
@@ -288,7 +406,7 @@ def quantize_model(model: Transformer, mode: str, groupsize: int | None = None, 
         check_groupsize(model, groupsize, pad)
     for name, lin in tqdm(quantizable(model), desc=f"quantizing {mode}", unit="layer", disable=not progress):
         set_module(model, name, quantize_linear(lin, mode, groupsize, device))
-    return pack_for_device(model) if pack else model
+    return prepare_for_device(model) if pack else model
 
 
 # ----------------------------------------------------------------------------- GPTQ
@@ -384,7 +502,7 @@ def gptq_quantize_model(model: Transformer, tokens: Tensor, groupsize: int, pad:
     """GPTQ int4 in place, one block at a time: only the current block and the calibration activations
     [samples, seq_length, dim] live on `device`, so a 7B model fits one GPU. The inputs of block i come from
     blocks 0..i-1 already quantized, so each block also corrects the error of those before it.
-    tokens: [samples, seq_length]. Leaves the portable layout (call pack_for_device to run fast)."""
+    tokens: [samples, seq_length]. Leaves the portable layout (call prepare_for_device to run fast)."""
     check_groupsize(model, groupsize, pad)
     home = model.tok_embeddings.weight.device
     device = torch.device(device or home)
@@ -440,7 +558,7 @@ def gptq_linear(lin: nn.Linear, H: Tensor, groupsize: int, act_order: bool, damp
 
 
 def output_name(mode: str, groupsize: int | None) -> str:
-    return "model_int8.pth" if mode == "int8" else f"model_{mode}.g{groupsize}.pth"  # gpt-fast's names
+    return f"model_{mode}.pth" if groupsize is None else f"model_{mode}.g{groupsize}.pth"  # gpt-fast's names
 
 
 def quantize_checkpoint(checkpoint_path: Path, mode: str, groupsize: int | None = None, pad: bool = False,
@@ -463,7 +581,7 @@ def quantize_checkpoint(checkpoint_path: Path, mode: str, groupsize: int | None 
     dtype = next(v.dtype for v in state_dict.values() if isinstance(v, Tensor) and v.is_floating_point())
     del state_dict
     model = gen.load_model(checkpoint_path, "cpu", dtype)  # mmap: weights are read as they are quantized
-    meta = {"format_version": FORMAT_VERSION, "mode": "int8" if mode == "int8" else "int4"}
+    meta = {"format_version": FORMAT_VERSION, "mode": "int4" if mode.startswith("int4") else mode}
     if mode == "int4-gptq":
         from tokenizer import load_tokenizer
 
@@ -490,26 +608,35 @@ def quantize_checkpoint(checkpoint_path: Path, mode: str, groupsize: int | None 
 @torch.no_grad()
 def self_check(device: str, shapes: list[tuple[int, int]] | None = None, compile: bool = True,
                kernel: str | None = None) -> bool:  # fmt: skip
-    """Quantized modules on `device` (packed kernels where the device has one) against the dequantized
-    reference in float64, eager and compiled, and the saved (portable) layout loaded onto the CPU.
-    Prints one line per case; returns whether all are within bounds."""
+    """Every linear module on `device` (with its device's kernels: Triton on a GPU) against the dequantized
+    reference in float64, eager and compiled, for decode (1, 7 rows) and prefill (40 rows) inputs, and the
+    saved (portable) layout loaded onto the CPU. Prints one line per case; returns whether all are in bounds."""
     torch.manual_seed(0)
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4  # of max |reference|; bf16 rounds outputs to 2^-8
     shapes = shapes or [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 576), (200, 576)]  # (out, in); 200 % 8 != 0
+    fp8 = torch.device(device).type == "cpu" or (use_triton(device) and kernels.fp8_ok(torch.device(device)))
     ok = True
     for out_f, in_f in shapes:
-        for mode, g in [("int8", None)] + [("int4", g) for g in GROUP_SIZES if in_f % g == 0]:
-            m = quantize_linear(nn.Linear(in_f, out_f, bias=True, device=device, dtype=dtype), mode, g)
-            ref_w, ref_b = m.dequantized_weight().double(), m.bias.double()
+        int4_kernels = [kernel] if kernel else ["cuda", "triton"] if dtype == torch.bfloat16 else [None]
+        modes = [("plain", None, kernel), ("int8", None, kernel)] + [("fp8", None, kernel)] * fp8
+        for mode, g, kernel in modes + [("int4", g, k) for g in GROUP_SIZES if in_f % g == 0 for k in int4_kernels]:
+            if kernel == "triton" and (out_f % 128 or in_f % 128):
+                continue
+            lin = nn.Linear(in_f, out_f, bias=True, device=device, dtype=dtype)
+            m = lin if mode == "plain" else quantize_linear(lin, mode, g)
+            ref_w = (m.weight if mode == "plain" else m.dequantized_weight()).double()
+            ref_b = m.bias.double()
             portable = {k: v.cpu() for k, v in m.state_dict().items()}
-            on_cpu = type(m)(in_f, out_f, True, *([g] if g else []))
+            on_cpu = nn.Linear(in_f, out_f) if mode == "plain" else type(m)(in_f, out_f, True, *([g] if g else []))
             on_cpu.load_state_dict(portable)
-            pack_for_device(m, kernel), pack_for_device(on_cpu, kernel if kernel != "cuda" else None)
+            if mode != "plain" or dtype != torch.float32:  # fp32 plain weights: nothing to check
+                prepare_for_device(m, kernel), prepare_for_device(on_cpu, kernel if kernel not in ("cuda", "triton") else None)
             if compile:
                 torch._dynamo.reset()
             compiled = torch.compile(m, fullgraph=True) if compile else None
-            for rows in (1, 7):
+            label = getattr(m, "kernel", None) or ("triton" if getattr(m, "triton", type(m) is TritonLinear) else "stock")
+            for rows in (1, 7, 40):
                 x = torch.randn(rows, in_f, device=device, dtype=dtype)
                 ref = x.double() @ ref_w.t() + ref_b
                 scale = ref.abs().max().item()
@@ -519,9 +646,9 @@ def self_check(device: str, shapes: list[tuple[int, int]] | None = None, compile
                 errs["cpu-after-load"] = (on_cpu(x.cpu().float()).double() - ref.cpu()).abs().max().item() / scale
                 good = all(e < tol for e in errs.values())
                 ok &= good
-                print(f"{'ok  ' if good else 'FAIL'} {mode} g{g or '-':<4} {out_f:>5}x{in_f:<5} M={rows} {dtype} "
-                      f"kernel={getattr(m, 'kernel', 'int8'):9} rel err "
-                      + " ".join(f"{k} {v:.1e}" for k, v in errs.items()) + f" (bound {tol:.0e})")  # fmt: skip
+                print(f"{'ok  ' if good else 'FAIL'} {mode:5} g{g or '-':<4} {out_f:>5}x{in_f:<5} M={rows:<2} {dtype} "
+                      f"kernel={label:9} rel err " + " ".join(f"{k} {v:.1e}" for k, v in errs.items())
+                      + f" (bound {tol:.0e})")  # fmt: skip
     return ok
 
 

@@ -23,7 +23,7 @@ def tiny(tmp_path_factory):
 def dequantized_copy(model: nn.Module) -> nn.Module:
     """The reference model: every quantized linear replaced by an nn.Linear holding its dequantized weight."""
     for name, m in list(model.named_modules()):
-        if isinstance(m, (Q.WeightOnlyInt8Linear, Q.WeightOnlyInt4Linear)):
+        if isinstance(m, (Q.WeightOnlyInt8Linear, Q.WeightOnlyInt4Linear)):  # fp8 is an int8 subclass
             lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
             lin.weight.data = m.dequantized_weight()[:, : m.in_features].contiguous()
             if m.bias is not None:
@@ -45,6 +45,16 @@ def test_int8_error_is_at_most_half_a_step():
     assert q.dtype == torch.int8 and scales.shape == (64,)
     step = scales.float()[:, None]
     assert ((w - q.float() * step).abs() <= step / 2 * (1 + 1e-6)).all()
+
+
+def test_fp8_error_is_within_e4m3_rounding():
+    w = torch.randn(64, 256) * torch.logspace(-3, 0, 64)[:, None]
+    q, scales = Q.fp8_quantize(w)
+    assert q.dtype == torch.float8_e4m3fn and scales.shape == (64,)
+    assert (q.float().abs().amax(dim=1) <= 448).all()
+    # 3 mantissa bits: half an ulp is 2^-4 of the value; below 2^-6 (subnormals) a fixed step of 2^-9
+    s = scales.float()[:, None]
+    assert ((w - q.float() * s).abs() <= w.abs() * 2**-4 + s * 2**-10 + 1e-9).all()
 
 
 @pytest.mark.parametrize("groupsize", Q.GROUP_SIZES)
@@ -95,6 +105,37 @@ def test_int8_linear_matches_dequantized_reference():
     assert ((m.dequantized_weight() - lin.weight).abs() <= m.scales.float()[:, None] / 2 + 1e-7).all()
 
 
+def test_fp8_weight_survives_a_dtype_change():
+    # Module.to(dtype) converts float8 tensors too: the module keeps the e4m3 bits as uint8
+    m = Q.quantize_linear(nn.Linear(128, 32), "fp8")
+    before = m.dequantized_weight()
+    m.to(torch.bfloat16)
+    assert m.weight.dtype == torch.uint8 and torch.equal(m.dequantized_weight(), before)
+
+
+@pytest.mark.parametrize("mode", ["plain", "int8", "fp8", "int4-g32", "int4-g128"])
+@pytest.mark.parametrize("rows", [1, 3, 40])  # decode (one row; several, as in a verify step) and prefill
+def test_triton_path_of_each_module_matches_its_reference(mode, rows, monkeypatch):
+    # On a GPU prepare_for_device() sends decode-sized inputs to kernels.py; here the same modules run
+    # the same kernels in Triton's interpreter (kernels.supported() is widened to CPU tensors)
+    import kernels
+
+    monkeypatch.setattr(kernels, "supported", lambda x, n, k: x.numel() // k <= kernels.MAX_M)
+    lin = nn.Linear(256, 128, bias=True)
+    m = lin if mode == "plain" else Q.quantize_linear(lin, *Q.parse_mode(mode))
+    ref_w = (m.weight if mode == "plain" else m.dequantized_weight()).detach().double()
+    Q.prepare_for_device(m, "triton")
+    assert type(m) is Q.TritonLinear if mode == "plain" else getattr(m, "kernel", None) == "triton" or m.triton
+    calls = []
+    for name in ("linear", "int8_linear", "fp8_linear", "int4_linear"):
+        op = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _op=op: calls.append(1) or _op(*a))
+    x = torch.randn(rows, 256)
+    ref = x.double() @ ref_w.t() + m.bias.double()
+    assert (m(x).double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert len(calls) == (rows <= kernels.MAX_M)  # the kernel for decode, the stock path for prefill
+
+
 def test_self_check_passes_on_cpu():
     # the function the lead runs on the GPU (python quantize.py --self_check cuda), here on small CPU shapes,
     # through torch.compile too; kernel="cpu" forces torch's CPU int4 kernel even where it is not the default
@@ -106,11 +147,11 @@ def test_self_check_passes_on_cpu():
 
 
 @pytest.mark.parametrize("family", ["llama_gqa", "qwen2", "llama_tied"])  # untied, biases, tied output
-@pytest.mark.parametrize("mode,kernel", [("int8", None)] + [("int4", k) for k in KERNELS if k != "cuda"])
+@pytest.mark.parametrize("mode,kernel", [("int8", None), ("fp8", None)] + [("int4", k) for k in KERNELS if k != "cuda"])
 def test_quantized_model_matches_its_dequantized_reference(family, mode, kernel, tmp_path):
     _, checkpoint = make_checkpoint(family, tmp_path)
     x = torch.randint(0, 128, (2, 24))
-    model = Q.pack_for_device(Q.quantize_model(load_tiny(checkpoint, batch_size=2), mode, pack=False), kernel)
+    model = Q.prepare_for_device(Q.quantize_model(load_tiny(checkpoint, batch_size=2), mode, pack=False), kernel)
     reference = dequantized_copy(Q.quantize_model(load_tiny(checkpoint, batch_size=2), mode, pack=False))
     with torch.no_grad():
         assert_close(model(x, torch.arange(24)), reference(x, torch.arange(24)), atol=1e-4, rtol=1e-4)
@@ -128,7 +169,8 @@ def test_what_is_quantized(tmp_path):
     assert model.tok_embeddings.weight.dtype == torch.float32
 
 
-@pytest.mark.parametrize("mode,args,name", [("int8", [], "model_int8.pth"), ("int4", ["--groupsize", "32"], "model_int4.g32.pth")])
+@pytest.mark.parametrize("mode,args,name", [("int8", [], "model_int8.pth"), ("fp8", [], "model_fp8.pth"),
+                                            ("int4", ["--groupsize", "32"], "model_int4.g32.pth")])  # fmt: skip
 def test_checkpoint_round_trip_gives_identical_outputs(tiny, mode, args, name):
     quantize_cli("--checkpoint_path", str(tiny), "--mode", mode, *args, "--device", "cpu")
     saved = tiny.parent / name
@@ -141,7 +183,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(tiny, mode, args, name):
         assert torch.equal(loaded(x, torch.arange(20)), in_memory(x, torch.arange(20)))
 
 
-@pytest.mark.parametrize("mode,name", [("int8", "model_int8.pth"), ("int4", "model_int4.g32.pth")])
+@pytest.mark.parametrize("mode,name", [("int8", "model_int8.pth"), ("fp8", "model_fp8.pth"), ("int4", "model_int4.g32.pth")])
 def test_quantized_checkpoint_generates_like_its_reference(tiny, mode, name):
     quantize_cli("--checkpoint_path", str(tiny), "--mode", mode, "--device", "cpu")
     prompt = list(range(5, 17))
@@ -224,8 +266,8 @@ def test_gptq_model_has_lower_error_than_rounding_on_calibration_inputs(tiny, ac
         errors = [(x @ (m.get_submodule(name).dequantized_weight() - w).T).pow(2).mean() for m in (gptq, rtn)]
         assert errors[0] < errors[1], name
     with torch.no_grad():  # and end to end
-        gptq_err = (Q.pack_for_device(gptq)(tokens, torch.arange(64)) - float_logits).pow(2).mean()
-        rtn_err = (Q.pack_for_device(rtn)(tokens, torch.arange(64)) - float_logits).pow(2).mean()
+        gptq_err = (Q.prepare_for_device(gptq)(tokens, torch.arange(64)) - float_logits).pow(2).mean()
+        rtn_err = (Q.prepare_for_device(rtn)(tokens, torch.arange(64)) - float_logits).pow(2).mean()
     assert gptq_err < rtn_err
 
 
