@@ -91,7 +91,8 @@ def passage(chars: int) -> str:
 def lookup_speedup(args) -> None:
     from tokenizer import load_tokenizer
 
-    device, precision = args.device, torch.float32 if args.device == "cpu" else torch.bfloat16
+    device = args.device
+    precision = gen.PRECISIONS[args.precision] if args.precision else torch.float32 if device == "cpu" else torch.bfloat16
     checkpoint = gen.default_checkpoint()
     model = gen.load_model(checkpoint, device, precision)
     tokenizer = load_tokenizer(checkpoint.parent)
@@ -124,6 +125,7 @@ def lookup_speedup(args) -> None:
                               "new_tokens": len(rows[0]), "tok_s": round(tok_s, 2), "runs_tok_s": [round(s, 2) for s in speeds],
                               "speedup": round(tok_s / plain_tok_s, 2), "identical_to_plain": rows[0] == plain_row,
                               "mean_accepted": round(stats["mean_accepted"], 2), "accepted": stats["accepted"],
+                              "precision": str(precision).removeprefix("torch."),
                               "compile": args.compile, **bench.versions()}), flush=True)  # fmt: skip
         if args.show:
             print(tokenizer.decode(plain_row), file=sys.stderr)
@@ -149,6 +151,8 @@ def main(argv=None) -> None:
     p.add_argument("--ngram", type=int, default=3, help="longest n-gram looked up")
     p.add_argument("--max_new_tokens", type=int, default=400)
     p.add_argument("--passage_chars", type=int, default=1500)
+    p.add_argument("--precision", choices=sorted(gen.PRECISIONS), default=None,
+                   help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--show", action="store_true", help="print the plain output to stderr")
     args = p.parse_args(argv)
     if args.bench == "verify":

@@ -3,11 +3,14 @@
     python eval.py --checkpoint_path DIR/model.pth --tasks hellaswag winogrande --limit 100 --compile
     python eval.py --include_path tasks --tasks botchan --limit 20       # a local task: no hub needed
     python eval.py --checkpoint_path DIR/model.pth --perplexity data/botchan.txt --context_length 1024 --stride 512
+    torchrun --standalone --nproc_per_node=2 eval.py --checkpoint_path DIR/model.pth --tasks ...   # sharded (tp.py)
 
 All three kinds of lm-eval request work: loglikelihood (multiple choice), loglikelihood_rolling
 (perplexity tasks) and generate_until (generative tasks: stop sequences and a token budget). Scoring is
 batched: windows are sorted by length, right-padded (exact for a causal model: padding only follows the
 positions we read), and the KV cache is sized to the batch, since attention reads every cache slot.
+Under torchrun every rank runs every request on its shard of the model (tensor parallelism, not data
+parallelism: lm-eval sees one rank) and rank 0 alone prints and writes the results.
 """
 import argparse
 import json
@@ -28,7 +31,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 import generate as gen
-from model import Transformer
+import tp
+from model import ModelArgs, Transformer
 
 Window = tuple[list[int], int]  # (tokens, n): score the last n tokens, each given every token before it
 
@@ -332,6 +336,8 @@ def evaluate_tasks(lm: FastGenLM, args, task_manager) -> dict:
         )  # fmt: skip
     except ConnectionError as e:  # datasets could not fetch a hub dataset
         raise gen.UserError(f"{e}; with no network, run local tasks (--include_path, see tasks/README.md)") from e
+    if results is None:  # under torchrun lm-eval returns the results on LOCAL_RANK 0 only
+        return {}
     from lm_eval.utils import make_table
 
     print(make_table(results))
@@ -400,6 +406,11 @@ def write_json(path: Path, data: dict) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    local_rank = tp.maybe_init_dist(torch.device(args.device).type)
+    if local_rank is not None:  # torchrun: one GPU per rank, the same requests on every rank, output from rank 0
+        args.device = f"cuda:{local_rank}" if args.device.startswith("cuda") else args.device
+        if tp.rank() != 0:  # quiet, but a crash still shows (see __main__)
+            sys.stdout = sys.stderr = open(os.devnull, "w")
     # check every input before the (slow) model load
     if args.include_path is not None and not args.include_path.is_dir():
         raise gen.UserError(f"--include_path {args.include_path} is not a folder")
@@ -445,19 +456,25 @@ def main(argv=None) -> None:
         out["perplexity"] = {"file": str(args.perplexity), "perplexity": ppl, "tokens": len(ids) - 1,
                              "context_length": L, "stride": stride}  # fmt: skip
     if args.output_path is not None:
-        out["fastgen"] = {"model": "fastgen", "checkpoint": str(checkpoint_path), "config": vars(lm.model.config),
+        config = ModelArgs.from_hf_config(gen.read_config(checkpoint_path))  # whole: a rank's model holds a shard
+        out["fastgen"] = {"model": "fastgen", "checkpoint": str(checkpoint_path), "config": vars(config),
                           "device": str(lm.device), "dtype": str(lm.model.tok_embeddings.weight.dtype),
                           "batch_size": args.batch_size, "max_length": lm.max_length, "compile": args.compile,
+                          "tensor_parallel": tp.world_size(),  # ranks the model was sharded over
                           "versions": environment(lm.device)}  # fmt: skip
-        write_json(args.output_path, out)
-        print(f"wrote {args.output_path}", file=sys.stderr)
+        if tp.rank() == 0:
+            write_json(args.output_path, out)
+            print(f"wrote {args.output_path}", file=sys.stderr)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (gen.UserError, ValueError, FileNotFoundError, KeyError) as e:
+    except (gen.UserError, ValueError, FileNotFoundError, KeyError) as e:  # every rank: the same bad input
         print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception:
+        sys.stderr = sys.__stderr__  # a crash on any rank (torch prefixes the traceback with [rankN])
+        raise

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 _WORLD = 1
 _RANK = 0
+_TIMEOUT_S = 0
 
 
 def rank() -> int:
@@ -31,8 +32,9 @@ def world_size() -> int:
 
 def maybe_init_dist(device_type: str, timeout_s: int = 300) -> int | None:
     """Join the torchrun process group if launched by torchrun; returns this rank's local rank, or None.
-    A rank that dies makes torchrun stop the others; a collective that waits longer than timeout_s fails."""
-    global _WORLD, _RANK
+    A rank that dies makes torchrun stop the others; a collective that waits longer than timeout_s for a
+    rank that is alive but stuck fails (see _all_reduce_hook), so a broken run ends instead of hanging."""
+    global _WORLD, _RANK, _TIMEOUT_S
     if "LOCAL_RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return None
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -40,7 +42,7 @@ def maybe_init_dist(device_type: str, timeout_s: int = 300) -> int | None:
         torch.cuda.set_device(local_rank)
     backend = "nccl" if device_type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    _WORLD, _RANK = dist.get_world_size(), dist.get_rank()
+    _WORLD, _RANK, _TIMEOUT_S = dist.get_world_size(), dist.get_rank(), timeout_s
     return local_rank
 
 
@@ -95,7 +97,14 @@ def apply_tp(model: nn.Module, rank: int | None = None, world: int | None = None
     only its own slices of the memory-mapped checkpoint) and add the all-reduces."""
     rank, world = _RANK if rank is None else rank, _WORLD if world is None else world
     cfg = model.config
-    check_shardable(cfg, world)
+    try:
+        check_shardable(cfg, world)
+    except ValueError:
+        # every rank fails here; meet first, else a rank that got here sooner may exit and make torchrun stop
+        # rank 0 (the one that prints the error) while it is still loading
+        if dist.is_initialized():
+            dist.barrier()
+        raise
     hd, n_head, n_kv = cfg.head_dim, cfg.n_head, cfg.n_local_heads
     q_per = n_head // world
     kv_per = max(n_kv // world, 1)
@@ -126,4 +135,11 @@ def _all_reduce_hook(module, inputs, output):
     import torch.distributed._functional_collectives as funcol
 
     # functional collective: traceable by dynamo, so it sits inside the compiled (CUDA-graphed) step
-    return funcol.all_reduce(output, "sum", dist.group.WORLD)
+    total = funcol.all_reduce(output, "sum", dist.group.WORLD)
+    if torch.compiler.is_compiling():
+        return total
+    try:  # eager: wait here (the next op needs the sum anyway) so a failure is reported as what it is
+        return total.wait()
+    except RuntimeError as e:
+        raise RuntimeError(f"rank {_RANK}: tensor-parallel all-reduce failed: another of the {_WORLD} ranks crashed (its "
+                           f"own error says why) or did not answer within the {_TIMEOUT_S} s timeout: {e}") from e
