@@ -89,6 +89,7 @@ def run(args, mode: str, copy_gbs: float, kernels: str) -> dict:
         assert len(rows[0]) == args.max_new_tokens
         speeds.append(stats["decode_steps"] / stats["time"])
     tok_s = statistics.median(speeds)
+    breakdown = profile_step(model, prompt, sampling) if args.breakdown else None
     gbs = nbytes * tok_s / 1e9
     peak = torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else None
     return {
@@ -96,7 +97,34 @@ def run(args, mode: str, copy_gbs: float, kernels: str) -> dict:
         "runs_tok_s": [round(s, 2) for s in speeds], "weight_gb": round(nbytes / 1e9, 3), "gb_s": round(gbs, 1),
         "copy_gb_s": round(copy_gbs, 1), "pct_of_floor": round(100 * gbs / copy_gbs, 1),
         "first_call_s": round(first_call, 1), "peak_mem_gb": peak and round(peak, 2), **versions(),
+        **({"per_token_us": breakdown} if breakdown else {}),
     }  # fmt: skip
+
+
+KERNEL_KINDS = [  # (kind, substrings of GPU kernel names), first match wins
+    ("matmul", ("_linear_kernel", "_int4_kernel", "gemv", "gemm", "tinygemm", "int4pack", "nvjet", "cutlass", "sm90_xmma")),
+    ("attention", ("flash", "attention", "fmha", "sdpa")),
+]
+
+
+def profile_step(model: Transformer, prompt: list[int], sampling: dict, tokens: int = 50) -> dict:
+    """GPU time per decoded token by kind of kernel (matmul / attention / everything else), and the five
+    largest 'other' kernels, from torch.profiler over one generate() call of `tokens` tokens."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        gen.generate(model, [prompt], tokens, **sampling)
+    totals, others = {"matmul": 0.0, "attention": 0.0, "other": 0.0}, {}
+    for e in prof.key_averages():
+        us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+        if us <= 0 or e.key.startswith(("ProfilerStep", "cudaGraph")):
+            continue
+        kind = next((k for k, keys in KERNEL_KINDS if any(s in e.key for s in keys)), "other")
+        totals[kind] += us
+        if kind == "other":
+            others[e.key[:80]] = others.get(e.key[:80], 0.0) + us
+    top = sorted(others.items(), key=lambda kv: -kv[1])[:5]
+    return {**{k: round(v / tokens, 1) for k, v in totals.items()}, "top_other": {k: round(v / tokens, 1) for k, v in top}}
 
 
 def versions() -> dict:
@@ -123,8 +151,11 @@ def main(argv=None) -> None:
     p.add_argument("--compile_prefill", action="store_true")
     p.add_argument("--kernels", nargs="+", default=["triton"], choices=["triton", "stock"],
                    help="triton: kernels.py for decode matmuls (the default); stock: torch's own (cuBLAS, tinygemm)")
+    p.add_argument("--breakdown", action="store_true", help="also profile GPU time per token by kind of kernel")
     p.add_argument("--device", default=gen.default_device())
     args = p.parse_args(argv)
+    if args.breakdown and not args.device.startswith("cuda"):
+        p.error("--breakdown profiles GPU kernels: it needs --device cuda")
     gen.setup_compile(args.compile, args.compile_prefill)
     copy_gbs = copy_bandwidth(args.device)
     for mode in args.mode:

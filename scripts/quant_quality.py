@@ -28,7 +28,7 @@ from tokenizer import load_tokenizer  # noqa: E402
 
 # label -> (mode, group size) ; None: the unquantized checkpoint
 SCHEMES = {
-    "float32": None, "bf16": None, "int8": ("int8", None),
+    "float32": None, "bf16": None, "int8": ("int8", None), "fp8": ("fp8", None),
     "int4 g32 RTN": ("int4", 32), "int4 g64 RTN": ("int4", 64), "int4 g128 RTN": ("int4", 128),
     "int4 g64 GPTQ": ("int4-gptq", 64), "int4 g128 GPTQ": ("int4-gptq", 128),
 }  # fmt: skip
