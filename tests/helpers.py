@@ -13,6 +13,7 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
 # family -> (transformers config class, model class, extra config fields)
 FAMILIES = {
     "llama_gqa": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "llama_wide_ffn": ("LlamaConfig", "LlamaForCausalLM", {"intermediate_size": 128}),  # int4 g32 splits over 2 ranks
     "llama_tied": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True, "num_key_value_heads": 1}),
     "llama31_rope": ("LlamaConfig", "LlamaForCausalLM", {"rope_theta": 500000.0, "rope_scaling": {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -50,20 +50,23 @@ def stdout_of(main, argv: list[str]) -> str:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """A random Llama with GQA (4 query heads, 2 KV heads) and a real BPE tokenizer; the folder holds
-    model.pth and its int8 quantization model_int8.pth."""
+    model.pth and its int8 and fp8 quantizations model_int8.pth, model_fp8.pth."""
     folder = tmp_path_factory.mktemp("tiny_tp")
     save_tiny_tokenizer(folder)
     make_checkpoint("llama_gqa", folder)
     quantize_checkpoint(folder / "model.pth", "int8")
+    quantize_checkpoint(folder / "model.pth", "fp8")
     return folder
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tiny, tmp_path_factory) -> dict[str, Path]:
     # the GQA split, the same model int8, KV heads replicated (1 KV head for 2 ranks), biases (qwen2)
-    found = {"llama_gqa": tiny / "model.pth", "llama_gqa_int8": tiny / "model_int8.pth"}
+    found = {"llama_gqa": tiny / "model.pth", "llama_gqa_int8": tiny / "model_int8.pth", "llama_gqa_fp8": tiny / "model_fp8.pth"}
     for family in ("llama_tied", "qwen2"):
         found[family] = make_checkpoint(family, tmp_path_factory.mktemp(family))[1]
+    wide = make_checkpoint("llama_wide_ffn", tmp_path_factory.mktemp("wide"))[1]  # row-parallel splits on group edges
+    found["llama_int4"] = quantize_checkpoint(wide, "int4", 32)
     return found
 
 
@@ -79,7 +82,7 @@ def two_ranks(checkpoints, tmp_path_factory) -> dict[str, dict]:
 # ----------------------------------------------------------------------------- the model
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "llama_gqa_int8", "llama_tied", "qwen2"])
+@pytest.mark.parametrize("name", ["llama_gqa", "llama_gqa_int8", "llama_gqa_fp8", "llama_int4", "llama_tied", "qwen2"])
 def test_two_ranks_equal_one(name, checkpoints, two_ranks):
     got, expected = two_ranks[name], probe(gen.load_model(checkpoints[name], "cpu", torch.float32))
     assert got["n_head"] == 2 and expected["n_head"] == 4  # each rank really holds half of the 4 heads
@@ -89,8 +92,10 @@ def test_two_ranks_equal_one(name, checkpoints, two_ranks):
     assert got["tokens"] == expected["tokens"]
 
 
-def test_quantized_checkpoint_is_really_int8(two_ranks):
+def test_quantized_checkpoints_stay_quantized(two_ranks):
     assert two_ranks["llama_gqa_int8"]["wqkv"][:2] == ("WeightOnlyInt8Linear", "torch.int8")
+    assert two_ranks["llama_gqa_fp8"]["wqkv"][:2] == ("WeightOnlyFp8Linear", "torch.uint8")  # e4m3 bits
+    assert two_ranks["llama_int4"]["wqkv"][0] == "WeightOnlyInt4Linear"
 
 
 # ----------------------------------------------------------------------------- generate.py
