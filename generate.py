@@ -459,6 +459,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    sys.modules["generate"] = sys.modules["__main__"]  # one module: speculative.py and quantize.py import it by name
     try:
         main()
     except (UserError, ValueError, FileNotFoundError) as e:
