@@ -1,7 +1,7 @@
 """Decode-speed benchmark on random weights of a named shape (../shared/BENCHMARKS.md workload).
 
     python bench.py --shape 7B --mode bf16 int8 int4 fp8 --runs 3
-    python bench.py --shape 7B --mode int4-g128 --kernels triton stock   # kernels.py vs torch's own kernels
+    python bench.py --shape 7B --mode int8 int4 --kernels all stock   # kernels.py vs torch's own kernels
 
 Prints one JSON line per configuration: median tok/s over --runs after a first (compiling) call,
 achieved GB/s (non-embedding weight bytes x tok/s), % of the floor set by the copy bandwidth measured in
@@ -17,6 +17,7 @@ import time
 import torch
 
 import generate as gen
+import quantize
 from model import ModelArgs, Transformer
 
 SHAPES = {  # HF-style configs: the benchmark builds through the same mapping as real checkpoints
@@ -45,8 +46,7 @@ def random_model(shape: str, device, dtype) -> Transformer:
 
 
 def apply_mode(model: Transformer, mode: str) -> Transformer:
-    import quantize  # also for bf16: prepare_for_device picks each linear's kernel, as generate.load_model does
-
+    # also for bf16: prepare_for_device picks each linear's kernel, as generate.load_model does
     return quantize.prepare_for_device(model) if mode == "bf16" else quantize.quantize_model(model, mode)
 
 
@@ -69,7 +69,7 @@ def copy_bandwidth(device) -> float:
 
 def run(args, mode: str, copy_gbs: float, kernels: str) -> dict:
     device = args.device
-    os.environ["FASTGEN_KERNELS"] = kernels  # read by quantize.use_triton when the modules are prepared
+    os.environ["FASTGEN_KERNELS"] = quantize.TRITON_BY_DEFAULT if kernels == "default" else kernels  # read at prepare
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = apply_mode(random_model(args.shape, device, torch.bfloat16 if device != "cpu" else torch.float32), mode)
@@ -149,8 +149,9 @@ def main(argv=None) -> None:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--no_compile", dest="compile", action="store_false")
     p.add_argument("--compile_prefill", action="store_true")
-    p.add_argument("--kernels", nargs="+", default=["triton"], choices=["triton", "stock"],
-                   help="triton: kernels.py for decode matmuls (the default); stock: torch's own (cuBLAS, tinygemm)")
+    p.add_argument("--kernels", nargs="+", default=["default"],
+                   help="which formats use kernels.py for decode matmuls (FASTGEN_KERNELS): default (int8, fp8), "
+                        "all, stock (torch's own: cuBLAS, tinygemm, inductor), or a list such as int8,int4")
     p.add_argument("--breakdown", action="store_true", help="also profile GPU time per token by kind of kernel")
     p.add_argument("--device", default=gen.default_device())
     args = p.parse_args(argv)

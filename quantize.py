@@ -15,7 +15,9 @@ prepare_quantized(); file names are only a convention. model.py never sees any o
 Kernels: on a GPU, decode-sized matmuls (at most kernels.MAX_M rows) of every format, bf16 included, go to
 the Triton ops of kernels.py; larger inputs (prefill) take the stock path (cuBLAS on the dequantized or
 upcast weight, or tinygemm for int4 layers the Triton kernel cannot tile). prepare_for_device() makes that
-choice once per module after loading; FASTGEN_KERNELS=stock turns the Triton ops off (for comparisons).
+choice once per module after loading. Which formats use the Triton ops is FASTGEN_KERNELS: by default int8
+and fp8, the ones where they beat the stock path end to end on the H100 (README); "all" adds int4 and bf16,
+"stock" turns them off, or list formats ("int8,int4").
 """
 import argparse
 import math
@@ -260,10 +262,7 @@ class WeightOnlyInt4Linear(nn.Module):
 
 
 def default_int4_kernel(device: torch.device, out_features: int, in_features: int) -> str:
-    # On the H100 tinygemm streams int4 weights faster than kernels.int4_linear for one row (bench_kernels.py:
-    # 1626 vs 1475 GB/s per 7B layer at group 32), so the Triton kernel is opt-in: FASTGEN_INT4_KERNEL=triton
-    triton = os.environ.get("FASTGEN_INT4_KERNEL") == "triton" and use_triton(device)
-    if triton and out_features % 128 == 0 and in_features % 128 == 0:
+    if use_triton(device, "int4") and out_features % 128 == 0 and in_features % 128 == 0:
         return "triton"
     if device.type == "cuda" and out_features % 8 == 0:  # tinygemm tiles n by 8
         return "cuda"
@@ -344,9 +343,15 @@ def load_kernels() -> None:
         kernels = k
 
 
-def use_triton(device: torch.device) -> bool:
-    """Whether modules on `device` call the Triton kernels: on CUDA, unless FASTGEN_KERNELS=stock."""
-    if torch.device(device).type != "cuda" or os.environ.get("FASTGEN_KERNELS", "triton") == "stock":
+TRITON_BY_DEFAULT = "int8,fp8"  # on the H100 tinygemm (int4) and cuBLAS (bf16) were faster end to end
+
+
+def use_triton(device: torch.device, fmt: str) -> bool:
+    """Whether modules of format fmt ("bf16", "int8", "fp8", "int4") on `device` call the Triton kernels:
+    on CUDA, for the formats FASTGEN_KERNELS names ("all", "stock", or a list; default TRITON_BY_DEFAULT)."""
+    chosen = os.environ.get("FASTGEN_KERNELS", TRITON_BY_DEFAULT)
+    chosen = {"all": "bf16,int8,fp8,int4", "stock": ""}.get(chosen, chosen).split(",")
+    if torch.device(device).type != "cuda" or fmt not in chosen:
         return False
     load_kernels()
     return True
@@ -354,14 +359,16 @@ def use_triton(device: torch.device) -> bool:
 
 def prepare_for_device(model: nn.Module, kernel: str | None = None) -> nn.Module:
     """Choose each linear module's kernel for the device it now lives on. Call after the model's final .to().
-    int4 modules get the layout of their kernel; on a GPU the int8 and fp8 modules and the unquantized linears
-    (swapped for TritonLinear) call the Triton ops for decode-sized inputs. kernel: force a choice (tests):
+    int4 modules get the layout of their kernel; on a GPU, modules of the formats use_triton() names call
+    the Triton ops for decode-sized inputs (unquantized linears become TritonLinear). kernel: force (tests):
     "triton" (the Triton path wherever kernels.supported() says so), or "cuda" / "cpu" / "reference" for int4."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)  # the compute dtype
     for m in model.modules():
         if not isinstance(m, (nn.Linear, WeightOnlyInt8Linear, WeightOnlyInt4Linear)):
             continue
-        triton = kernel == "triton" if kernel else use_triton(m.weight.device)
+        fmt = "int4" if isinstance(m, WeightOnlyInt4Linear) else "fp8" if isinstance(m, WeightOnlyFp8Linear) \
+            else "int8" if isinstance(m, WeightOnlyInt8Linear) else "bf16"  # fmt: skip
+        triton = kernel == "triton" if kernel else use_triton(m.weight.device, fmt)
         if triton:
             load_kernels()
         if isinstance(m, WeightOnlyInt4Linear):
@@ -615,7 +622,7 @@ def self_check(device: str, shapes: list[tuple[int, int]] | None = None, compile
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4  # of max |reference|; bf16 rounds outputs to 2^-8
     shapes = shapes or [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 576), (200, 576)]  # (out, in); 200 % 8 != 0
-    fp8 = torch.device(device).type == "cpu" or (use_triton(device) and kernels.fp8_ok(torch.device(device)))
+    fp8 = torch.device(device).type == "cpu" or (use_triton(device, "fp8") and kernels.fp8_ok(torch.device(device)))
     ok = True
     for out_f, in_f in shapes:
         int4_kernels = [kernel] if kernel else ["cuda", "triton"] if dtype == torch.bfloat16 else [None]

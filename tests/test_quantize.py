@@ -136,6 +136,18 @@ def test_triton_path_of_each_module_matches_its_reference(mode, rows, monkeypatc
     assert len(calls) == (rows <= kernels.MAX_M)  # the kernel for decode, the stock path for prefill
 
 
+@pytest.mark.parametrize("setting,formats", [(None, {"int8", "fp8"}), ("all", {"bf16", "int8", "fp8", "int4"}),
+                                             ("stock", set()), ("int8,int4", {"int8", "int4"})])  # fmt: skip
+def test_which_formats_use_the_triton_kernels(setting, formats, monkeypatch):
+    # FASTGEN_KERNELS picks the formats; by default those that beat the stock path on the H100; never on CPU
+    if setting is None:
+        monkeypatch.delenv("FASTGEN_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("FASTGEN_KERNELS", setting)
+    assert {f for f in ("bf16", "int8", "fp8", "int4") if Q.use_triton(torch.device("cuda"), f)} == formats
+    assert not any(Q.use_triton(torch.device("cpu"), f) for f in ("bf16", "int8", "fp8", "int4"))
+
+
 def test_self_check_passes_on_cpu():
     # the function the lead runs on the GPU (python quantize.py --self_check cuda), here on small CPU shapes,
     # through torch.compile too; kernel="cpu" forces torch's CPU int4 kernel even where it is not the default
