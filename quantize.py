@@ -51,22 +51,37 @@ def int8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class WeightOnlyInt8Linear(nn.Module):
+    kernel_op = "int8_linear"  # the kernels.py op for decode-sized inputs
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
-        self.triton = False  # set by prepare_for_device: decode-sized inputs go to kernels.int8_linear
+        self.triton = False  # set by prepare_for_device: decode-sized inputs go to kernels.<kernel_op>
+
+    @classmethod
+    def from_quantized(cls, q: Tensor, scales: Tensor, bias: Tensor | None) -> "WeightOnlyInt8Linear":
+        # q: [out, in] in the module's number format, scales: [out]
+        module = cls(q.shape[1], q.shape[0], bias is not None, device=q.device)
+        module.weight, module.scales = q.view(module.weight.dtype), scales
+        if bias is not None:
+            module.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return module
+
+    def quantized_weight(self) -> Tensor:
+        return self.weight  # [out, in] int8
 
     def dequantized_weight(self) -> Tensor:
-        return self.weight.float() * self.scales.float()[:, None]  # the reference: [out, in] float32
+        return self.quantized_weight().float() * self.scales.float()[:, None]  # the reference: [out, in] float32
 
     def forward(self, x: Tensor) -> Tensor:
+        w = self.quantized_weight()
         if self.triton and kernels.supported(x, self.out_features, self.in_features):
-            y = kernels.int8_linear(x, self.weight, self.scales)
+            y = getattr(kernels, self.kernel_op)(x, w, self.scales)
         else:  # the scale is per output channel, so it multiplies after the matmul
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+            y = F.linear(x, w.to(x.dtype)) * self.scales.to(x.dtype)
         return y if self.bias is None else y + self.bias
 
 
@@ -88,36 +103,23 @@ class WeightOnlyFp8Linear(WeightOnlyInt8Linear):
     The weight is held as its uint8 bit pattern: Module.to(dtype) converts every floating-point tensor,
     float8 included, and would silently upcast it; the view back to float8 is free."""
 
+    kernel_op = "fp8_linear"
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device, dtype)
         self.weight = torch.empty(out_features, in_features, dtype=torch.uint8, device=device)
 
-    @classmethod
-    def from_quantized(cls, q: Tensor, scales: Tensor, bias: Tensor | None) -> "WeightOnlyFp8Linear":
-        module = cls(q.shape[1], q.shape[0], bias is not None, device=q.device)
-        module.weight, module.scales = q.view(torch.uint8), scales
-        if bias is not None:
-            module.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-        return module
-
-    def dequantized_weight(self) -> Tensor:
-        return self.weight.view(torch.float8_e4m3fn).float() * self.scales.float()[:, None]
-
-    def forward(self, x: Tensor) -> Tensor:
-        w = self.weight.view(torch.float8_e4m3fn)  # [out, in]
-        if self.triton and kernels.supported(x, self.out_features, self.in_features):
-            y = kernels.fp8_linear(x, w, self.scales)
-        else:
-            y = F.linear(x, w.to(x.dtype)) * self.scales.to(x.dtype)
-        return y if self.bias is None else y + self.bias
+    def quantized_weight(self) -> Tensor:
+        return self.weight.view(torch.float8_e4m3fn)  # [out, in]
 
 
 # ----------------------------------------------------------------------------- plain weights on the GPU
 
 
 class TritonLinear(nn.Linear):
-    """nn.Linear whose decode-sized matmuls use kernels.linear (faster than cuBLAS at M <= 16 on H100);
-    swapped in by prepare_for_device for unquantized layers. Same parameters, same state dict."""
+    """nn.Linear whose decode-sized matmuls use kernels.linear; swapped in by prepare_for_device for
+    unquantized layers when FASTGEN_KERNELS names bf16 (on the H100 it streams faster than cuBLAS in
+    isolation but was not faster end to end). Same parameters, same state dict."""
 
     def forward(self, x: Tensor) -> Tensor:
         if kernels.supported(x, self.out_features, self.in_features) and x.dtype == self.weight.dtype:
@@ -387,16 +389,10 @@ def quantize_linear(lin: nn.Linear, mode: str, groupsize: int | None = None, dev
     """Round to nearest: a quantized copy of `lin` (portable layout), computed on `device`, kept on lin's device."""
     home = lin.weight.device
     w = lin.weight.detach().to(device or home)
-    if mode == "fp8":
-        q, scales = fp8_quantize(w)
-        return WeightOnlyFp8Linear.from_quantized(q.to(home), scales.to(home), lin.bias)
-    if mode == "int8":
-        q, scales = int8_quantize(w)
-        new = WeightOnlyInt8Linear(lin.in_features, lin.out_features, lin.bias is not None, device=home)
-        new.weight, new.scales = q.to(home), scales.to(home)
-        if lin.bias is not None:
-            new.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
-        return new
+    if mode in ("int8", "fp8"):
+        q, scales = int8_quantize(w) if mode == "int8" else fp8_quantize(w)
+        cls = WeightOnlyInt8Linear if mode == "int8" else WeightOnlyFp8Linear
+        return cls.from_quantized(q.to(home), scales.to(home), lin.bias)
     q, scales, zeros = int4_quantize(F.pad(w, (0, -w.shape[1] % groupsize)), groupsize)
     return WeightOnlyInt4Linear.from_quantized(q.to(home), scales.to(home), zeros.to(home), lin.in_features, lin.bias)
 
