@@ -618,13 +618,19 @@ def self_check(device: str, shapes: list[tuple[int, int]] | None = None, compile
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4  # of max |reference|; bf16 rounds outputs to 2^-8
     shapes = shapes or [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 576), (200, 576)]  # (out, in); 200 % 8 != 0
-    fp8 = torch.device(device).type == "cpu" or (use_triton(device, "fp8") and kernels.fp8_ok(torch.device(device)))
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        load_kernels()
+    fp8 = not cuda or kernels.fp8_ok(torch.device(device))
+    # kernel choices: forced by the caller, else on a GPU the default path and the Triton kernel of each format
+    choices = [kernel] if kernel else [None, "triton"] if cuda else [None]
+    int4_choices = [kernel] if kernel else ["cuda", "triton"] if cuda else [None]
     ok = True
     for out_f, in_f in shapes:
-        int4_kernels = [kernel] if kernel else ["cuda", "triton"] if dtype == torch.bfloat16 else [None]
-        modes = [("plain", None, kernel), ("int8", None, kernel)] + [("fp8", None, kernel)] * fp8
-        for mode, g, kernel in modes + [("int4", g, k) for g in GROUP_SIZES if in_f % g == 0 for k in int4_kernels]:
-            if kernel == "triton" and (out_f % 128 or in_f % 128):
+        cases = [(mode, None, c) for mode in ("plain", "int8") + ("fp8",) * fp8 for c in choices]
+        cases += [("int4", g, c) for g in GROUP_SIZES if in_f % g == 0 for c in int4_choices]
+        for mode, g, forced in cases:
+            if forced == "triton" and (out_f % 128 or in_f % 128):  # shapes kernels.py does not tile
                 continue
             lin = nn.Linear(in_f, out_f, bias=True, device=device, dtype=dtype)
             m = lin if mode == "plain" else quantize_linear(lin, mode, g)
@@ -633,8 +639,8 @@ def self_check(device: str, shapes: list[tuple[int, int]] | None = None, compile
             portable = {k: v.cpu() for k, v in m.state_dict().items()}
             on_cpu = nn.Linear(in_f, out_f) if mode == "plain" else type(m)(in_f, out_f, True, *([g] if g else []))
             on_cpu.load_state_dict(portable)
-            if mode != "plain" or dtype != torch.float32:  # fp32 plain weights: nothing to check
-                prepare_for_device(m, kernel), prepare_for_device(on_cpu, kernel if kernel not in ("cuda", "triton") else None)
+            prepare_for_device(m, forced)
+            prepare_for_device(on_cpu, forced if forced in ("cpu", "reference") else None)
             if compile:
                 torch._dynamo.reset()
             compiled = torch.compile(m, fullgraph=True) if compile else None
