@@ -184,7 +184,7 @@ def tune(cases: list[tuple[str, int, int, int]], jobs: int) -> None:
                 timed.append((graph_time(calls, reps=5, rounds=2), cfg))
             except Exception as e:  # a config this GPU or Triton version cannot build: skip it, and say so
                 print(f"  skip {cfg}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}")
-        key = kernels.config_key(fmt, n, k, m)
+        key, size = kernels.config_key(fmt, n, k, m), nbytes(copies[0])
         del copies
         if not timed:
             print(f"{key}: no candidate worked; the heuristic stays")
@@ -192,7 +192,6 @@ def tune(cases: list[tuple[str, int, int, int]], jobs: int) -> None:
         t, best[key] = min(timed, key=lambda t: t[0])
         default = kernels.heuristic(fmt, n, k, m, sms)
         t_default = next((t for t, c in timed if c == default), float("nan"))
-        size = nbytes(make_weights(fmt, n, k, device))
         print(f"{key:28s} {t * 1e6:7.1f} us {size / t / 1e9:6.0f} GB/s (heuristic {t_default * 1e6:7.1f} us)  {best[key]}")
     kernels.store_configs(best, device)
 
