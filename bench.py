@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
