@@ -406,11 +406,7 @@ def write_json(path: Path, data: dict) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    local_rank = tp.maybe_init_dist(torch.device(args.device).type)
-    if local_rank is not None:  # torchrun: one GPU per rank, the same requests on every rank, output from rank 0
-        args.device = f"cuda:{local_rank}" if args.device.startswith("cuda") else args.device
-        if tp.rank() != 0:  # quiet, but a crash still shows (see __main__)
-            sys.stdout = sys.stderr = open(os.devnull, "w")
+    args.device = tp.setup(args.device)  # torchrun: the same requests on every rank, output from rank 0
     # check every input before the (slow) model load
     if args.include_path is not None and not args.include_path.is_dir():
         raise gen.UserError(f"--include_path {args.include_path} is not a folder")

@@ -357,13 +357,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     from tokenizer import load_tokenizer
 
-    device = args.device
-    local_rank = tp.maybe_init_dist(torch.device(device).type)
-    if local_rank is not None:  # torchrun: one GPU per rank, identical sampling, output from rank 0 only
-        device = f"cuda:{local_rank}" if device.startswith("cuda") else device
-        args.seed = 1234 if args.seed is None else args.seed
-        if tp.rank() != 0:
-            sys.stdout = sys.stderr = open(os.devnull, "w")
+    device = tp.setup(args.device)  # torchrun: one GPU per rank, output from rank 0 only
+    if tp.world_size() > 1 and args.seed is None:
+        args.seed = 1234  # every rank must sample the same tokens
     if args.seed is not None:
         torch.manual_seed(args.seed)
     precision = PRECISIONS[args.precision] if args.precision else (torch.float32 if device == "cpu" else torch.bfloat16)

@@ -11,6 +11,7 @@ features on dim 0 and input features, possibly packed or grouped, on dim 1), so 
 need no parallel code.
 """
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -44,6 +45,18 @@ def maybe_init_dist(device_type: str, timeout_s: int = 300) -> int | None:
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     _WORLD, _RANK, _TIMEOUT_S = dist.get_world_size(), dist.get_rank(), timeout_s
     return local_rank
+
+
+def setup(device: str) -> str:
+    """For a script's main(): under torchrun join the process group, silence every rank but rank 0 (each
+    script's __main__ restores stderr on a crash) and return this rank's device (cuda:LOCAL_RANK); else
+    return device unchanged."""
+    local_rank = maybe_init_dist(torch.device(device).type)
+    if local_rank is None:
+        return device
+    if _RANK != 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+    return f"cuda:{local_rank}" if device.startswith("cuda") else device
 
 
 def check_shardable(config, world: int) -> None:
