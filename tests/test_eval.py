@@ -8,23 +8,20 @@ import sys
 from pathlib import Path
 
 import pytest
-import tokenizers
 import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from lm_eval.utils import get_rolling_token_windows
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 import eval as ev
 import generate as gen
 from generate import load_model
-from scripts.fetch_text import fetch
-from tests.helpers import make_checkpoint
+from tests.helpers import botchan, make_checkpoint, prose, save_tiny_tokenizer
 from tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-BOTCHAN = fetch("botchan.txt").read_text(encoding="utf-8-sig")
-TEXT = BOTCHAN[20000:30000]  # real prose from the novel
+BOTCHAN = botchan()
+TEXT = prose()
 
 
 def run_eval(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -36,21 +33,6 @@ def requests(kind: str, *args: tuple) -> list[Instance]:
 
 
 # ----------------------------------------------------------------------------- a tiny random model with a real tokenizer
-
-
-def save_tiny_tokenizer(folder: Path) -> None:
-    # byte-level BPE trained on the novel, small enough for the tiny models' 128-token vocabulary; Llama's
-    # special ids (bos 1, eos 2) and a post-processor that adds bos, as Llama tokenizers do
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=128, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
-    tok.train_from_iterator([BOTCHAN], trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    config = {"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,7 @@ import eval as ev
 import generate as gen
 from model import ModelArgs
 from quantize import quantize_checkpoint
-from tests.helpers import make_checkpoint
-from tests.test_eval import TEXT, save_tiny_tokenizer
+from tests.helpers import make_checkpoint, prose, save_tiny_tokenizer
 from tests.tp_worker import STALL_TIMEOUT_S, probe
 from tp import check_shardable
 
@@ -129,7 +128,7 @@ def test_speculative_cli_equals_one_process_greedy(tiny, one_process_text):
 def test_eval_under_torchrun_equals_one_process(tiny, tmp_path):
     # perplexity and the local botchan tasks (loglikelihood, generate_until, rolling) in one run
     text = tmp_path / "excerpt.txt"
-    text.write_text(TEXT[:2000])
+    text.write_text(prose()[:2000])
     args = ["--checkpoint_path", str(tiny / "model.pth"), "--perplexity", str(text), "--context_length", "64",
             "--stride", "32", "--include_path", "tasks", "--tasks", "botchan", "--limit", "3", "--device", "cpu"]  # fmt: skip
     (tmp_path / "tp").mkdir()
@@ -170,7 +169,7 @@ def test_possible_splits_pass():
 @pytest.mark.parametrize("script", ["generate.py", "eval.py"])
 def test_impossible_split_under_torchrun_is_one_line(script, tiny, tmp_path):
     # 3 ranks for 4 query and 2 KV heads: every rank refuses, rank 0 says why, nothing waits
-    (tmp_path / "excerpt.txt").write_text(TEXT[:200])
+    (tmp_path / "excerpt.txt").write_text(prose()[:200])
     args = GREEDY if script == "generate.py" else ["--perplexity", str(tmp_path / "excerpt.txt"), "--device", "cpu"]
     result = torchrun(script, "--checkpoint_path", str(tiny / "model.pth"), *args, nproc=3)
     assert result.returncode != 0 and result.stdout == ""
