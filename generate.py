@@ -34,18 +34,24 @@ class UserError(Exception):
 # ----------------------------------------------------------------------------- sampling
 
 
-def logits_to_probs(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> Tensor:
-    # logits: [B, V] -> probs [B, V] in float32
+def masked_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> Tensor:
+    # logits: [B, V] -> float32 logits / temperature, -inf outside the top k and the top-p nucleus
     logits = logits.float() / max(temperature, 1e-5)
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[:, -1:]  # [B, 1]
+        # the k-th largest value: an unsorted top-k and its minimum (a sorted one costs a sort per token)
+        kth = torch.topk(logits, top_k, sorted=False).values.amin(dim=-1, keepdim=True)  # [B, 1]
         logits = logits.masked_fill(logits < kth, -float("inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
-    return torch.softmax(logits, dim=-1)
+    return logits
+
+
+def logits_to_probs(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> Tensor:
+    # logits: [B, V] -> probs [B, V] in float32
+    return torch.softmax(masked_logits(logits, temperature, top_k, top_p), dim=-1)
 
 
 def multinomial_sample_one(probs: Tensor) -> Tensor:
@@ -59,8 +65,11 @@ def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, t
     last = logits[:, -1]
     if temperature <= 0:  # greedy
         return torch.argmax(last, dim=-1, keepdim=True).to(torch.int), torch.softmax(last.float(), -1)
-    probs = logits_to_probs(last, temperature, top_k, top_p)
-    return multinomial_sample_one(probs), probs
+    logits = masked_logits(last, temperature, top_k, top_p)
+    # the same exponential race on logits (argmax of probs / E = argmax of logits - log E, the Gumbel-max
+    # trick): the token needs no softmax, so a caller that drops probs (decode) never computes them
+    token = torch.argmax(logits - torch.empty_like(logits).exponential_(1).log(), dim=-1, keepdim=True)
+    return token.to(torch.int), torch.softmax(logits, dim=-1)
 
 
 # ----------------------------------------------------------------------------- prefill and decode
@@ -72,10 +81,10 @@ def prefill(model: Transformer, x: Tensor, input_pos: Tensor, **sampling) -> Ten
     return sample(logits, **sampling)[0]
 
 
-def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor, **sampling) -> tuple[Tensor, Tensor]:
-    # x: [B, 1], input_pos: [1]
+def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor, **sampling) -> Tensor:
+    # x: [B, 1], input_pos: [1] -> next token [B, 1]
     logits = model(x, input_pos)
-    return sample(logits, **sampling)
+    return sample(logits, **sampling)[0]
 
 
 def decode_n_tokens(model, cur_token: Tensor, input_pos: Tensor, num_new_tokens: int, stop_ids: set[int] | None = None,
@@ -85,7 +94,7 @@ def decode_n_tokens(model, cur_token: Tensor, input_pos: Tensor, num_new_tokens:
     new_tokens = []
     finished = torch.zeros(cur_token.shape[0], dtype=torch.bool)
     for _ in range(num_new_tokens):
-        next_token, _ = decode_one_token(model, cur_token, input_pos, **sampling)
+        next_token = decode_one_token(model, cur_token, input_pos, **sampling)
         input_pos = input_pos + 1
         cur_token = next_token.clone()  # a CUDA graph overwrites its output buffer on the next replay
         new_tokens.append(cur_token)

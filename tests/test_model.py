@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from generate import generate
+from generate import generate, sample
 from model import ModelArgs, Transformer
 from tests.helpers import FAMILIES, load_tiny, make_checkpoint
 
@@ -130,6 +130,21 @@ def test_prefill_compiles_once_for_all_prompt_lengths_and_decode_once_for_all_st
         for length in (5, 9, 17, 33):
             token = prefill(model, torch.randint(0, 128, (1, length)), torch.arange(length), temperature=0.8, top_k=20)
             for pos in range(length, length + 4):
-                token, _ = decode(model, token, torch.tensor([pos]), temperature=0.8, top_k=20)
+                token = decode(model, token, torch.tensor([pos]), temperature=0.8, top_k=20)
     assert prefill_counter.frame_count == 1
     assert decode_counter.frame_count == 1
+
+
+def test_sampling_draws_from_the_top_k_softmax():
+    # the exponential race on logits (Gumbel-max) draws token i with probability softmax(logits / T) over the
+    # top k, and returns that distribution; nothing outside the top k is ever drawn
+    torch.manual_seed(0)
+    V, N, k, T = 12, 40_000, 5, 0.7
+    logits = torch.randn(V) * 2
+    top = logits.topk(k).indices
+    expected = torch.zeros(V).index_copy(0, top, torch.softmax(logits[top] / T, -1))
+    tokens, probs = sample(logits.expand(N, 1, V), temperature=T, top_k=k)
+    assert set(tokens.unique().tolist()) <= set(top.tolist())
+    freq = torch.bincount(tokens[:, 0], minlength=V) / N
+    assert 0.5 * (freq - expected).abs().sum() < 0.02  # total variation; ~0.005 expected for a correct sampler
+    assert_close(probs[0], expected)
