@@ -1,20 +1,29 @@
-"""Triton kernels for decode-time matmuls: y[M, N] = x[M, K] @ W[N, K]^T with M small (1 to ~16).
+"""Triton kernels for decode steps: matmuls y[M, N] = x[M, K] @ W[N, K]^T with M small (1 to ~16), and
+attention of a few query positions over the KV cache.
 
 Batch-1 decoding reads every weight once per token, so these kernels are built to stream the weight at the
 memory-bandwidth floor: every weight byte is read exactly once for all M rows, loads are wide and
 contiguous along K, and the grid is split along K when N alone gives too few programs to fill the GPU.
 
-Weight formats (activations x: bf16, fp16 or fp32; accumulation in fp32; output in x's dtype):
+Weight formats (activations x: bf16, fp16 or fp32; accumulation in fp32):
     linear(x, w)                   w: [N, K] in x's dtype
     int8_linear(x, w, scale)       w: [N, K] int8, scale: [N]        W = w * scale[:, None]
     fp8_linear(x, w, scale)        w: [N, K] float8_e4m3fn, scale: [N]  W = w * scale[:, None]
     int4_linear(x, w, sz, group)   w: [N, K/8] int32 (pack_int4), sz: [N, K/group, 2] (pack_scales_zeros)
                                    W[n, k] = (q[n, k] - 8) * scale[n, k // group] + zero[n, k // group]
+Each takes a last argument glu: the weight then holds 2N rows (gate, then up) and the op returns
+silu(x @ gate^T) * (x @ up^T), [..., N]: the feed-forward's SwiGLU in the matmul's epilogue. The output is in
+x's dtype, except for shapes whose decode config splits K: those return the float32 buffer the programs
+add into (`out_dtype`), and the caller's cast fuses into the next kernel.
 The int4 formula is that of torch's tinygemm (`_weight_int4pack_mm`), so its scales and zeros serve both
 paths: tinygemm's scales_and_zeros [K/group, N, 2] is `pack_scales_zeros(*scales_and_zeros.unbind(-1))` after
 `.transpose(0, 1)`; the nibbles q [N, K] (0..15) are repacked once at load time with pack_int4.
 
-When to call them: `supported(x, n, k)`: a CUDA tensor with at most MAX_M rows (decode, speculative
+Attention: `sdpa` has F.scaled_dot_product_attention's signature and sends decode and verify steps on a GPU
+(a bool mask, few query rows per key/value head: `attention_supported`) to one kernel; long caches are cut
+into key ranges whose partial results are combined by their log-sum-exp.
+
+When to call the matmuls: `supported(x, n, k)`: a CUDA tensor with at most MAX_M rows (decode, speculative
 verification); anything else (prefill, CPU) should take the stock path (F.linear, tinygemm, _scaled_mm).
 The kernels are correct for any M, just not faster than cuBLAS for large M. fp8 needs sm_89+ (`fp8_ok`).
 
@@ -79,10 +88,11 @@ def _store(y_ptr, out, rm, rn, M, N, ATOMIC: tl.constexpr):
 @triton.jit
 def _linear_kernel(
     x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, k_len,
-    HAS_SCALE: tl.constexpr, W_INT8: tl.constexpr, ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
+    HAS_SCALE: tl.constexpr, W_INT8: tl.constexpr, GLU: tl.constexpr, ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # x: [M, K], w: [N, K] (float, int8 or fp8), s: [N] per-output-channel scale, y: [M, N]
+    # GLU: w is [2N, K], gate rows then up rows, and y = silu(x @ gate^T) * (x @ up^T) (no split-K)
     # grid: (N / BLOCK_N, split-K, cdiv(M, BLOCK_M)); this program: BLOCK_N outputs over inputs
     # [pid_k * k_len, (pid_k + 1) * k_len) cut at K; k_len is a multiple of BLOCK_K, so no masks along K
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -90,27 +100,39 @@ def _linear_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = pid_k * k_len + tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]  # [BLOCK_N, BLOCK_K], contiguous along K
+    up_ptrs = w_ptrs + N.to(tl.int64) * K  # GLU: the matching rows of the up half
+    k_end = tl.minimum(k_len, K - pid_k * k_len)
     if BLOCK_M == 1:
         # matrix-vector on CUDA cores: accumulate elementwise, reduce over K once at the end
         # x pointers broadcast over the rows: x is loaded in the weights' own layout (no shared-memory
         # shuffle and barrier per step); the repeated loads hit L1
         x_ptrs = x_ptr + pid_m * K + rk[None, :] + 0 * rn[:, None]  # [BLOCK_N, BLOCK_K]
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k in range(0, tl.minimum(k_len, K - pid_k * k_len), BLOCK_K):
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k in range(0, k_end, BLOCK_K):
+            xk = tl.load(x_ptrs + k).to(tl.float32)
             w = tl.load(w_ptrs + k)
-            w = _int8_to_f32(w) if W_INT8 else w.to(tl.float32)
-            acc += w * tl.load(x_ptrs + k).to(tl.float32)
-        out = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
+            acc += (_int8_to_f32(w) if W_INT8 else w.to(tl.float32)) * xk
+            if GLU:
+                w = tl.load(up_ptrs + k)
+                acc_up += (_int8_to_f32(w) if W_INT8 else w.to(tl.float32)) * xk
+        out, out_up = tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :]  # [1, BLOCK_N]
     else:
         # up to 16 rows: tensor cores on x[16, BLOCK_K] @ w^T; int8 and fp8 are exact in bf16/fp16
         x_ptrs = x_ptr + rm[:, None] * K + rk[None, :]  # [BLOCK_M, BLOCK_K]
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k in range(0, tl.minimum(k_len, K - pid_k * k_len), BLOCK_K):
+        out = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        out_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k in range(0, k_end, BLOCK_K):
             xk = tl.load(x_ptrs + k, mask=rm[:, None] < M, other=0.0)
-            acc = _dot_t(xk, tl.load(w_ptrs + k), acc, DOT_F32)
-        out = acc
+            out = _dot_t(xk, tl.load(w_ptrs + k), out, DOT_F32)
+            if GLU:
+                out_up = _dot_t(xk, tl.load(up_ptrs + k), out_up, DOT_F32)
     if HAS_SCALE:  # per-channel scale factors out of the sum over K
         out = out * tl.load(s_ptr + rn).to(tl.float32)[None, :]
+        if GLU:
+            out_up = out_up * tl.load(s_ptr + N + rn).to(tl.float32)[None, :]
+    if GLU:
+        out = out * tl.sigmoid(out) * out_up
     _store(y_ptr, out, rm, rn, M, N, ATOMIC)
 
 
@@ -129,9 +151,50 @@ def _nibble_pair(q, p: tl.constexpr):
 
 
 @triton.jit
+def _int4_gemv_step(q, sz, x_ptrs, WG: tl.constexpr):
+    # one tile for M == 1: q [BLOCK_N, G, WG] words, sz [BLOCK_N, G, 2] (scale, zero), x_ptrs [BLOCK_N, G, WG]
+    # at the tile's first word column -> sum over the tile of W * x per row and group: [BLOCK_N, G]
+    scale, zero = tl.split(sz.to(tl.float32))
+    # sums of f * x and of x, over odd (hi) and even (lo) nibble positions: [BLOCK_N, G, WG]
+    fx_hi = tl.zeros(q.shape, dtype=tl.float32)
+    fx_lo, x_hi, x_lo = tl.zeros_like(fx_hi), tl.zeros_like(fx_hi), tl.zeros_like(fx_hi)
+    for p in tl.static_range(4):
+        f_hi, f_lo = _nibble_pair(q, p)
+        xh = tl.load(x_ptrs + (2 * p + 1) * WG).to(tl.float32)
+        xl = tl.load(x_ptrs + 2 * p * WG).to(tl.float32)
+        fx_hi += f_hi * xh
+        fx_lo += f_lo * xl
+        x_hi += xh
+        x_lo += xl
+    # per group: sum_k (q - 8) x = 16 sum f_hi x + 256 sum f_lo x - 24 sum x_hi - 264 sum x_lo
+    qx = 16.0 * tl.sum(fx_hi, axis=2) + 256.0 * tl.sum(fx_lo, axis=2)
+    qx -= 24.0 * tl.sum(x_hi, axis=2) + 264.0 * tl.sum(x_lo, axis=2)
+    return scale * qx + zero * tl.sum(x_hi + x_lo, axis=2)
+
+
+@triton.jit
+def _int4_mma_step(q, sz, x_ptrs, x_mask, acc, WG: tl.constexpr, BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr):
+    # one tile for M > 1: dequantize one nibble position at a time ([BLOCK_N, BLOCK_K/8]) and feed the tensor
+    # cores with the matching slice of x ([BLOCK_M, G, WG] pointers) -> acc [BLOCK_M, BLOCK_N]
+    scale, zero = tl.split(sz.to(tl.float32))
+    a_hi, b_hi = (16.0 * scale)[:, :, None], (zero - 24.0 * scale)[:, :, None]
+    a_lo, b_lo = (256.0 * scale)[:, :, None], (zero - 264.0 * scale)[:, :, None]
+    cols: tl.constexpr = q.shape[1] * q.shape[2]  # BLOCK_K / 8
+    for p in tl.static_range(4):
+        f_hi, f_lo = _nibble_pair(q, p)
+        xh = tl.load(x_ptrs + (2 * p + 1) * WG, mask=x_mask, other=0.0)
+        xl = tl.load(x_ptrs + 2 * p * WG, mask=x_mask, other=0.0)
+        wh, wl = f_hi * a_hi + b_hi, f_lo * a_lo + b_lo  # dequantized [BLOCK_N, G, WG]
+        xh, xl = tl.reshape(xh, [BLOCK_M, cols]), tl.reshape(xl, [BLOCK_M, cols])
+        acc = _dot_t(xh, tl.reshape(wh, [q.shape[0], cols]), acc, DOT_F32)
+        acc = _dot_t(xl, tl.reshape(wl, [q.shape[0], cols]), acc, DOT_F32)
+    return acc
+
+
+@triton.jit
 def _int4_kernel(
     x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, k_len, KW, KW_LEN,
-    GROUP: tl.constexpr, ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
+    GROUP: tl.constexpr, GLU: tl.constexpr, ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # x: [M, K]; w: [N, K/8] int32 from pack_int4; sz: [N, K/GROUP, 2] (scale, zero); KW = K / 8 and
@@ -139,6 +202,7 @@ def _int4_kernel(
     # W[n, k] = (q[n, k] - 8) * scale + zero. Within a group, word j's nibble i holds q[i * GROUP/8 + j], so
     # every nibble position meets a contiguous slice of x. _nibble_pair gives f = 1 + q/16 for odd i and
     # 1 + q/256 for even i, so W = 16 * scale * f + (zero - 24 * scale), or 256 * scale * f + (zero - 264 * scale).
+    # GLU: w, sz hold 2N rows (gate, then up) and y = silu(x @ gate^T) * (x @ up^T), as in _linear_kernel.
     G: tl.constexpr = BLOCK_K // GROUP  # groups per tile
     WG: tl.constexpr = GROUP // 8  # words per group
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -150,51 +214,95 @@ def _int4_kernel(
     # (scale, zero) pairs as [BLOCK_N, G, 2]: one load serves both
     sz_ptrs = sz_ptr + rn[:, None, None].to(tl.int64) * (K // GROUP * 2) + (k0 // GROUP + rg[None, :, None]) * 2
     sz_ptrs += tl.arange(0, 2)[None, None, :]
+    up_w, up_sz = N.to(tl.int64) * KW, N.to(tl.int64) * (K // GROUP * 2)  # GLU: offsets of the up half
+    k_end = tl.minimum(k_len, K - pid_k * k_len)
     if BLOCK_M == 1:
         # x pointers broadcast over the rows: loaded in the weights' own layout (no shared-memory shuffle);
         # the repeated loads hit L1
         x_ptrs = x_ptr + pid_m * K + k0 + rg[None, :, None] * GROUP + rw[None, None, :] + 0 * rn[:, None, None]
         acc = tl.zeros([BLOCK_N, G], dtype=tl.float32)
-        for k in range(0, tl.minimum(k_len, K - pid_k * k_len), BLOCK_K):
-            q = tl.load(w_ptrs + k // 8)  # [BLOCK_N, G, WG] words
-            scale, zero = tl.split(tl.load(sz_ptrs + k // GROUP * 2).to(tl.float32))  # [BLOCK_N, G] each
-            # sums of f * x and of x, over odd (hi) and even (lo) nibble positions: [BLOCK_N, G, WG]
-            fx_hi = tl.zeros([BLOCK_N, G, WG], dtype=tl.float32)
-            fx_lo, x_hi, x_lo = tl.zeros_like(fx_hi), tl.zeros_like(fx_hi), tl.zeros_like(fx_hi)
-            for p in tl.static_range(4):
-                f_hi, f_lo = _nibble_pair(q, p)
-                xh = tl.load(x_ptrs + k + (2 * p + 1) * WG).to(tl.float32)
-                xl = tl.load(x_ptrs + k + 2 * p * WG).to(tl.float32)
-                fx_hi += f_hi * xh
-                fx_lo += f_lo * xl
-                x_hi += xh
-                x_lo += xl
-            # per group: sum_k (q - 8) x = 16 sum f_hi x + 256 sum f_lo x - 24 sum x_hi - 264 sum x_lo
-            qx = 16.0 * tl.sum(fx_hi, axis=2) + 256.0 * tl.sum(fx_lo, axis=2)
-            qx -= 24.0 * tl.sum(x_hi, axis=2) + 264.0 * tl.sum(x_lo, axis=2)
-            acc += scale * qx + zero * tl.sum(x_hi + x_lo, axis=2)
-        out = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
+        acc_up = tl.zeros([BLOCK_N, G], dtype=tl.float32)
+        for k in range(0, k_end, BLOCK_K):
+            acc += _int4_gemv_step(tl.load(w_ptrs + k // 8), tl.load(sz_ptrs + k // GROUP * 2), x_ptrs + k, WG)
+            if GLU:
+                acc_up += _int4_gemv_step(
+                    tl.load(w_ptrs + up_w + k // 8), tl.load(sz_ptrs + up_sz + k // GROUP * 2), x_ptrs + k, WG
+                )
+        out, out_up = tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :]  # [1, BLOCK_N]
     else:
-        # dequantize one nibble position at a time ([BLOCK_N, BLOCK_K/8]) and feed the tensor cores with the
-        # matching slice of x
         x_ptrs = x_ptr + rm[:, None, None] * K + k0 + rg[None, :, None] * GROUP + rw[None, None, :]  # [M, G, WG]
         x_mask = rm[:, None, None] < M
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k in range(0, tl.minimum(k_len, K - pid_k * k_len), BLOCK_K):
-            q = tl.load(w_ptrs + k // 8)
-            scale, zero = tl.split(tl.load(sz_ptrs + k // GROUP * 2).to(tl.float32))
-            a_hi, b_hi = (16.0 * scale)[:, :, None], (zero - 24.0 * scale)[:, :, None]
-            a_lo, b_lo = (256.0 * scale)[:, :, None], (zero - 264.0 * scale)[:, :, None]
-            for p in tl.static_range(4):
-                f_hi, f_lo = _nibble_pair(q, p)
-                xh = tl.load(x_ptrs + k + (2 * p + 1) * WG, mask=x_mask, other=0.0)
-                xl = tl.load(x_ptrs + k + 2 * p * WG, mask=x_mask, other=0.0)
-                wh, wl = f_hi * a_hi + b_hi, f_lo * a_lo + b_lo  # dequantized [BLOCK_N, G, WG]
-                xh, xl = tl.reshape(xh, [BLOCK_M, BLOCK_K // 8]), tl.reshape(xl, [BLOCK_M, BLOCK_K // 8])
-                acc = _dot_t(xh, tl.reshape(wh, [BLOCK_N, BLOCK_K // 8]), acc, DOT_F32)
-                acc = _dot_t(xl, tl.reshape(wl, [BLOCK_N, BLOCK_K // 8]), acc, DOT_F32)
-        out = acc
+        out = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        out_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k in range(0, k_end, BLOCK_K):
+            q, sz = tl.load(w_ptrs + k // 8), tl.load(sz_ptrs + k // GROUP * 2)
+            out = _int4_mma_step(q, sz, x_ptrs + k, x_mask, out, WG, BLOCK_M, DOT_F32)
+            if GLU:
+                q, sz = tl.load(w_ptrs + up_w + k // 8), tl.load(sz_ptrs + up_sz + k // GROUP * 2)
+                out_up = _int4_mma_step(q, sz, x_ptrs + k, x_mask, out_up, WG, BLOCK_M, DOT_F32)
+    if GLU:
+        out = out * tl.sigmoid(out) * out_up
     _store(y_ptr, out, rm, rn, M, N, ATOMIC)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_F32: tl.constexpr):
+    # acc + a @ b; a is fp32 (softmax weights) and goes to tensor cores in b's dtype unless DOT_F32
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a.to(b.dtype), b, acc)
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, lse_ptr,
+    sq_b, sq_h, sq_s, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sm_b, sm_s, so_b, so_h, so_s,
+    HKV, S, T, t_len, qk_scale,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, PARTIAL: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):  # fmt: skip
+    # q: [B, H, S, D], k/v: [B, HKV, T, D], mask: [B, 1, S, T] bool (True: may attend); D contiguous everywhere.
+    # grid: (B * HKV, P). This program: key/value head hk of batch row b with the G = H / HKV query heads that
+    # share it, times the S query positions (rows r = g * S + s, padded to BLOCK_R), over the keys
+    # [pid_p * t_len, (pid_p + 1) * t_len) cut at T. Online softmax in fp32, in base 2 (qk_scale includes
+    # log2(e)). Like torch's sdpa it reads every key of the range (masked ones too): no branch on the mask,
+    # so the loop's loads can be pipelined.
+    # o [B, H, S, D] in q's dtype; or PARTIAL: o [B, H, S, P, D] fp32, each range normalised by its own sum,
+    # and lse [B, H, S, P] (natural log of that sum, -inf for a range that saw no key) to combine them.
+    pid_bh, pid_p = tl.program_id(0), tl.program_id(1)
+    b, hk = pid_bh // HKV, pid_bh % HKV
+    r, d = tl.arange(0, BLOCK_R), tl.arange(0, D)
+    h, s = hk * G + r // S, r % S
+    row_ok = r < G * S
+    q = tl.load(q_ptr + b * sq_b + h[:, None] * sq_h + s[:, None] * sq_s + d[None, :], mask=row_ok[:, None], other=0.0)
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, D], tl.float32)
+    t_end = tl.minimum(pid_p * t_len + t_len, T)
+    for t0 in range(pid_p * t_len, t_end, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = t < t_end
+        m_ptrs = mask_ptr + b * sm_b + s[:, None] * sm_s + t[None, :]
+        allowed = tl.load(m_ptrs, mask=row_ok[:, None] & t_ok[None, :], other=0) != 0  # [R, BLOCK_T]
+        k = tl.load(k_ptr + b * sk_b + hk * sk_h + t[:, None] * sk_t + d[None, :], mask=t_ok[:, None], other=0.0)
+        v = tl.load(v_ptr + b * sv_b + hk * sv_h + t[:, None] * sv_t + d[None, :], mask=t_ok[:, None], other=0.0)
+        scores = _dot_t(q, k, tl.zeros([BLOCK_R, BLOCK_T], dtype=tl.float32), DOT_F32) * qk_scale
+        scores = tl.where(allowed, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet stay at 0
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(scores - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = _dot(p, v, acc * alpha[:, None], DOT_F32)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_ptrs = o_ptr + b * so_b + h[:, None] * so_h + s[:, None] * so_s + d[None, :]
+    if PARTIAL:
+        tl.store(o_ptrs + pid_p * D, out, mask=row_ok[:, None])
+        lse = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        tl.store(lse_ptr + ((b * HKV * G + h) * S + s) * tl.num_programs(1) + pid_p, lse, mask=row_ok)
+    else:
+        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 # ----------------------------------------------------------------------------- launch configurations
@@ -321,35 +429,53 @@ def get_config(fmt: str, n: int, k: int, m: int, device: torch.device) -> Config
 # ----------------------------------------------------------------------------- launching
 
 
-def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | None = None, **constexprs) -> Tensor:
-    # x: [..., K] -> y [..., n]
+def plan(fmt: str, m: int, n: int, k: int, device: torch.device, glu: bool = False) -> Config:
+    # the config a call with m rows, n outputs and k inputs runs with; a GLU call runs the [2n, K] shape's
+    # config without split-K (its epilogue needs whole sums)
+    cfg = get_config(fmt, 2 * n if glu else n, k, m, device)
+    return Config(**{**asdict(cfg), "split_k": 1}) if glu else cfg
+
+
+def out_dtype(fmt: str, x: Tensor, n: int, k: int, glu: bool = False) -> torch.dtype:
+    # Shapes whose decode (M = 1) config splits K return the float32 buffer the programs add into: the
+    # caller's cast then fuses into whatever consumes the result (inductor) instead of costing a kernel inside
+    # the op. Decided without M, so a compiled graph with a symbolic row count needs no guard on it.
+    return torch.float32 if plan(fmt, 1, n, k, x.device, glu).split_k > 1 else x.dtype
+
+
+def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | None = None, glu: bool = False,
+            **constexprs) -> Tensor:  # fmt: skip
+    # x: [..., K] -> y [..., n] in out_dtype (x's dtype, or float32 where the shape's decode config splits K)
     k = x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()  # [M, K]
     m = x2.shape[0]
     if m == 0:
         return x.new_empty(*x.shape[:-1], n)
-    cfg = cfg or get_config(fmt, n, k, m, x.device)
+    cfg = cfg or plan(fmt, m, n, k, x.device, glu)
     assert valid(cfg, fmt, n, k), f"config {cfg} does not tile {fmt} {n}x{k}"
+    assert not (glu and cfg.split_k > 1), "GLU calls cannot split K"
     block_m = MAX_M if (m > 1 or cfg.dot) else 1
     atomic = cfg.split_k > 1
-    y = torch.zeros(m, n, device=x.device, dtype=torch.float32) if atomic else x.new_empty(m, n)
+    dtype = torch.float32 if atomic else out_dtype(fmt, x, n, k, glu)
+    y = torch.zeros(m, n, device=x.device, dtype=dtype) if atomic else x.new_empty(m, n, dtype=dtype)
     grid = (n // cfg.block_n, cfg.split_k, triton.cdiv(m, block_m))
     k_len = triton.cdiv(k // cfg.block_k, cfg.split_k) * cfg.block_k  # inputs per split, whole tiles
     if kernel is _int4_kernel:
         constexprs.update(KW=k // 8, KW_LEN=k_len // 8)  # plain ints, not constexprs (see the kernel)
     kernel[grid](
-        x2, *weights, y, m, n, k, k_len, ATOMIC=atomic,
+        x2, *weights, y, m, n, k, k_len, GLU=glu, ATOMIC=atomic,
         DOT_F32=x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **constexprs,
     )  # fmt: skip
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    return y.reshape(*x.shape[:-1], n)
 
 
-def _check(x: Tensor, w: Tensor, k: int) -> None:
+def _check(x: Tensor, w: Tensor, k: int, glu: bool = False) -> None:
     assert x.dtype in FLOAT_DTYPES, f"activations must be bf16, fp16 or fp32, got {x.dtype}"
     assert x.shape[-1] == k, f"x has {x.shape[-1]} features, the weight expects {k}"
-    assert w.shape[0] % 128 == 0 and k % 128 == 0, f"N and K must be multiples of 128, got {w.shape[0]}x{k}"
+    rows = 256 if glu else 128
+    assert w.shape[0] % rows == 0 and k % 128 == 0, f"N and K must be multiples of {rows} and 128, got {w.shape[0]}x{k}"
     assert w.is_contiguous() and w.device == x.device, "weight must be contiguous and on x's device"
 
 
@@ -366,62 +492,181 @@ def _op(name: str, fake):
     return register
 
 
-def _fake_per_channel(x: Tensor, w: Tensor, scale: Tensor) -> Tensor:
-    return x.new_empty(*x.shape[:-1], w.shape[0])
+def _fake_y(fmt: str, x: Tensor, w: Tensor, glu: bool) -> Tensor:
+    # what a matmul op returns: [..., N] (N / 2 for GLU) in out_dtype
+    n, k = w.shape[0] // (2 if glu else 1), x.shape[-1]
+    return x.new_empty(*x.shape[:-1], n, dtype=out_dtype(fmt, x, n, k, glu))
 
 
-def _fake_linear(x: Tensor, w: Tensor) -> Tensor:
-    return x.new_empty(*x.shape[:-1], w.shape[0])
+def _fake_linear(x: Tensor, w: Tensor, glu: bool = False) -> Tensor:
+    return _fake_y(str(w.dtype).removeprefix("torch."), x, w, glu)
 
 
-def _fake_int4(x: Tensor, w: Tensor, scales_zeros: Tensor, group_size: int) -> Tensor:
-    return x.new_empty(*x.shape[:-1], w.shape[0])
+def _fake_int8(x: Tensor, w: Tensor, scale: Tensor, glu: bool = False) -> Tensor:
+    return _fake_y("int8", x, w, glu)
+
+
+def _fake_fp8(x: Tensor, w: Tensor, scale: Tensor, glu: bool = False) -> Tensor:
+    return _fake_y("fp8", x, w, glu)
+
+
+def _fake_int4(x: Tensor, w: Tensor, scales_zeros: Tensor, group_size: int, glu: bool = False) -> Tensor:
+    return _fake_y(f"int4g{group_size}", x, w, glu)
 
 
 @_op("linear", _fake_linear)
-def linear(x: Tensor, w: Tensor) -> Tensor:
-    # x: [..., K], w: [N, K] in x's dtype -> [..., N]
-    _check(x, w, w.shape[1])
+def linear(x: Tensor, w: Tensor, glu: bool = False) -> Tensor:
+    # x: [..., K], w: [N, K] in x's dtype -> [..., N]; glu: w is [2N', K] and y = silu(gate) * up [..., N']
+    _check(x, w, w.shape[1], glu)
     assert w.dtype == x.dtype, f"weight dtype {w.dtype} differs from activations {x.dtype}"
     fmt = str(w.dtype).removeprefix("torch.")
-    return _launch(_linear_kernel, fmt, x, (w, w), w.shape[0], HAS_SCALE=False, W_INT8=False)
+    return _launch(_linear_kernel, fmt, x, (w, w), w.shape[0] // (1 + glu), glu=glu, HAS_SCALE=False, W_INT8=False)
 
 
-@_op("int8_linear", _fake_per_channel)
-def int8_linear(x: Tensor, w: Tensor, scale: Tensor) -> Tensor:
-    # x: [..., K], w: [N, K] int8, scale: [N] -> [..., N]
-    _check(x, w, w.shape[1])
+@_op("int8_linear", _fake_int8)
+def int8_linear(x: Tensor, w: Tensor, scale: Tensor, glu: bool = False) -> Tensor:
+    # x: [..., K], w: [N, K] int8, scale: [N] -> [..., N] (glu as in linear)
+    _check(x, w, w.shape[1], glu)
     assert w.dtype == torch.int8 and scale.shape == (w.shape[0],), "int8 weight [N, K] with scale [N] expected"
-    return _launch(_linear_kernel, "int8", x, (w, scale), w.shape[0], HAS_SCALE=True, W_INT8=True)
+    return _launch(_linear_kernel, "int8", x, (w, scale), w.shape[0] // (1 + glu), glu=glu, HAS_SCALE=True, W_INT8=True)
 
 
-@_op("fp8_linear", _fake_per_channel)
-def fp8_linear(x: Tensor, w: Tensor, scale: Tensor) -> Tensor:
-    # x: [..., K], w: [N, K] float8_e4m3fn, scale: [N] -> [..., N]
-    _check(x, w, w.shape[1])
+@_op("fp8_linear", _fake_fp8)
+def fp8_linear(x: Tensor, w: Tensor, scale: Tensor, glu: bool = False) -> Tensor:
+    # x: [..., K], w: [N, K] float8_e4m3fn, scale: [N] -> [..., N] (glu as in linear)
+    _check(x, w, w.shape[1], glu)
     assert w.dtype == torch.float8_e4m3fn and scale.shape == (w.shape[0],), "e4m3 weight [N, K], scale [N] expected"
-    return _launch(_linear_kernel, "fp8", x, (w, scale), w.shape[0], HAS_SCALE=True, W_INT8=False)
+    return _launch(_linear_kernel, "fp8", x, (w, scale), w.shape[0] // (1 + glu), glu=glu, HAS_SCALE=True, W_INT8=False)
 
 
 @_op("int4_linear", _fake_int4)
-def int4_linear(x: Tensor, w: Tensor, scales_zeros: Tensor, group_size: int) -> Tensor:
-    # x: [..., K], w: [N, K/8] int32 from pack_int4, scales_zeros: [N, K/group_size, 2] -> [..., N]
+def int4_linear(x: Tensor, w: Tensor, scales_zeros: Tensor, group_size: int, glu: bool = False) -> Tensor:
+    # x: [..., K], w: [N, K/8] int32 from pack_int4, scales_zeros: [N, K/group_size, 2] -> [..., N] (glu as in linear)
     k = w.shape[1] * 8
-    _check(x, w, k)
+    _check(x, w, k, glu)
     assert group_size in (32, 64, 128, 256), f"group size must be 32, 64, 128 or 256, got {group_size}"
     assert w.dtype == torch.int32, f"packed int4 weight must be int32 from pack_int4, got {w.dtype}"
     assert scales_zeros.shape == (w.shape[0], k // group_size, 2), (
         f"scales_zeros must be [N, K/group, 2] = {[w.shape[0], k // group_size, 2]}, got {list(scales_zeros.shape)}"
     )
     assert scales_zeros.is_contiguous()
-    return _launch(_int4_kernel, f"int4g{group_size}", x, (w, scales_zeros), w.shape[0], GROUP=group_size)
+    fmt = f"int4g{group_size}"
+    return _launch(_int4_kernel, fmt, x, (w, scales_zeros), w.shape[0] // (1 + glu), glu=glu, GROUP=group_size)
 
 
-def supported(x: Tensor, n: int, k: int) -> bool:
-    """Whether y = x @ W^T ([..., K] -> [..., N]) should use these kernels: decode-sized inputs on a GPU.
-    Depends only on x's device, dtype and shape, so it is free inside torch.compile (a guard at most)."""
+# ----------------------------------------------------------------------------- decode attention
+
+ATTN_MAX_ROWS = 128  # query heads per key/value head x query positions, per program
+
+
+def attention_supported(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
+    """Whether kernels.sdpa should use the Triton kernel: GPU tensors that attention_shapes_ok() accepts."""
+    return q.is_cuda and attention_shapes_ok(q, k, v, mask)
+
+
+def attention_shapes_ok(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
+    """What the kernel takes: few query rows per key/value head (decode, speculative verification), a bool
+    mask of shape [B or 1, 1, S, T], head_dim a power of two from 16 to 256, one float dtype."""
+    if mask is None or q.dim() != 4 or q.dtype not in FLOAT_DTYPES:
+        return False
+    B, H, S, D = q.shape
+    hkv = k.shape[1]
+    return (
+        k.dtype == v.dtype == q.dtype and k.shape == v.shape and k.shape[0] == B and k.shape[3] == D
+        and H % hkv == 0 and (H // hkv) * S <= ATTN_MAX_ROWS and D in (16, 32, 64, 128, 256)
+        and mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2:] == (S, k.shape[2])
+        and mask.shape[0] in (1, B)
+    )  # fmt: skip
+
+
+def _attention_launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, splits: int, partial: bool,
+                      block_t: int | None = None, **launch) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    B, H, S, D = q.shape
+    hkv, T = k.shape[1], k.shape[2]
+    g = H // hkv
+    block_t = block_t or _block_t(D, splits)
+    t_len = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t  # keys per range, whole blocks
+    splits = triton.cdiv(T, t_len)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    mask = mask if mask.stride(-1) == 1 else mask.contiguous()
+    if not partial:
+        assert splits == 1, "one key range unless partial"
+        o, lse = q.new_empty(B, H, S, D), None
+    else:
+        o = torch.empty(B, H, S, splits, D, device=q.device, dtype=torch.float32)
+        lse = torch.empty(B, H, S, splits, device=q.device, dtype=torch.float32)
+    sm_b = mask.stride(0) if mask.shape[0] > 1 else 0
+    _attention_kernel[(B * hkv, splits)](
+        q, k, v, mask.view(torch.uint8), o, lse if lse is not None else o,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], sm_b, mask.stride(2), *o.stride()[:3],
+        hkv, S, T, t_len, D ** -0.5 * 1.4426950408889634,
+        G=g, D=D, BLOCK_R=max(16, triton.next_power_of_2(g * S)), BLOCK_T=block_t, PARTIAL=partial,
+        DOT_F32=q.dtype == torch.float32 or (INTERPRET and q.dtype == torch.bfloat16),
+        **{"num_warps": 8, "num_stages": 2 if splits == 1 else 3, **launch},
+    )  # fmt: skip
+    return o, lse
+
+
+def _fake_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    return q.new_empty(q.shape)  # contiguous, whatever q's strides (a transposed view in model.py)
+
+
+def _fake_attention_partial(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, splits: int) -> tuple[Tensor, Tensor]:
+    B, H, S, D = q.shape
+    splits = triton.cdiv(k.shape[2], _split_len(k.shape[2], splits, D))
+    return q.new_empty(B, H, S, splits, D, dtype=torch.float32), q.new_empty(B, H, S, splits, dtype=torch.float32)
+
+
+def _block_t(D: int, splits: int) -> int:
+    # keys per loop step: on the H100 (bench_kernels.py) 128 was fastest for one pass over a short cache
+    # (7B and 8B heads, 206 slots), 64 for split ranges of a long one (4096 slots)
+    return (128 if splits == 1 else 64) * 128 // max(D, 128)
+
+
+def _split_len(T: int, splits: int, D: int) -> int:
+    return triton.cdiv(triton.cdiv(T, splits), _block_t(D, splits)) * _block_t(D, splits)
+
+
+@_op("attention", _fake_attention)
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    # q: [B, H, S, D], k/v: [B, Hkv, T, D], mask: [B, 1, S, T] bool -> softmax(q k^T / sqrt(D) | mask) v [B, H, S, D]
+    return _attention_launch(q, k, v, mask, 1, False)[0]
+
+
+@_op("attention_partial", _fake_attention_partial)
+def attention_partial(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, splits: int) -> tuple[Tensor, Tensor]:
+    # the keys cut into `splits` ranges: per range the normalised output [B, H, S, P, D] and its log-sum-exp [B, H, S, P]
+    return _attention_launch(q, k, v, mask, splits, True)
+
+
+def attention_splits(batch: int, kv_heads: int, T: int, device: torch.device) -> int:
+    # ranges of at least 256 keys, up to ~one program per SM (on the H100, 4096 slots: 4 ranges for 32 heads,
+    # 16 for 8 were the fastest; 206 slots: one pass)
+    return max(1, min(triton.cdiv(T, 256), _sm_count(device) // (batch * kv_heads)))
+
+
+def attention_with_splits(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, splits: int) -> Tensor:
+    if splits == 1:
+        return attention(q, k, v, mask)
+    o, lse = attention_partial(q, k, v, mask, splits)  # the ranges' outputs, weighted by their softmax mass
+    return (o * torch.softmax(lse, dim=-1)[..., None]).sum(-2).to(q.dtype)
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, enable_gqa: bool = False, **kwargs) -> Tensor:
+    """F.scaled_dot_product_attention, with the Triton kernel for what attention_supported() accepts (decode
+    and verification steps on a GPU with a bool mask); everything else (prefill, CPU, dropout, an explicit
+    scale) goes to torch."""
+    if kwargs or not attention_supported(q, k, v, attn_mask):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=enable_gqa, **kwargs)
+    return attention_with_splits(q, k, v, attn_mask, attention_splits(q.shape[0], k.shape[1], k.shape[2], q.device))
+
+
+def supported(x: Tensor, n: int, k: int, glu: bool = False) -> bool:
+    """Whether y = x @ W^T ([..., K] -> [..., N]; glu: the fused silu(gate) * up of N outputs) should use these
+    kernels: decode-sized inputs on a GPU. Depends only on x's device, dtype and shape, so it is free inside
+    torch.compile (a guard at most)."""
     m = x.numel() // max(k, 1)
-    return x.is_cuda and x.dtype in FLOAT_DTYPES and m <= MAX_M and n % 128 == 0 and k % 128 == 0
+    return x.is_cuda and x.dtype in FLOAT_DTYPES and m <= MAX_M and n % (256 if glu else 128) == 0 and k % 128 == 0
 
 
 def fp8_ok(device: torch.device) -> bool:
@@ -476,19 +721,30 @@ def dequantize(fmt: str, *weights) -> Tensor:
     return weights[0].float()
 
 
-def call(fmt: str, x: Tensor, *weights) -> Tensor:
-    # the op for format fmt: "bfloat16" / "float16" / "float32" (linear), "int8", "fp8", "int4g<group>"
+def call(fmt: str, x: Tensor, *weights, glu: bool = False) -> Tensor:
+    # the op for format fmt: "bfloat16" / "float16" / "float32" (linear), "int8", "fp8", "int4g<group>"; in x's dtype
     if fmt.startswith("int4"):
-        return int4_linear(x, *weights)
-    if fmt in ("int8", "fp8"):
-        return (int8_linear if fmt == "int8" else fp8_linear)(x, *weights)
-    return linear(x, *weights)
+        y = int4_linear(x, *weights, glu)
+    elif fmt in ("int8", "fp8"):
+        y = (int8_linear if fmt == "int8" else fp8_linear)(x, *weights, glu)
+    else:
+        y = linear(x, *weights, glu)
+    return y.to(x.dtype)
 
 
-def run_with(fmt: str, x: Tensor, weights: tuple, cfg: Config) -> Tensor:
+def run_with(fmt: str, x: Tensor, weights: tuple, cfg: Config, glu: bool = False) -> Tensor:
     # the kernel with an explicit config, outside the custom op: for tuning and for tests of every code path
+    n = weights[0].shape[0] // (2 if glu else 1)
     if fmt.startswith("int4"):
-        return _launch(_int4_kernel, fmt, x, weights[:2], weights[0].shape[0], cfg, GROUP=weights[2])
-    per_channel = fmt in ("int8", "fp8")
-    w, s = weights[0], weights[1] if per_channel else weights[0]
-    return _launch(_linear_kernel, fmt, x, (w, s), w.shape[0], cfg, HAS_SCALE=per_channel, W_INT8=fmt == "int8")
+        y = _launch(_int4_kernel, fmt, x, weights[:2], n, cfg, glu, GROUP=weights[2])
+    else:
+        per_channel = fmt in ("int8", "fp8")
+        w, s = weights[0], weights[1] if per_channel else weights[0]
+        y = _launch(_linear_kernel, fmt, x, (w, s), n, cfg, glu, HAS_SCALE=per_channel, W_INT8=fmt == "int8")
+    return y.to(x.dtype)
+
+
+def glu_reference(fmt: str, x: Tensor, *weights) -> Tensor:
+    # what call(fmt, x, *weights, glu=True) computes, in float64 from the dequantized weight: [M, N / 2]
+    gate, up = (x.double() @ dequantize(fmt, *weights).double().T).chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up

@@ -202,6 +202,9 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = nn.Identity()
         self.kv_cache: KVCache | None = None
+        # F.scaled_dot_product_attention or a function with its signature (quantize.prepare_for_device puts
+        # kernels.sdpa here on a GPU: a Triton kernel for decode steps)
+        self.sdpa = F.scaled_dot_product_attention
 
     def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
         bsz, seqlen, _ = x.shape
@@ -213,7 +216,7 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k, v = self.kv_cache.update(input_pos, k, v)  # [B, H_kv, T, D]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_head != self.n_local_heads)
+        y = self.sdpa(q, k, v, attn_mask=mask, enable_gqa=self.n_head != self.n_local_heads)
         y = y.transpose(1, 2).contiguous().view(bsz, seqlen, q_size)
         return self.wo(y)
 

@@ -12,14 +12,16 @@ when it has its own weight. The embedding stays in high precision, so a tied out
 stays unquantized too. The scheme is saved in the checkpoint as the entry "_quantization" and read back by
 prepare_quantized(); file names are only a convention. model.py never sees any of this.
 
-Kernels: on a GPU, decode-sized matmuls (at most kernels.MAX_M rows) of every format, bf16 included, go to
-the Triton ops of kernels.py; larger inputs (prefill) take the stock path (cuBLAS on the dequantized or
-upcast weight, or tinygemm for int4 layers the Triton kernel cannot tile). prepare_for_device() makes that
-choice once per module after loading. Which formats use the Triton ops is FASTGEN_KERNELS: by default int8
-and fp8, the ones where they beat the stock path end to end on the H100 (README); "all" adds int4 and bf16,
-"stock" turns them off, or list formats ("int8,int4").
+Kernels: on a GPU, decode-sized matmuls (at most kernels.MAX_M rows) go to the Triton ops of kernels.py;
+larger inputs (prefill) take the stock path (cuBLAS on the dequantized or upcast weight, or tinygemm for int4).
+prepare_for_device() makes that choice once per module after loading, and also swaps in the decode attention
+kernel (Attention.sdpa) and GluFeedForward (the SwiGLU in w13's kernel). What uses the Triton ops is
+FASTGEN_KERNELS: by default int8 and fp8 matmuls, attention and the SwiGLU epilogue ("int8,fp8,attn,glu"),
+what beat the stock paths end to end on the H100 (README); "all" adds bf16 and int4 matmuls, "stock" turns
+everything off, or list names ("int8,int4,attn").
 """
 import argparse
+import itertools
 import math
 import os
 import sys
@@ -32,7 +34,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 import generate as gen
-from model import KVCache, Transformer, rope_cos_sin
+from model import Attention, FeedForward, KVCache, Transformer, rope_cos_sin
 
 FORMAT_VERSION = 1
 MODES = ("int8", "int4", "int4-gptq", "fp8")
@@ -76,13 +78,15 @@ class WeightOnlyInt8Linear(nn.Module):
     def dequantized_weight(self) -> Tensor:
         return self.quantized_weight().float() * self.scales.float()[:, None]  # the reference: [out, in] float32
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, glu: bool = False) -> Tensor:
+        # glu: silu(first half) * second half of the outputs (FeedForward's w13, see GluFeedForward)
         w = self.quantized_weight()
-        if self.triton and kernels.supported(x, self.out_features, self.in_features):
-            y = getattr(kernels, self.kernel_op)(x, w, self.scales)
-        else:  # the scale is per output channel, so it multiplies after the matmul
-            y = F.linear(x, w.to(x.dtype)) * self.scales.to(x.dtype)
-        return y if self.bias is None else y + self.bias
+        if self.triton and kernels.supported(x, self.out_features, self.in_features, glu and self.bias is None):
+            y = getattr(kernels, self.kernel_op)(x, w, self.scales, glu).to(x.dtype)
+            return y if self.bias is None else y + self.bias  # (no bias when glu)
+        # the scale is per output channel, so it multiplies after the matmul
+        y = F.linear(x, w.to(x.dtype)) * self.scales.to(x.dtype)
+        return apply_glu(y if self.bias is None else y + self.bias, glu)
 
 
 # ----------------------------------------------------------------------------- fp8 (e4m3), per output channel
@@ -121,11 +125,29 @@ class TritonLinear(nn.Linear):
     unquantized layers when FASTGEN_KERNELS names bf16 (on the H100 it streams faster than cuBLAS in
     isolation but was not faster end to end). Same parameters, same state dict."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        if kernels.supported(x, self.out_features, self.in_features) and x.dtype == self.weight.dtype:
-            y = kernels.linear(x, self.weight)
+    def forward(self, x: Tensor, glu: bool = False) -> Tensor:
+        fused = glu and self.bias is None
+        if kernels.supported(x, self.out_features, self.in_features, fused) and x.dtype == self.weight.dtype:
+            y = kernels.linear(x, self.weight, fused).to(x.dtype)
             return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
+        return apply_glu(F.linear(x, self.weight, self.bias), glu)
+
+
+def apply_glu(y: Tensor, glu: bool) -> Tensor:
+    # [..., 2H] -> silu(gate) * up [..., H] when glu: model.FeedForward's arithmetic
+    if not glu:
+        return y
+    gate, up = y.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class GluFeedForward(FeedForward):
+    """FeedForward whose w13 applies silu(gate) * up itself (in the matmul kernel's epilogue on a GPU: one
+    kernel and one [H]-wide write instead of a [2H] write and another kernel). Swapped in by
+    prepare_for_device where w13 is a module with a glu argument; same parameters, same state dict."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(self.w13(x, glu=True))
 
 
 # ----------------------------------------------------------------------------- int4, asymmetric groups
@@ -238,13 +260,14 @@ class WeightOnlyInt4Linear(nn.Module):
             self.scales_and_zeros = sz.to(dtype or sz.dtype)  # inductor cannot lower the kernel with a cast feeding it
         self.kernel = kernel
 
-    def forward(self, x: Tensor) -> Tensor:
-        # x: [..., in_features] -> [..., out_features]
+    def forward(self, x: Tensor, glu: bool = False) -> Tensor:
+        # x: [..., in_features] -> [..., out_features] (glu: [..., out_features / 2], as in the int8 module)
         if self.padded_in != self.in_features:
             x = F.pad(x, (0, self.padded_in - self.in_features))
         if self.kernel == "triton":  # decode: the Triton kernel; prefill: cuBLAS on the dequantized weight
-            if kernels.supported(x, self.out_features, self.padded_in):
-                y = kernels.int4_linear(x, self.weight, self.scales_and_zeros, self.groupsize)
+            if kernels.supported(x, self.out_features, self.padded_in, glu and self.bias is None):
+                y = kernels.int4_linear(x, self.weight, self.scales_and_zeros, self.groupsize, glu).to(x.dtype)
+                return y if self.bias is None else y + self.bias  # (no bias when glu)
             else:
                 w = kernels.dequantize_int4(self.weight, self.scales_and_zeros, self.groupsize)
                 y = F.linear(x, w.to(x.dtype))
@@ -260,7 +283,7 @@ class WeightOnlyInt4Linear(nn.Module):
             y = y.reshape(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.dequantized_weight().to(x.dtype))
-        return y if self.bias is None else y + self.bias
+        return apply_glu(y if self.bias is None else y + self.bias, glu)
 
 
 def default_int4_kernel(device: torch.device, out_features: int, in_features: int) -> str:
@@ -345,14 +368,15 @@ def load_kernels() -> None:
         kernels = k
 
 
-TRITON_BY_DEFAULT = "int8,fp8"  # on the H100 tinygemm (int4) and cuBLAS (bf16) were faster end to end
+TRITON_BY_DEFAULT = "int8,fp8,attn,glu"  # on the H100 tinygemm (int4) and cuBLAS (bf16) were faster end to end
 
 
 def use_triton(device: torch.device, fmt: str) -> bool:
-    """Whether modules of format fmt ("bf16", "int8", "fp8", "int4") on `device` call the Triton kernels:
-    on CUDA, for the formats FASTGEN_KERNELS names ("all", "stock", or a list; default TRITON_BY_DEFAULT)."""
+    """Whether modules of format fmt ("bf16", "int8", "fp8", "int4"; "attn" for attention, "glu" for the
+    SwiGLU fused into w13's kernel) on `device` call the Triton kernels: on CUDA, for what FASTGEN_KERNELS
+    names ("all", "stock", or a list; default TRITON_BY_DEFAULT)."""
     chosen = os.environ.get("FASTGEN_KERNELS", TRITON_BY_DEFAULT)
-    chosen = {"all": "bf16,int8,fp8,int4", "stock": ""}.get(chosen, chosen).split(",")
+    chosen = {"all": "bf16,int8,fp8,int4,attn,glu", "stock": ""}.get(chosen, chosen).split(",")
     if torch.device(device).type != "cuda" or fmt not in chosen:
         return False
     load_kernels()
@@ -381,6 +405,13 @@ def prepare_for_device(model: nn.Module, kernel: str | None = None) -> nn.Module
             m.triton = triton
         elif type(m) is nn.Linear and triton:
             m.__class__ = TritonLinear  # same parameters and state dict: only forward changes
+    device = next(itertools.chain(model.parameters(), model.buffers())).device
+    attention, glu = (kernel == "triton",) * 2 if kernel else (use_triton(device, "attn"), use_triton(device, "glu"))
+    for m in model.modules():
+        if type(m) is FeedForward and glu and isinstance(m.w13, (TritonLinear, WeightOnlyInt8Linear, WeightOnlyInt4Linear)):
+            m.__class__ = GluFeedForward  # w13 applies the SwiGLU itself (in the Triton kernel's epilogue)
+        elif isinstance(m, Attention) and attention:
+            m.sdpa = kernels.sdpa
     return model
 
 
@@ -609,6 +640,7 @@ def quantize_checkpoint(checkpoint_path: Path, mode: str, groupsize: int | None 
 
 
 @torch.no_grad()
+@torch.no_grad()  # inference modules: the kernels' custom ops have no autograd formula
 def self_check(device: str, shapes: list[tuple[int, int]] | None = None, compile: bool = True,
                kernel: str | None = None) -> bool:  # fmt: skip
     """Every linear module on `device` (with its device's kernels: Triton on a GPU) against the dequantized

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.testing import assert_close
 
 import kernels
 from bench_kernels import make_weights
@@ -115,6 +116,21 @@ def test_compiles_with_fullgraph_and_no_graph_break():
     torch.testing.assert_close(compiled(x, x8), step(x, x8))
 
 
+def test_compiles_with_a_symbolic_row_count(monkeypatch):
+    # a dynamically compiled prefill or verify step traces the ops with a symbolic M: the fake implementation
+    # (output shape and dtype) must not need its value, split-K shapes (fp32 output) included
+    x, (w8, s8), _ = case("int8", 3, 256, 512, torch.bfloat16)
+    for split in (False, True):  # the configured path, then a forced split-K
+        if split:
+            monkeypatch.setattr(kernels, "get_config", lambda *a: kernels.Config(64, 128, split_k=2))
+        torch._dynamo.reset()
+        step = torch.compile(lambda x: kernels.int8_linear(x, w8, s8).to(x.dtype) * 2, fullgraph=True, dynamic=True,
+                             backend="aot_eager")  # fmt: skip
+        for rows in (3, 5):
+            xr = torch.randn(rows, 512).to(torch.bfloat16)
+            torch.testing.assert_close(step(xr), kernels.int8_linear(xr, w8, s8).to(xr.dtype) * 2)
+
+
 def test_supported_routes_only_decode_sized_gpu_inputs():
     x = torch.randn(1, 4096, device="cpu")
     assert not kernels.supported(x, 4096, 4096)  # CPU: the stock path
@@ -152,6 +168,100 @@ def test_bad_shapes_are_clear_errors():
         kernels.int8_linear(torch.randn(1, 128, dtype=torch.bfloat16), w, s)
 
 
+# ----------------------------------------------------------------------------- GLU epilogue, split-K output
+
+
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8", "fp8", "int4g32", "int4g128"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_glu_epilogue_is_silu_of_gate_times_up(fmt, m):
+    # glu=True: the weight's first half of rows is the gate, the second the up projection; one kernel
+    act = torch.float32 if fmt == "float32" else torch.bfloat16
+    x, weights, _ = case(fmt, m, 512, 512, act, seed=m)
+    y = kernels.call(fmt, x, *weights, glu=True)
+    assert y.shape == (m, 256) and y.dtype == act
+    assert rel_err(y, kernels.glu_reference(fmt, x, *weights)) < BOUND[act]
+
+
+def test_split_k_returns_its_float32_buffer(monkeypatch):
+    # a split-K call returns the fp32 buffer its programs add into (the caller's cast then fuses into the next
+    # kernel); a call without split-K returns x's dtype; out_dtype() tells which, for the fake implementation
+    x, weights, ref = case("int8", 1, 256, 512, torch.bfloat16)
+    for split, dtype in ((2, torch.float32), (1, torch.bfloat16)):
+        monkeypatch.setattr(kernels, "get_config", lambda *a, s=split: kernels.Config(64, 128, split_k=s))
+        y = kernels.int8_linear(x, *weights)
+        assert y.dtype == dtype == kernels.out_dtype("int8", x, 256, 512)
+        assert rel_err(y, ref) < BOUND[dtype]
+    assert kernels.plan("int8", 1, 128, 512, x.device, glu=True).split_k == 1  # GLU never splits K
+
+
+# ----------------------------------------------------------------------------- decode attention
+
+
+def attention_case(b, h, hkv, s, t, d, dtype, pos, seed=0):
+    # queries at slots pos .. pos + s - 1 of a cache of t slots, causal; row 0 has 3 slots of left padding
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, n, length, d, generator=g).to(dtype) for n, length in ((h, s), (hkv, t), (hkv, t)))
+    slots = torch.arange(pos, pos + s)
+    mask = (torch.arange(t)[None, :] <= slots[:, None])[None, None].repeat(b, 1, 1, 1)  # [B, 1, S, T]
+    mask[0, :, :, :3] = False
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("b,h,hkv,s,t,d,dtype,splits", [
+    (1, 4, 4, 1, 70, 64, torch.float32, 1),  # a decode step, one pass
+    (2, 8, 2, 3, 200, 32, torch.float32, 3),  # grouped query heads, a 3-token verify step, split key ranges
+    (1, 4, 1, 5, 130, 128, torch.bfloat16, 2),  # multi-query, bf16 on tensor cores
+    (2, 2, 2, 1, 64, 16, torch.bfloat16, 1),
+])  # fmt: skip
+def test_attention_matches_torch_sdpa(b, h, hkv, s, t, d, dtype, splits):
+    q, k, v, mask = attention_case(b, h, hkv, s, t, d, dtype, pos=t - s - 4)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=True
+    )  # fmt: skip
+    out = kernels.attention_with_splits(q, k, v, mask, splits)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert (out.double() - ref).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_masked_keys_do_not_count():
+    # keys past the position (cache slots not written yet) and padding slots change nothing, whatever they hold
+    q, k, v, mask = attention_case(2, 2, 2, 1, 256, 64, torch.float32, pos=70)
+    ref = kernels.attention_with_splits(q, k, v, mask, 2)
+    k[:, :, 71:], v[:, :, 71:] = k[:, :, 71:] * 100, torch.randn_like(v[:, :, 71:]) * 100
+    k[0, :, :3], v[0, :, :3] = -k[0, :, :3] * 100, v[0, :, :3] * 100
+    assert_close(kernels.attention_with_splits(q, k, v, mask, 2), ref, atol=1e-6, rtol=1e-6)
+    assert_close(kernels.attention_with_splits(q, k, v, mask, 1), ref, atol=1e-6, rtol=1e-6)
+
+
+def test_fake_implementations_agree_with_the_kernels():
+    # torch.library.opcheck: each op's fake (what torch.compile plans with) gives the real output's shape,
+    # dtype and strides, also for a transposed query view with several positions (a verify step)
+    q, k, v, mask = attention_case(1, 4, 2, 3, 64, 32, torch.float32, pos=20)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, H, S, D] view of [B, S, H, D], as in model.py
+    torch.library.opcheck(kernels.attention, (q, k, v, mask))
+    torch.library.opcheck(kernels.attention_partial, (q, k, v, mask, 2))
+    for fmt, op in (("bfloat16", kernels.linear), ("int8", kernels.int8_linear), ("int4g32", kernels.int4_linear)):
+        x, weights, _ = case(fmt, 3, 256, 256, torch.bfloat16)
+        for glu in (False, True):
+            torch.library.opcheck(op, (x, *weights, glu))
+
+
+def test_sdpa_sends_only_decode_sized_gpu_inputs_to_the_kernel():
+    q, k, v, mask = attention_case(1, 4, 2, 1, 64, 64, torch.float32, pos=10)
+    assert not kernels.attention_supported(q, k, v, mask)  # CPU tensors: torch's sdpa
+    assert torch.equal(kernels.sdpa(q, k, v, attn_mask=mask, enable_gqa=True),
+                       torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
+    meta = lambda *shape, dtype=torch.bfloat16: torch.empty(*shape, device="meta", dtype=dtype)  # noqa: E731
+    # what the kernel takes, device aside: a bool [B, 1, S, T] mask, few query rows per program, power-of-two D
+    shapes_ok = kernels.attention_shapes_ok
+    assert shapes_ok(meta(1, 32, 1, 128), meta(1, 8, 64, 128), meta(1, 8, 64, 128), meta(1, 1, 1, 64, dtype=torch.bool))
+    assert not shapes_ok(meta(1, 32, 1, 128), meta(1, 8, 64, 128), meta(1, 8, 64, 128), None)
+    assert not shapes_ok(meta(1, 32, 1, 96), meta(1, 8, 64, 96), meta(1, 8, 64, 96), meta(1, 1, 1, 64, dtype=torch.bool))
+    assert not shapes_ok(meta(1, 32, 64, 128), meta(1, 8, 64, 128), meta(1, 8, 64, 128),
+                         meta(1, 1, 64, 64, dtype=torch.bool))  # a prefill: 4 x 64 rows per program  # fmt: skip
+    assert not shapes_ok(meta(1, 32, 1, 128), meta(1, 8, 64, 128), meta(1, 8, 64, 128), meta(1, 1, 1, 64))  # float mask
+
+
 GPU_COMPILE = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
@@ -167,13 +277,21 @@ def build(fn, sig, consts):
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
 
 ints = {"M": "i32", "N": "i32", "K": "i32", "k_len": "i32"}
-for w, int8, bm, atomic in [("*i8", True, 1, True), ("*fp8e4nv", False, 16, False)]:  # both paths, both stores
+for w, int8, bm, atomic, glu in [("*i8", True, 1, True, False), ("*fp8e4nv", False, 16, False, True),
+                                 ("*bf16", False, 1, False, True)]:  # both paths, both stores, GLU epilogue
     sig = {"x_ptr": "*bf16", "w_ptr": w, "s_ptr": "*bf16", "y_ptr": "*fp32" if atomic else "*bf16", **ints}
-    build(kernels._linear_kernel, sig, dict(HAS_SCALE=True, W_INT8=int8, ATOMIC=atomic, DOT_F32=False,
-                                            BLOCK_M=bm, BLOCK_N=32, BLOCK_K=256))
-for bm in (1, 16):
+    build(kernels._linear_kernel, sig, dict(HAS_SCALE=w != "*bf16", W_INT8=int8, GLU=glu, ATOMIC=atomic,
+                                            DOT_F32=False, BLOCK_M=bm, BLOCK_N=32, BLOCK_K=256))
+for bm, glu in ((1, False), (16, False), (1, True), (16, True)):
     sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "sz_ptr": "*bf16", "y_ptr": "*bf16", **ints, "KW": "i32", "KW_LEN": "i32"}
-    build(kernels._int4_kernel, sig, dict(GROUP=32, ATOMIC=False, DOT_F32=False, BLOCK_M=bm, BLOCK_N=32, BLOCK_K=512))
+    build(kernels._int4_kernel, sig, dict(GROUP=32, GLU=glu, ATOMIC=False, DOT_F32=False, BLOCK_M=bm, BLOCK_N=32,
+                                          BLOCK_K=512))
+strides = {f"s{t}_{d}": "i32" for t, dims in (("q", "bhs"), ("k", "bht"), ("v", "bht"), ("m", "bs"), ("o", "bhs"))
+           for d in dims}
+for g, partial in ((1, False), (4, True)):  # one pass (7B heads), split ranges with grouped query heads (8B)
+    sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*u8", "o_ptr": "*fp32" if partial else "*bf16",
+           "lse_ptr": "*fp32", **strides, "HKV": "i32", "S": "i32", "T": "i32", "t_len": "i32", "qk_scale": "fp32"}
+    build(kernels._attention_kernel, sig, dict(G=g, D=128, BLOCK_R=16, BLOCK_T=64, PARTIAL=partial, DOT_F32=False))
 print("ok")
 """
 

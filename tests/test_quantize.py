@@ -1,5 +1,6 @@
 """quantize.py: quantized linears against their dequantized reference, checkpoints that round-trip and
 generate, GPTQ against round-to-nearest, and one-line errors on bad input."""
+import copy
 import shutil
 
 import pytest
@@ -9,6 +10,7 @@ from torch.testing import assert_close
 
 import generate as gen
 import quantize as Q
+from model import ModelArgs, Transformer
 from tests.helpers import load_tiny, make_checkpoint
 
 KERNELS = ["reference", "cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # int4 paths this machine has
@@ -113,6 +115,17 @@ def test_fp8_weight_survives_a_dtype_change():
     assert m.weight.dtype == torch.uint8 and torch.equal(m.dequantized_weight(), before)
 
 
+def module_on_triton_path(mode: str, lin: nn.Linear, monkeypatch) -> tuple[nn.Module, torch.Tensor]:
+    # lin as a module of `mode` ("plain" keeps it) with the GPU's kernel choices, its decode-sized inputs
+    # widened to CPU tensors (Triton's interpreter); and its reference weight in float64
+    import kernels
+
+    monkeypatch.setattr(kernels, "supported", lambda x, n, k, glu=False: x.numel() // k <= kernels.MAX_M)
+    m = lin if mode == "plain" else Q.quantize_linear(lin, *Q.parse_mode(mode))
+    ref_w = (m.weight if mode == "plain" else m.dequantized_weight()).detach().double()
+    return Q.prepare_for_device(m, "triton"), ref_w
+
+
 @pytest.mark.parametrize("mode", ["plain", "int8", "fp8", "int4-g32", "int4-g128"])
 @pytest.mark.parametrize("rows", [1, 3, 40])  # decode (one row; several, as in a verify step) and prefill
 def test_triton_path_of_each_module_matches_its_reference(mode, rows, monkeypatch):
@@ -120,11 +133,7 @@ def test_triton_path_of_each_module_matches_its_reference(mode, rows, monkeypatc
     # the same kernels in Triton's interpreter (kernels.supported() is widened to CPU tensors)
     import kernels
 
-    monkeypatch.setattr(kernels, "supported", lambda x, n, k: x.numel() // k <= kernels.MAX_M)
-    lin = nn.Linear(256, 128, bias=True)
-    m = lin if mode == "plain" else Q.quantize_linear(lin, *Q.parse_mode(mode))
-    ref_w = (m.weight if mode == "plain" else m.dequantized_weight()).detach().double()
-    Q.prepare_for_device(m, "triton")
+    m, ref_w = module_on_triton_path(mode, nn.Linear(256, 128, bias=True), monkeypatch)
     assert type(m) is Q.TritonLinear if mode == "plain" else getattr(m, "kernel", None) == "triton" or m.triton
     calls = []
     for name in ("linear", "int8_linear", "fp8_linear", "int4_linear"):
@@ -136,16 +145,66 @@ def test_triton_path_of_each_module_matches_its_reference(mode, rows, monkeypatc
     assert len(calls) == (rows <= kernels.MAX_M)  # the kernel for decode, the stock path for prefill
 
 
-@pytest.mark.parametrize("setting,formats", [(None, {"int8", "fp8"}), ("all", {"bf16", "int8", "fp8", "int4"}),
+@pytest.mark.parametrize("mode", ["plain", "int8", "fp8", "int4-g32"])
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_glu_call_of_each_module_is_silu_of_gate_times_up(mode, rows, monkeypatch):
+    # module(x, glu=True) (GluFeedForward's w13): the kernel's fused epilogue for decode sizes, else the
+    # plain product then silu(gate) * up; the same result either way
+    m, ref_w = module_on_triton_path(mode, nn.Linear(256, 512, bias=False), monkeypatch)
+    x = torch.randn(rows, 256)
+    gate, up = (x.double() @ ref_w.t()).chunk(2, dim=-1)
+    ref = torch.nn.functional.silu(gate) * up
+    assert (m(x, glu=True).double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("setting,formats", [(None, {"int8", "fp8", "attn", "glu"}),
+                                             ("all", {"bf16", "int8", "fp8", "int4", "attn", "glu"}),
                                              ("stock", set()), ("int8,int4", {"int8", "int4"})])  # fmt: skip
 def test_which_formats_use_the_triton_kernels(setting, formats, monkeypatch):
-    # FASTGEN_KERNELS picks the formats; by default those that beat the stock path on the H100; never on CPU
+    # FASTGEN_KERNELS picks the formats (and attention); by default those that beat the stock path on the
+    # H100; never on CPU
     if setting is None:
         monkeypatch.delenv("FASTGEN_KERNELS", raising=False)
     else:
         monkeypatch.setenv("FASTGEN_KERNELS", setting)
-    assert {f for f in ("bf16", "int8", "fp8", "int4") if Q.use_triton(torch.device("cuda"), f)} == formats
-    assert not any(Q.use_triton(torch.device("cpu"), f) for f in ("bf16", "int8", "fp8", "int4"))
+    names = ("bf16", "int8", "fp8", "int4", "attn", "glu")
+    assert {f for f in names if Q.use_triton(torch.device("cuda"), f)} == formats
+    assert not any(Q.use_triton(torch.device("cpu"), f) for f in names)
+
+
+@pytest.mark.parametrize("mode", ["plain", "int8", "int4-g32"])
+def test_decode_through_every_triton_kernel_matches_the_stock_path(mode, monkeypatch):
+    # A whole model with the GPU's kernel choices (Triton matmuls with the SwiGLU epilogue, Triton attention),
+    # run here in Triton's interpreter, against the same weights on the stock path: prefill, then decode steps
+    import kernels
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        args = ModelArgs(vocab_size=256, dim=128, n_layer=2, n_head=4, n_local_heads=2, intermediate_size=256)
+    stock = Transformer(args).to_empty(device="cpu")
+    for p in stock.parameters():
+        torch.nn.init.normal_(p, 0, 0.05)
+    if mode != "plain":
+        stock = Q.quantize_model(stock, *Q.parse_mode(mode), pack=False)
+    fast = copy.deepcopy(stock)
+    monkeypatch.setattr(kernels, "supported", lambda x, n, k, glu=False: x.numel() // k <= kernels.MAX_M
+                        and n % (256 if glu else 128) == 0)  # fmt: skip
+    monkeypatch.setattr(kernels, "attention_supported", kernels.attention_shapes_ok)
+    Q.prepare_for_device(fast, "triton")
+    Q.prepare_for_device(stock)
+    assert all(type(layer.feed_forward) is Q.GluFeedForward for layer in fast.layers)
+    assert all(layer.attention.sdpa is kernels.sdpa for layer in fast.layers)
+    launches = []
+    monkeypatch.setattr(kernels, "_attention_launch", lambda *a, _f=kernels._attention_launch: launches.append(1) or _f(*a))
+    for model in (stock, fast):
+        model.setup_caches(1, 32)
+    tokens = torch.randint(0, 256, (1, 6))
+    with torch.no_grad():
+        for step in range(4):
+            pos = torch.arange(6) if step == 0 else torch.tensor([5 + step])
+            x = tokens if step == 0 else torch.randint(0, 256, (1, 1))
+            assert_close(fast(x, pos), stock(x, pos), atol=1e-4, rtol=1e-4)
+    assert len(launches) == 4 * args.n_layer
 
 
 def test_self_check_passes_on_cpu():
