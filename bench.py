@@ -2,6 +2,7 @@
 
     python bench.py --shape 7B --mode bf16 int8 int4 fp8 --runs 3
     python bench.py --shape 7B --mode int8 int4 --kernels all stock   # kernels.py vs torch's own kernels
+    python bench.py --shape 7B --mode int8 --kernels int8 int8,attn int8,attn,glu   # what each kernel adds
 
 Prints one JSON line per configuration: median tok/s over --runs after a first (compiling) call,
 achieved GB/s (non-embedding weight bytes x tok/s), % of the floor set by the copy bandwidth measured in
@@ -149,8 +150,9 @@ def main(argv=None) -> None:
     p.add_argument("--no_compile", dest="compile", action="store_false")
     p.add_argument("--compile_prefill", action="store_true")
     p.add_argument("--kernels", nargs="+", default=["default"],
-                   help="which formats use kernels.py for decode matmuls (FASTGEN_KERNELS): default (int8, fp8), "
-                        "all, stock (torch's own: cuBLAS, tinygemm, inductor), or a list such as int8,int4")
+                   help="what uses kernels.py (FASTGEN_KERNELS): default (int8,fp8,attn,glu), all, stock "
+                        "(torch's own: cuBLAS, tinygemm, inductor, sdpa), or a list of bf16 int8 fp8 int4 attn glu "
+                        "such as int8,attn")
     p.add_argument("--breakdown", action="store_true", help="also profile GPU time per token by kind of kernel")
     p.add_argument("--device", default=gen.default_device())
     args = p.parse_args(argv)

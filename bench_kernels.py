@@ -64,6 +64,20 @@ def poison(*like: tuple) -> None:
     del bufs
 
 
+# decode attention (batch, query heads, key/value heads, query positions, cache length): 7B and 8B heads at
+# the benchmark's 206-slot cache and at 4096 slots
+ATTENTION_SHAPES = [(1, 32, 32, 1, 206), (1, 32, 8, 1, 206), (1, 32, 32, 1, 4096), (1, 32, 8, 1, 4096)]
+
+
+def attention_inputs(b: int, h: int, hkv: int, s: int, t: int, d: int = 128):
+    # bf16 q [B, H, S, D], k/v [B, Hkv, T, D]; a causal bool mask [B, 1, S, T] with the queries at the last slots
+    q = torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(b, hkv, t, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    slots = torch.arange(t - s, t, device="cuda")
+    mask = (torch.arange(t, device="cuda")[None, :] <= slots[:, None])[None, None].expand(b, 1, s, t).contiguous()
+    return q, k, v, mask
+
+
 # ----------------------------------------------------------------------------- correctness
 
 
@@ -99,6 +113,27 @@ def check(formats: list[str], trials: int) -> None:
     for fmt, err in worst.items():
         bound = BOUND[torch.float16 if fmt == "float16" else torch.bfloat16]
         print(f"check {fmt:9s} worst relative error {err:.2e} over {trials} random shapes (bound {bound:.0e})")
+
+    # the SwiGLU epilogue (FeedForward's w13): silu(first half of the outputs) * second half
+    for fmt in formats:
+        for m in (1, 3):
+            n, k = 256 * int(torch.randint(1, 48, (1,), generator=gen)), 256 * int(torch.randint(1, 24, (1,), generator=gen))
+            weights = make_weights(fmt, 2 * n, k, "cuda", seed=2000 + m)
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            err = rel_err(kernels.call(fmt, x, *weights, glu=True), kernels.glu_reference(fmt, x, *weights))
+            assert err < BOUND[torch.bfloat16], f"{fmt} glu M={m} N={n} K={k}: relative error {err:.2e}"
+            worst[fmt + " glu"] = max(worst.get(fmt + " glu", 0.0), err)
+        print(f"check {fmt:9s} glu epilogue worst relative error {worst[fmt + ' glu']:.2e}")
+
+    # decode attention against torch's sdpa in float64, on the benchmark's shapes and a long context
+    for b, h, hkv, s, t in ATTENTION_SHAPES + [(2, 32, 8, 5, 777)]:
+        q, k, v, mask = attention_inputs(b, h, hkv, s, t)
+        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=True)
+        y = kernels.sdpa(q, k, v, attn_mask=mask, enable_gqa=True)
+        err = (y.double() - ref).abs().max().item()
+        splits = kernels.attention_splits(b, hkv, t, q.device)
+        print(f"check attention B={b} H={h} Hkv={hkv} S={s} T={t} ({splits} key ranges): max abs error {err:.1e}")
+        assert err < 2e-2
 
     # int4 uses tinygemm's formula: the same q, scales and zeros give the same product as _weight_int4pack_mm
     for group in (32, 128):
@@ -310,6 +345,20 @@ def bench(formats: list[str], shape_sets: list[str], ms: list[int]) -> None:
                               "gbps": round(size / t / 1e9, 1), "cap_tok_s": round(cap, 1)}))  # fmt: skip
 
 
+def bench_attention() -> None:
+    # one decode step's attention, in a CUDA graph, ours vs torch's sdpa with the same bool mask (what model.py
+    # calls without kernels.py); per layer, so x 32 layers per token
+    for b, h, hkv, s, t in ATTENTION_SHAPES:
+        kv_bytes = 2 * b * hkv * t * 128 * 2
+        copies = [attention_inputs(b, h, hkv, s, t) for _ in range(max(1, -(-(96 << 20) // kv_bytes)))]  # past L2
+        ours = graph_time([lambda a=a: kernels.sdpa(*a[:3], attn_mask=a[3], enable_gqa=True) for a in copies])
+        stock = graph_time([lambda a=a: F.scaled_dot_product_attention(*a[:3], attn_mask=a[3], enable_gqa=True)
+                            for a in copies])  # fmt: skip
+        print(f"attention B={b} H={h} Hkv={hkv} T={t}: {ours * 1e6:.1f} us (torch sdpa {stock * 1e6:.1f} us) per layer")
+        print(json.dumps({"prim": "attention", "shape": f"H{h}/Hkv{hkv}/T{t}", "us": round(ours * 1e6, 2),
+                          "sdpa_us": round(stock * 1e6, 2)}))  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="correctness against dequantized references")
@@ -342,6 +391,7 @@ def main() -> None:
     if args.bench or not (args.check or args.tune):
         t1 = time.time()
         bench(formats, args.shapes, args.m)
+        bench_attention()
         print(f"benchmark in {time.time() - t1:.0f} s")
     print(f"total {time.time() - t0:.0f} s")
 
