@@ -450,7 +450,7 @@ def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | N
     x2 = x.reshape(-1, k).contiguous()  # [M, K]
     m = x2.shape[0]
     if m == 0:
-        return x.new_empty(*x.shape[:-1], n)
+        return x.new_empty(*x.shape[:-1], n, dtype=out_dtype(fmt, x, n, k, glu))
     cfg = cfg or plan(fmt, m, n, k, x.device, glu)
     assert valid(cfg, fmt, n, k), f"config {cfg} does not tile {fmt} {n}x{k}"
     assert not (glu and cfg.split_k > 1), "GLU calls cannot split K"
@@ -579,13 +579,13 @@ def attention_shapes_ok(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) ->
     )  # fmt: skip
 
 
-def _attention_launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, splits: int, partial: bool,
-                      block_t: int | None = None, **launch) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+def _attention_launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, splits: int,
+                      partial: bool) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     B, H, S, D = q.shape
     hkv, T = k.shape[1], k.shape[2]
     g = H // hkv
-    block_t = block_t or _block_t(D, splits)
-    t_len = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t  # keys per range, whole blocks
+    t_len = _split_len(T, splits, D)  # keys per range, whole blocks
+    block_t = _block_t(D, splits)
     splits = triton.cdiv(T, t_len)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     mask = mask if mask.stride(-1) == 1 else mask.contiguous()
@@ -602,7 +602,7 @@ def _attention_launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, splits: int
         hkv, S, T, t_len, D ** -0.5 * 1.4426950408889634,
         G=g, D=D, BLOCK_R=max(16, triton.next_power_of_2(g * S)), BLOCK_T=block_t, PARTIAL=partial,
         DOT_F32=q.dtype == torch.float32 or (INTERPRET and q.dtype == torch.bfloat16),
-        **{"num_warps": 8, "num_stages": 2 if splits == 1 else 3, **launch},
+        num_warps=8, num_stages=2 if splits == 1 else 3,
     )  # fmt: skip
     return o, lse
 

@@ -640,7 +640,6 @@ def quantize_checkpoint(checkpoint_path: Path, mode: str, groupsize: int | None 
 
 
 @torch.no_grad()
-@torch.no_grad()  # inference modules: the kernels' custom ops have no autograd formula
 def self_check(device: str, shapes: list[tuple[int, int]] | None = None, compile: bool = True,
                kernel: str | None = None) -> bool:  # fmt: skip
     """Every linear module on `device` (with its device's kernels: Triton on a GPU) against the dequantized
