@@ -307,7 +307,7 @@ def read_gbps(nbytes: int = 1 << 30) -> float:
     # a read-only stream (what a decode step's matmuls do): torch.sum over a bf16 buffer far past the L2
     src = torch.randn(nbytes // 2, dtype=torch.bfloat16, device="cuda")
     out = torch.empty((), dtype=torch.float32, device="cuda")
-    t = graph_time([lambda: torch.sum(src, dtype=torch.float32, out=out)], reps=10, rounds=2)
+    t = graph_time([lambda: torch.sum(src, 0, dtype=torch.float32, out=out)], reps=10, rounds=2)
     return nbytes / t / 1e9
 
 
