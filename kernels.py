@@ -89,7 +89,7 @@ def _store(y_ptr, out, rm, rn, M, N, ATOMIC: tl.constexpr):
 def _linear_kernel(
     x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, k_len,
     HAS_SCALE: tl.constexpr, W_INT8: tl.constexpr, GLU: tl.constexpr, ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # x: [M, K], w: [N, K] (float, int8 or fp8), s: [N] per-output-channel scale, y: [M, N]
     # GLU: w is [2N, K], gate rows then up rows, and y = silu(x @ gate^T) * (x @ up^T) (no split-K)
@@ -109,21 +109,12 @@ def _linear_kernel(
         x_ptrs = x_ptr + pid_m * K + rk[None, :] + 0 * rn[:, None]  # [BLOCK_N, BLOCK_K]
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        # PREFETCH: one tile ahead (see _int4_kernel)
-        last = k_end - BLOCK_K  # >= 0: the launcher gives every split at least one tile
-        w_next, w_up_next = tl.load(w_ptrs), tl.load(up_ptrs) if GLU else 0
         for k in range(0, k_end, BLOCK_K):
-            if PREFETCH:
-                w, w_next = w_next, tl.load(w_ptrs + tl.minimum(k + BLOCK_K, last))
-            else:
-                w = tl.load(w_ptrs + k)
             xk = tl.load(x_ptrs + k).to(tl.float32)
+            w = tl.load(w_ptrs + k)
             acc += (_int8_to_f32(w) if W_INT8 else w.to(tl.float32)) * xk
             if GLU:
-                if PREFETCH:
-                    w, w_up_next = w_up_next, tl.load(up_ptrs + tl.minimum(k + BLOCK_K, last))
-                else:
-                    w = tl.load(up_ptrs + k)
+                w = tl.load(up_ptrs + k)
                 acc_up += (_int8_to_f32(w) if W_INT8 else w.to(tl.float32)) * xk
         out, out_up = tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :]  # [1, BLOCK_N]
     else:
@@ -204,7 +195,7 @@ def _int4_mma_step(q, sz, x_ptrs, x_mask, acc, WG: tl.constexpr, BLOCK_M: tl.con
 def _int4_kernel(
     x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, k_len, KW, KW_LEN,
     GROUP: tl.constexpr, GLU: tl.constexpr, ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # x: [M, K]; w: [N, K/8] int32 from pack_int4; sz: [N, K/GROUP, 2] (scale, zero); KW = K / 8 and
     # KW_LEN = k_len / 8 are passed as arguments so Triton sees they are multiples of 16 (16-byte word loads)
@@ -231,28 +222,12 @@ def _int4_kernel(
         x_ptrs = x_ptr + pid_m * K + k0 + rg[None, :, None] * GROUP + rw[None, None, :] + 0 * rn[:, None, None]
         acc = tl.zeros([BLOCK_N, G], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, G], dtype=tl.float32)
-        # PREFETCH: the next tile's loads are issued before this one is decoded. An int4 tile is half the bytes of
-        # an int8 tile for the same instructions, so one tile per step may leave too few bytes in flight to hide
-        # the memory latency. The last step re-loads its own tile rather than read past the range.
-        last = k_end - BLOCK_K  # >= 0: the launcher gives every split at least one tile
-        q_next, sz_next = tl.load(w_ptrs), tl.load(sz_ptrs)
-        q_up_next, sz_up_next = (tl.load(w_ptrs + up_w), tl.load(sz_ptrs + up_sz)) if GLU else (0, 0)
         for k in range(0, k_end, BLOCK_K):
-            if PREFETCH:
-                k_next = tl.minimum(k + BLOCK_K, last)
-                q, sz = q_next, sz_next
-                q_next, sz_next = tl.load(w_ptrs + k_next // 8), tl.load(sz_ptrs + k_next // GROUP * 2)
-            else:
-                q, sz = tl.load(w_ptrs + k // 8), tl.load(sz_ptrs + k // GROUP * 2)
-            acc += _int4_gemv_step(q, sz, x_ptrs + k, WG)
+            acc += _int4_gemv_step(tl.load(w_ptrs + k // 8), tl.load(sz_ptrs + k // GROUP * 2), x_ptrs + k, WG)
             if GLU:
-                if PREFETCH:
-                    q, sz = q_up_next, sz_up_next
-                    q_up_next = tl.load(w_ptrs + up_w + k_next // 8)
-                    sz_up_next = tl.load(sz_ptrs + up_sz + k_next // GROUP * 2)
-                else:
-                    q, sz = tl.load(w_ptrs + up_w + k // 8), tl.load(sz_ptrs + up_sz + k // GROUP * 2)
-                acc_up += _int4_gemv_step(q, sz, x_ptrs + k, WG)
+                acc_up += _int4_gemv_step(
+                    tl.load(w_ptrs + up_w + k // 8), tl.load(sz_ptrs + up_sz + k // GROUP * 2), x_ptrs + k, WG
+                )
         out, out_up = tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :]  # [1, BLOCK_N]
     else:
         x_ptrs = x_ptr + rm[:, None, None] * K + k0 + rg[None, :, None] * GROUP + rw[None, None, :]  # [M, G, WG]
@@ -341,7 +316,6 @@ class Config:
     num_warps: int = 4
     num_stages: int = 2
     dot: bool = False  # M == 1 only: use the tensor-core path too (M > 1 always does)
-    prefetch: bool = False  # M == 1 CUDA-core path: load the next tile before using this one
 
 
 def m_bucket(m: int) -> int:
@@ -400,8 +374,7 @@ def _sm_count(device: torch.device) -> int:
 def candidates(fmt: str, n: int, k: int, m: int, sms: int = 132) -> list[Config]:
     """The configs bench_kernels.py --tune tries: weight tiles of 4-16 KB per loop step, shaped from wide
     (BLOCK_K up to 1024) to tall (BLOCK_N up to 128, for K like 11008 = 2^8 * 43 that only tiles by 256),
-    split-K 1-8 (while that leaves < 8 programs per SM); for M == 1 each with and without loading one tile ahead,
-    and the tensor-core path."""
+    split-K 1-8 (while that leaves < 8 programs per SM); for M == 1 also the tensor-core path."""
     bits, out = _bits(fmt), []
     for dot in (False, True) if m == 1 else (True,):
         for tile_bytes in (8192,) if dot else (4096, 8192, 16384):
@@ -410,11 +383,9 @@ def candidates(fmt: str, n: int, k: int, m: int, sms: int = 132) -> list[Config]
                 if not (16 if dot else 8) <= block_n <= (64 if dot else 128):
                     continue
                 for split_k in (1, 2, 4, 8):
-                    for prefetch in (False,) if dot else (False, True):
-                        cfg = Config(block_n, block_k, split_k, 8 if tile_bytes > 8192 else 4, 3 if dot else 2, dot,
-                                     prefetch)
-                        if valid(cfg, fmt, n, k) and (split_k == 1 or (n // block_n) * split_k // 2 < 4 * sms):
-                            out.append(cfg)
+                    cfg = Config(block_n, block_k, split_k, 8 if tile_bytes > 8192 else 4, 3 if dot else 2, dot)
+                    if valid(cfg, fmt, n, k) and (split_k == 1 or (n // block_n) * split_k // 2 < 4 * sms):
+                        out.append(cfg)
     return out
 
 
@@ -487,15 +458,14 @@ def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | N
     atomic = cfg.split_k > 1
     dtype = torch.float32 if atomic else out_dtype(fmt, x, n, k, glu)
     y = torch.zeros(m, n, device=x.device, dtype=dtype) if atomic else x.new_empty(m, n, dtype=dtype)
-    tiles_per_split = triton.cdiv(k // cfg.block_k, cfg.split_k)
-    k_len = tiles_per_split * cfg.block_k  # inputs per split, whole tiles
-    grid = (n // cfg.block_n, triton.cdiv(k // cfg.block_k, tiles_per_split), triton.cdiv(m, block_m))  # no empty split
+    grid = (n // cfg.block_n, cfg.split_k, triton.cdiv(m, block_m))
+    k_len = triton.cdiv(k // cfg.block_k, cfg.split_k) * cfg.block_k  # inputs per split, whole tiles
     if kernel is _int4_kernel:
         constexprs.update(KW=k // 8, KW_LEN=k_len // 8)  # plain ints, not constexprs (see the kernel)
     kernel[grid](
         x2, *weights, y, m, n, k, k_len, GLU=glu, ATOMIC=atomic,
         DOT_F32=x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16),
-        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREFETCH=cfg.prefetch and block_m == 1,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **constexprs,
     )  # fmt: skip
     return y.reshape(*x.shape[:-1], n)

@@ -54,12 +54,9 @@ def test_fp32_activations_are_exact_up_to_accumulation(fmt):
     assert rel_err(kernels.call(fmt, x, *weights), ref) < 2e-5
 
 
-CONFIGS = {  # every code path: CUDA-core matrix-vector, tensor cores at M = 1, split-K (ragged: 5 tiles / 3 or 4)
+CONFIGS = {  # every code path: CUDA-core matrix-vector, tensor cores at M = 1, split-K (ragged: 5 tiles / 3)
     "gemv": (1, kernels.Config(block_n=64, block_k=128)),
     "gemv_split_ragged": (1, kernels.Config(block_n=128, block_k=128, split_k=3)),
-    "gemv_split_uneven": (1, kernels.Config(block_n=128, block_k=128, split_k=4)),  # 2 + 2 + 1 tiles: 3 programs
-    "gemv_prefetch": (1, kernels.Config(block_n=64, block_k=128, prefetch=True)),  # loads one tile ahead
-    "gemv_prefetch_split": (1, kernels.Config(block_n=128, block_k=128, split_k=4, prefetch=True)),
     "dot_m1": (1, kernels.Config(block_n=128, block_k=128, dot=True)),
     "dot_split": (5, kernels.Config(block_n=64, block_k=128, split_k=2, dot=True)),
 }
@@ -183,10 +180,6 @@ def test_glu_epilogue_is_silu_of_gate_times_up(fmt, m):
     y = kernels.call(fmt, x, *weights, glu=True)
     assert y.shape == (m, 256) and y.dtype == act
     assert rel_err(y, kernels.glu_reference(fmt, x, *weights)) < BOUND[act]
-    # and over several tiles along K, with and without loading one tile ahead (gate and up halves alike)
-    for prefetch in (False, True):
-        y = kernels.run_with(fmt, x, weights, kernels.Config(block_n=64, block_k=128, prefetch=prefetch), glu=True)
-        assert rel_err(y, kernels.glu_reference(fmt, x, *weights)) < BOUND[act]
 
 
 def test_split_k_returns_its_float32_buffer(monkeypatch):
@@ -284,17 +277,15 @@ def build(fn, sig, consts):
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
 
 ints = {"M": "i32", "N": "i32", "K": "i32", "k_len": "i32"}
-for w, int8, bm, atomic, glu, pre in [("*i8", True, 1, True, False, False), ("*fp8e4nv", False, 16, False, True, False),
-                                      ("*bf16", False, 1, False, True, False), ("*i8", True, 1, False, True, True),
-                                      ("*bf16", False, 1, True, False, True)]:  # both paths and stores, GLU, prefetch
+for w, int8, bm, atomic, glu in [("*i8", True, 1, True, False), ("*fp8e4nv", False, 16, False, True),
+                                 ("*bf16", False, 1, False, True)]:  # both paths, both stores, GLU epilogue
     sig = {"x_ptr": "*bf16", "w_ptr": w, "s_ptr": "*bf16", "y_ptr": "*fp32" if atomic else "*bf16", **ints}
     build(kernels._linear_kernel, sig, dict(HAS_SCALE=w != "*bf16", W_INT8=int8, GLU=glu, ATOMIC=atomic,
-                                            DOT_F32=False, BLOCK_M=bm, BLOCK_N=32, BLOCK_K=256, PREFETCH=pre))
-for bm, glu, pre in ((1, False, False), (16, False, False), (1, True, False), (16, True, False), (1, False, True),
-                     (1, True, True)):
+                                            DOT_F32=False, BLOCK_M=bm, BLOCK_N=32, BLOCK_K=256))
+for bm, glu in ((1, False), (16, False), (1, True), (16, True)):
     sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "sz_ptr": "*bf16", "y_ptr": "*bf16", **ints, "KW": "i32", "KW_LEN": "i32"}
     build(kernels._int4_kernel, sig, dict(GROUP=32, GLU=glu, ATOMIC=False, DOT_F32=False, BLOCK_M=bm, BLOCK_N=32,
-                                          BLOCK_K=512, PREFETCH=pre))
+                                          BLOCK_K=512))
 strides = {f"s{t}_{d}": "i32" for t, dims in (("q", "bhs"), ("k", "bht"), ("v", "bht"), ("m", "bs"), ("o", "bhs"))
            for d in dims}
 for g, partial in ((1, False), (4, True)):  # one pass (7B heads), split ranges with grouped query heads (8B)
