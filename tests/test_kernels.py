@@ -54,9 +54,10 @@ def test_fp32_activations_are_exact_up_to_accumulation(fmt):
     assert rel_err(kernels.call(fmt, x, *weights), ref) < 2e-5
 
 
-CONFIGS = {  # every code path: CUDA-core matrix-vector, tensor cores at M = 1, split-K (ragged: 5 tiles / 3)
+CONFIGS = {  # every code path: CUDA-core matrix-vector, tensor cores at M = 1, split-K (ragged: 5 tiles / 3 or 4)
     "gemv": (1, kernels.Config(block_n=64, block_k=128)),
     "gemv_split_ragged": (1, kernels.Config(block_n=128, block_k=128, split_k=3)),
+    "gemv_split_uneven": (1, kernels.Config(block_n=128, block_k=128, split_k=4)),  # 2 + 2 + 1 + 0 tiles
     "dot_m1": (1, kernels.Config(block_n=128, block_k=128, dot=True)),
     "dot_split": (5, kernels.Config(block_n=64, block_k=128, split_k=2, dot=True)),
 }
@@ -179,6 +180,9 @@ def test_glu_epilogue_is_silu_of_gate_times_up(fmt, m):
     x, weights, _ = case(fmt, m, 512, 512, act, seed=m)
     y = kernels.call(fmt, x, *weights, glu=True)
     assert y.shape == (m, 256) and y.dtype == act
+    assert rel_err(y, kernels.glu_reference(fmt, x, *weights)) < BOUND[act]
+    # and over several tiles along K, gate and up halves alike
+    y = kernels.run_with(fmt, x, weights, kernels.Config(block_n=64, block_k=128), glu=True)
     assert rel_err(y, kernels.glu_reference(fmt, x, *weights)) < BOUND[act]
 
 
