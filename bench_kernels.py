@@ -216,7 +216,7 @@ def tune(cases: list[tuple[str, int, int, int]], jobs: int) -> None:
                 err = rel_err(kernels.run_with(fmt, x, copies[0], cfg), ref)
                 assert err < BOUND[x.dtype], f"relative error {err:.2e}"
                 calls = [lambda w=w, cfg=cfg: kernels.run_with(fmt, x, w, cfg) for w in copies]
-                timed.append((graph_time(calls, reps=5, rounds=2), cfg))
+                timed.append((graph_time(calls, reps=10, rounds=2), cfg))
             except Exception as e:  # a config this GPU or Triton version cannot build: skip it, and say so
                 print(f"  skip {cfg}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}")
         key, size = kernels.config_key(fmt, n, k, m), nbytes(copies[0])
@@ -225,6 +225,10 @@ def tune(cases: list[tuple[str, int, int, int]], jobs: int) -> None:
             print(f"{key}: no candidate worked; the heuristic stays")
             continue
         t, best[key] = min(timed, key=lambda t: t[0])
+        if best[key].split_k > 1:  # GLU calls cannot split K: keep the fastest whole-K config for them too
+            whole = [tc for tc in timed if tc[1].split_k == 1]
+            if whole:
+                best[key + ":k1"] = min(whole, key=lambda t: t[0])[1]
         default = kernels.heuristic(fmt, n, k, m, sms)
         t_default = next((t for t, c in timed if c == default), float("nan"))
         print(f"{key:28s} {t * 1e6:7.1f} us {size / t / 1e9:6.0f} GB/s (heuristic {t_default * 1e6:7.1f} us)  {best[key]}")

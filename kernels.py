@@ -53,6 +53,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_M = 16  # rows up to which the kernels beat the prefill paths; also the tensor-core tile height
 CONFIG_FILE = Path(__file__).with_name("kernel_configs.json")
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+X_EXP: tl.constexpr = tl.constexpr(76)  # int4 M = 1: x is prescaled by 2^(X_EXP - bit offset), see _int4_gemv_step
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -154,22 +155,24 @@ def _nibble_pair(q, p: tl.constexpr):
 def _int4_gemv_step(q, sz, x_ptrs, WG: tl.constexpr):
     # one tile for M == 1: q [BLOCK_N, G, WG] words, sz [BLOCK_N, G, 2] (scale, zero), x_ptrs [BLOCK_N, G, WG]
     # at the tile's first word column -> sum over the tile of W * x per row and group: [BLOCK_N, G]
+    # A nibble masked in place, q & (15 << b), read as a float is the denormal q * 2^(b - 149): one LOP3 per
+    # weight, and a shift only for nibbles 5..7 (one per word). Its x is prescaled by 2^(X_EXP - b), so every
+    # product is q * x * 2^(X_EXP - 149), a normal float for 2^-52 < |x| < 2^52 (FFMA keeps denormal inputs;
+    # the kernels are compiled without flush-to-zero, which tests/test_kernels.py checks).
+    # The x work (loads, conversions, scaling, sums) does not depend on the row: where a thread holds several
+    # rows of the tile the compiler does it once for all of them.
     scale, zero = tl.split(sz.to(tl.float32))
-    # sums of f * x and of x, over odd (hi) and even (lo) nibble positions: [BLOCK_N, G, WG]
-    fx_hi = tl.zeros(q.shape, dtype=tl.float32)
-    fx_lo, x_hi, x_lo = tl.zeros_like(fx_hi), tl.zeros_like(fx_hi), tl.zeros_like(fx_hi)
-    for p in tl.static_range(4):
-        f_hi, f_lo = _nibble_pair(q, p)
-        xh = tl.load(x_ptrs + (2 * p + 1) * WG).to(tl.float32)
-        xl = tl.load(x_ptrs + 2 * p * WG).to(tl.float32)
-        fx_hi += f_hi * xh
-        fx_lo += f_lo * xl
-        x_hi += xh
-        x_lo += xl
-    # per group: sum_k (q - 8) x = 16 sum f_hi x + 256 sum f_lo x - 24 sum x_hi - 264 sum x_lo
-    qx = 16.0 * tl.sum(fx_hi, axis=2) + 256.0 * tl.sum(fx_lo, axis=2)
-    qx -= 24.0 * tl.sum(x_hi, axis=2) + 264.0 * tl.sum(x_lo, axis=2)
-    return scale * qx + zero * tl.sum(x_hi + x_lo, axis=2)
+    q_hi = q >> 12  # nibbles 5, 6, 7 at bits 8..19
+    fx = tl.zeros(q.shape, dtype=tl.float32)  # sum of q * x * 2^(X_EXP - 149)
+    xs = tl.zeros(q.shape, dtype=tl.float32)  # sum of x
+    for i in tl.static_range(8):  # nibble i sits at bit b = 4i - 12 (i // 5) once masked
+        f = ((q if i < 5 else q_hi) & (15 << (4 * i - 12 * (i // 5)))).to(tl.float32, bitcast=True)
+        x = tl.load(x_ptrs + i * WG).to(tl.float32)
+        fx += f * (x * 2.0 ** (X_EXP - 4 * i + 12 * (i // 5)))
+        xs += x
+    # per group: sum_k ((q - 8) * scale + zero) * x = scale * sum q x + (zero - 8 * scale) * sum x
+    qx = tl.sum(fx, axis=2) * 2.0 ** (149 - X_EXP)
+    return scale * qx + (zero - 8.0 * scale) * tl.sum(xs, axis=2)
 
 
 @triton.jit
@@ -200,8 +203,9 @@ def _int4_kernel(
     # x: [M, K]; w: [N, K/8] int32 from pack_int4; sz: [N, K/GROUP, 2] (scale, zero); KW = K / 8 and
     # KW_LEN = k_len / 8 are passed as arguments so Triton sees they are multiples of 16 (16-byte word loads)
     # W[n, k] = (q[n, k] - 8) * scale + zero. Within a group, word j's nibble i holds q[i * GROUP/8 + j], so
-    # every nibble position meets a contiguous slice of x. _nibble_pair gives f = 1 + q/16 for odd i and
-    # 1 + q/256 for even i, so W = 16 * scale * f + (zero - 24 * scale), or 256 * scale * f + (zero - 264 * scale).
+    # every nibble position meets a contiguous slice of x. M > 1: _nibble_pair gives f = 1 + q/16 for odd i and
+    # 1 + q/256 for even i, so W = 16 * scale * f + (zero - 24 * scale), or 256 * scale * f + (zero - 264 * scale);
+    # M = 1 multiplies the nibbles as denormal floats instead (_int4_gemv_step).
     # GLU: w, sz hold 2N rows (gate, then up) and y = silu(x @ gate^T) * (x @ up^T), as in _linear_kernel.
     G: tl.constexpr = BLOCK_K // GROUP  # groups per tile
     WG: tl.constexpr = GROUP // 8  # words per group
@@ -371,21 +375,33 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNTS[device.index if device.index is not None else torch.cuda.current_device()]
 
 
+def _warps(tile_bytes: int, bits: int, dot: bool) -> tuple[int, ...]:
+    # warps per program tried for a tile: fewer warps give each thread more rows, which share its x work
+    if dot:
+        return (8 if tile_bytes > 8192 else 4,)
+    if bits == 4:
+        return (2, 4) if tile_bytes <= 8192 else (4, 8)
+    return (4, 8) if tile_bytes > 8192 else (4,)
+
+
 def candidates(fmt: str, n: int, k: int, m: int, sms: int = 132) -> list[Config]:
-    """The configs bench_kernels.py --tune tries: weight tiles of 4-16 KB per loop step, shaped from wide
-    (BLOCK_K up to 1024) to tall (BLOCK_N up to 128, for K like 11008 = 2^8 * 43 that only tiles by 256),
-    split-K 1-8 (while that leaves < 8 programs per SM); for M == 1 also the tensor-core path."""
+    """The configs bench_kernels.py --tune tries: weight tiles of 4-16 KB per loop step (int4 on CUDA cores
+    up to 32 KB), shaped from wide (BLOCK_K up to 1024) to tall (BLOCK_N up to 128, for K like 11008 = 2^8 * 43
+    that only tiles by 256), 2-8 warps (_warps), split-K 1-8 (while that leaves < 8 programs per SM); for
+    M == 1 also the tensor-core path."""
     bits, out = _bits(fmt), []
     for dot in (False, True) if m == 1 else (True,):
-        for tile_bytes in (8192,) if dot else (4096, 8192, 16384):
+        # int4 on CUDA cores also tries 32 KB tiles: more rows per thread share each x (see _int4_gemv_step)
+        for tile_bytes in (8192,) if dot else (4096, 8192, 16384) + ((32768,) if bits == 4 else ()):
             for block_k in (128, 256, 512, 1024):
                 block_n = tile_bytes * 8 // (bits * block_k)
                 if not (16 if dot else 8) <= block_n <= (64 if dot else 128):
                     continue
                 for split_k in (1, 2, 4, 8):
-                    cfg = Config(block_n, block_k, split_k, 8 if tile_bytes > 8192 else 4, 3 if dot else 2, dot)
-                    if valid(cfg, fmt, n, k) and (split_k == 1 or (n // block_n) * split_k // 2 < 4 * sms):
-                        out.append(cfg)
+                    for warps in _warps(tile_bytes, bits, dot):
+                        cfg = Config(block_n, block_k, split_k, warps, 3 if dot else 2, dot)
+                        if valid(cfg, fmt, n, k) and (split_k == 1 or (n // block_n) * split_k // 2 < 4 * sms):
+                            out.append(cfg)
     return out
 
 
@@ -417,13 +433,17 @@ def store_configs(configs: dict[str, Config], device: torch.device, path: Path =
     _TABLE.update(table)
 
 
-def get_config(fmt: str, n: int, k: int, m: int, device: torch.device) -> Config:
+def get_config(fmt: str, n: int, k: int, m: int, device: torch.device, split: bool = True) -> Config:
+    # split=False (GLU calls): the config without split-K; the tuner stores the best one under key + ":k1"
+    # where the fastest overall splits K, else the shape's entry runs with split_k = 1
     key = config_key(fmt, n, k, m)
-    entry = _TABLE.get(_device_name(device), {}).get(key)
+    keys = ([] if split else [key + ":k1"]) + [key]
+    mine = _TABLE.get(_device_name(device), {})
+    entry = next((mine[c] for c in keys if c in mine), None)
     if entry is None:  # tuned on another GPU model: still a better guess than the heuristic
-        entry = next((t[key] for t in _TABLE.values() if key in t), None)
+        entry = next((t[c] for c in keys for t in _TABLE.values() if c in t), None)
     cfg = Config(**entry) if entry is not None else heuristic(fmt, n, k, m, _sm_count(device))
-    return cfg if m == 1 else Config(**{**asdict(cfg), "dot": True})
+    return Config(**{**asdict(cfg), "dot": cfg.dot or m > 1, "split_k": cfg.split_k if split else 1})
 
 
 # ----------------------------------------------------------------------------- launching
@@ -432,7 +452,7 @@ def get_config(fmt: str, n: int, k: int, m: int, device: torch.device) -> Config
 def plan(fmt: str, m: int, n: int, k: int, device: torch.device, glu: bool = False) -> Config:
     # the config a call with m rows, n outputs and k inputs runs with; a GLU call runs the [2n, K] shape's
     # config without split-K (its epilogue needs whole sums)
-    cfg = get_config(fmt, 2 * n if glu else n, k, m, device)
+    cfg = get_config(fmt, 2 * n if glu else n, k, m, device, split=not glu)
     return Config(**{**asdict(cfg), "split_k": 1}) if glu else cfg
 
 

@@ -47,7 +47,8 @@ def test_op_matches_dequantized_reference(fmt, m):
 
 @pytest.mark.parametrize("fmt", ["bfloat16", "int8", "fp8", "int4g32", "int4g128"])
 def test_fp32_activations_are_exact_up_to_accumulation(fmt):
-    # fp32 activations: the dequantization itself must be exact (int4: 1 + q/16 and 1 + q/256 tricks)
+    # fp32 activations: the dequantization itself must be exact (int4: the 1 + q/16 and 1 + q/256 floats at
+    # M = 2, the denormal ones at M = 1 in test_int4_matrix_vector_over_the_range_of_x)
     x, weights, ref = case(fmt, 2, 256, 512, torch.float32)
     weights = (weights[0].float(),) if fmt == "bfloat16" else weights
     fmt = "float32" if fmt == "bfloat16" else fmt
@@ -123,7 +124,7 @@ def test_compiles_with_a_symbolic_row_count(monkeypatch):
     x, (w8, s8), _ = case("int8", 3, 256, 512, torch.bfloat16)
     for split in (False, True):  # the configured path, then a forced split-K
         if split:
-            monkeypatch.setattr(kernels, "get_config", lambda *a: kernels.Config(64, 128, split_k=2))
+            monkeypatch.setattr(kernels, "get_config", lambda *a, **kw: kernels.Config(64, 128, split_k=2))
         torch._dynamo.reset()
         step = torch.compile(lambda x: kernels.int8_linear(x, w8, s8).to(x.dtype) * 2, fullgraph=True, dynamic=True,
                              backend="aot_eager")  # fmt: skip
@@ -151,6 +152,12 @@ def test_tuned_table_overrides_the_heuristic(monkeypatch):
     default = kernels.heuristic("int8", 4096, 11008, 1, kernels._sm_count(device))
     assert kernels.get_config("int8", 4096, 11008, 1, device) == default
     assert kernels.get_config("int8", 4096, 4096, 5, device).dot  # M > 1 always takes the tensor-core path
+    # a GLU call cannot split K: the shape's entry without its split, or the tuner's best whole-K config
+    assert kernels.plan("int8", 1, 2048, 4096, device, glu=True) == kernels.Config(64, 256, 1, num_warps=8)
+    whole = kernels.Config(block_n=16, block_k=1024, num_warps=4)
+    kernels._TABLE[kernels._device_name(device)][key + ":k1"] = json.loads(json.dumps(whole.__dict__))
+    assert kernels.plan("int8", 1, 2048, 4096, device, glu=True) == whole
+    assert kernels.get_config("int8", 4096, 4096, 1, device) == tuned  # calls that may split keep theirs
 
 
 def test_heuristic_tiles_every_shape():
@@ -192,7 +199,7 @@ def test_split_k_returns_its_float32_buffer(monkeypatch):
     # kernel); a call without split-K returns x's dtype; out_dtype() tells which, for the fake implementation
     x, weights, ref = case("int8", 1, 256, 512, torch.bfloat16)
     for split, dtype in ((2, torch.float32), (1, torch.bfloat16)):
-        monkeypatch.setattr(kernels, "get_config", lambda *a, s=split: kernels.Config(64, 128, split_k=s))
+        monkeypatch.setattr(kernels, "get_config", lambda *a, s=split, **kw: kernels.Config(64, 128, split_k=s))
         y = kernels.int8_linear(x, *weights)
         assert y.dtype == dtype == kernels.out_dtype("int8", x, 256, 512)
         assert rel_err(y, ref) < BOUND[dtype]
@@ -267,7 +274,20 @@ def test_sdpa_sends_only_decode_sized_gpu_inputs_to_the_kernel():
     assert not shapes_ok(meta(1, 32, 1, 128), meta(1, 8, 64, 128), meta(1, 8, 64, 128), meta(1, 1, 1, 64))  # float mask
 
 
+def test_int4_matrix_vector_over_the_range_of_x():
+    # M = 1 reads each masked nibble as a denormal float and prescales x by up to 2^76 (_int4_gemv_step):
+    # exact for |x| from 2^-52 to 2^52; zeros, tiny and huge activations alike
+    x, weights, _ = case("int4g32", 1, 128, 640, torch.float32)
+    x[:, ::3] = 0.0
+    for mag in (2.0**-50, 1e-6, 1.0, 1e6, 2.0**50):
+        xm = x * mag
+        ref = xm.double() @ kernels.dequantize(*(("int4g32",) + weights)).double().T
+        for cfg in (kernels.Config(block_n=64, block_k=128), kernels.Config(block_n=128, block_k=128, split_k=2)):
+            assert rel_err(kernels.run_with("int4g32", xm, weights, cfg), ref) < 2e-5, (mag, cfg)
+
+
 GPU_COMPILE = r"""
+import re
 import sys
 sys.path.insert(0, sys.argv[1])
 import triton
@@ -279,7 +299,7 @@ def build(fn, sig, consts):
     # pointers and the K-sized ints are 16-divisible, as the JIT would specialise them at a real launch
     attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(sig.items()) if t[0] == "*" or name != "M"}
     src = ASTSource(fn=fn, signature={**sig, **{c: "constexpr" for c in consts}}, constexprs=consts, attrs=attrs)
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
 
 ints = {"M": "i32", "N": "i32", "K": "i32", "k_len": "i32"}
 for w, int8, bm, atomic, glu in [("*i8", True, 1, True, False), ("*fp8e4nv", False, 16, False, True),
@@ -289,8 +309,10 @@ for w, int8, bm, atomic, glu in [("*i8", True, 1, True, False), ("*fp8e4nv", Fal
                                             DOT_F32=False, BLOCK_M=bm, BLOCK_N=32, BLOCK_K=256))
 for bm, glu in ((1, False), (16, False), (1, True), (16, True)):
     sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "sz_ptr": "*bf16", "y_ptr": "*bf16", **ints, "KW": "i32", "KW_LEN": "i32"}
-    build(kernels._int4_kernel, sig, dict(GROUP=32, GLU=glu, ATOMIC=False, DOT_F32=False, BLOCK_M=bm, BLOCK_N=32,
-                                          BLOCK_K=512))
+    ptx = build(kernels._int4_kernel, sig, dict(GROUP=32, GLU=glu, ATOMIC=False, DOT_F32=False, BLOCK_M=bm,
+                                                BLOCK_N=32, BLOCK_K=512)).asm["ptx"]
+    # M = 1 multiplies denormal floats (the masked nibbles): flush-to-zero products would zero the weights
+    assert not re.search(r"(fma|mul)[.a-z]*[.]ftz", ptx), f"flush-to-zero arithmetic in the int4 kernel (M={bm})"
 strides = {f"s{t}_{d}": "i32" for t, dims in (("q", "bhs"), ("k", "bht"), ("v", "bht"), ("m", "bs"), ("o", "bhs"))
            for d in dims}
 for g, partial in ((1, False), (4, True)):  # one pass (7B heads), split ranges with grouped query heads (8B)
