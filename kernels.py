@@ -434,8 +434,8 @@ def store_configs(configs: dict[str, Config], device: torch.device, path: Path =
 
 
 def get_config(fmt: str, n: int, k: int, m: int, device: torch.device, split: bool = True) -> Config:
-    # split=False (GLU calls): the config without split-K; the tuner stores the best one under key + ":k1"
-    # where the fastest overall splits K, else the shape's entry runs with split_k = 1
+    # split=False (GLU calls, which cannot split K): prefer the tuner's best whole-K config, stored under
+    # key + ":k1" where the fastest overall splits K; plan() runs whichever entry with split_k = 1
     key = config_key(fmt, n, k, m)
     keys = ([] if split else [key + ":k1"]) + [key]
     mine = _TABLE.get(_device_name(device), {})
@@ -443,7 +443,7 @@ def get_config(fmt: str, n: int, k: int, m: int, device: torch.device, split: bo
     if entry is None:  # tuned on another GPU model: still a better guess than the heuristic
         entry = next((t[c] for c in keys for t in _TABLE.values() if c in t), None)
     cfg = Config(**entry) if entry is not None else heuristic(fmt, n, k, m, _sm_count(device))
-    return Config(**{**asdict(cfg), "dot": cfg.dot or m > 1, "split_k": cfg.split_k if split else 1})
+    return cfg if m == 1 else Config(**{**asdict(cfg), "dot": True})
 
 
 # ----------------------------------------------------------------------------- launching
