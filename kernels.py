@@ -87,9 +87,42 @@ def _store(y_ptr, out, rm, rn, M, N, ATOMIC: tl.constexpr):
 
 
 @triton.jit
+def _x_lanes(x4, X_BF16: tl.constexpr):
+    # x4: int64 words of four 16-bit x (bf16, else fp16) -> the four lanes as float32, lane b holding x[4j + b]
+    lo, hi = x4.to(tl.int32), (x4 >> 32).to(tl.int32)
+    if X_BF16:  # a bf16 is the top half of its float32
+        return (lo << 16).to(tl.float32, bitcast=True), (lo & -65536).to(tl.float32, bitcast=True), \
+            (hi << 16).to(tl.float32, bitcast=True), (hi & -65536).to(tl.float32, bitcast=True)
+    return _f16(lo), _f16(lo >> 16), _f16(hi), _f16(hi >> 16)
+
+
+@triton.jit
+def _f16(h):
+    # the low 16 bits of int32 h as an fp16, converted to float32
+    return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _int8_gemv_step(acc, q, x0, x1, x2, x3):
+    # one tile for M == 1 int8: q [BLOCK_N, BLOCK_K/4] int32 words, byte b of word j the weight at k = 4j + b;
+    # xb the matching lanes of x (_x_lanes) -> acc + (q + 128) * x * 2^(X_EXP - 149) summed over each word.
+    # As for int4 (_int4_gemv_step): byte b, flipped to offset binary (q + 128 in 0..255, one XOR per word) and
+    # masked in place, reads as the float (q + 128) * 2^(8b - 149), exact because every bit pattern below 2^24
+    # is pattern * 2^-149 (denormals and the first normal binade); byte 3 is shifted down first. Its x is
+    # prescaled by 2^(X_EXP - 8b), so all products share one scale and chain into acc: a mask and an FFMA per
+    # weight where a conversion took four instructions.
+    u = q ^ -2139062144  # 0x80808080
+    acc += (u & 0xFF).to(tl.float32, bitcast=True) * (x0 * 2.0**X_EXP)
+    acc += (u & 0xFF00).to(tl.float32, bitcast=True) * (x1 * 2.0 ** (X_EXP - 8))
+    acc += (u & 0xFF0000).to(tl.float32, bitcast=True) * (x2 * 2.0 ** (X_EXP - 16))
+    return acc + (u.to(tl.uint32, bitcast=True) >> 24).to(tl.float32, bitcast=True) * (x3 * 2.0**X_EXP)
+
+
+@triton.jit
 def _linear_kernel(
-    x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, k_len,
-    HAS_SCALE: tl.constexpr, W_INT8: tl.constexpr, GLU: tl.constexpr, ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
+    x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, k_len, KW, KW_LEN,
+    HAS_SCALE: tl.constexpr, W_INT8: tl.constexpr, X16: tl.constexpr, X_BF16: tl.constexpr, GLU: tl.constexpr,
+    ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # x: [M, K], w: [N, K] (float, int8 or fp8), s: [N] per-output-channel scale, y: [M, N]
@@ -103,7 +136,26 @@ def _linear_kernel(
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]  # [BLOCK_N, BLOCK_K], contiguous along K
     up_ptrs = w_ptrs + N.to(tl.int64) * K  # GLU: the matching rows of the up half
     k_end = tl.minimum(k_len, K - pid_k * k_len)
-    if BLOCK_M == 1:
+    if BLOCK_M == 1 and W_INT8 and X16:
+        # int8 matrix-vector: 4 weights per int32 word (_int8_gemv_step), x as int64 words of 4 (_x_lanes)
+        rj = pid_k * KW_LEN + tl.arange(0, BLOCK_K // 4)
+        q_ptrs = w_ptr.to(tl.pointer_type(tl.int32)) + rn[:, None].to(tl.int64) * KW + rj[None, :]
+        q_up = q_ptrs + N.to(tl.int64) * KW
+        x_ptrs = x_ptr.to(tl.pointer_type(tl.int64)) + pid_m * KW + rj[None, :] + 0 * rn[:, None]
+        acc = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.float32)
+        xs = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.float32)
+        for k in range(0, k_end, BLOCK_K):
+            x0, x1, x2, x3 = _x_lanes(tl.load(x_ptrs + k // 4), X_BF16)
+            acc = _int8_gemv_step(acc, tl.load(q_ptrs + k // 4), x0, x1, x2, x3)
+            xs += (x0 + x1) + (x2 + x3)
+            if GLU:
+                acc_up = _int8_gemv_step(acc_up, tl.load(q_up + k // 4), x0, x1, x2, x3)
+        # sum q x = sum (q + 128) x - 128 sum x
+        x_sum = tl.sum(xs, axis=1)[None, :]
+        out = tl.sum(acc, axis=1)[None, :] * 2.0 ** (149 - X_EXP) - 128.0 * x_sum
+        out_up = tl.sum(acc_up, axis=1)[None, :] * 2.0 ** (149 - X_EXP) - 128.0 * x_sum
+    elif BLOCK_M == 1:
         # matrix-vector on CUDA cores: accumulate elementwise, reduce over K once at the end
         # x pointers broadcast over the rows: x is loaded in the weights' own layout (no shared-memory
         # shuffle and barrier per step); the repeated loads hit L1
@@ -480,8 +532,12 @@ def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | N
     y = torch.zeros(m, n, device=x.device, dtype=dtype) if atomic else x.new_empty(m, n, dtype=dtype)
     grid = (n // cfg.block_n, cfg.split_k, triton.cdiv(m, block_m))
     k_len = triton.cdiv(k // cfg.block_k, cfg.split_k) * cfg.block_k  # inputs per split, whole tiles
-    if kernel is _int4_kernel:
-        constexprs.update(KW=k // 8, KW_LEN=k_len // 8)  # plain ints, not constexprs (see the kernel)
+    words = 8 if kernel is _int4_kernel else 4  # weights per int32 word (int4, int8; unused for the others)
+    constexprs.update(KW=k // words, KW_LEN=k_len // words)  # plain ints, not constexprs (see the kernels)
+    if kernel is _linear_kernel:
+        constexprs.update(X16=x.element_size() == 2, X_BF16=x.dtype == torch.bfloat16)
+    if x2.data_ptr() % 16:  # the kernels load x in 16-byte vectors (int8 at M = 1: as int64 words)
+        x2 = x2.clone()
     kernel[grid](
         x2, *weights, y, m, n, k, k_len, GLU=glu, ATOMIC=atomic,
         DOT_F32=x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16),

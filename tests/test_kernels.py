@@ -286,6 +286,23 @@ def test_int4_matrix_vector_over_the_range_of_x():
             assert rel_err(kernels.run_with("int4g32", xm, weights, cfg), ref) < 2e-5, (mag, cfg)
 
 
+
+@pytest.mark.parametrize("act", [torch.bfloat16, torch.float16])
+def test_int8_matrix_vector_over_the_range_of_x(act):
+    # M = 1 with 16-bit activations reads each masked byte as a denormal float and prescales x by up to 2^76
+    # (_int8_gemv_step); zeros, tiny and huge activations (fp16: its normal range) alike, plain and GLU
+    x, weights, _ = case("int8", 1, 256, 640, torch.float32)
+    x[:, ::3] = 0.0
+    w_glu = (torch.cat([weights[0], weights[0].flip(0)]), torch.cat([weights[1], weights[1]]))
+    mags = (2.0**-50, 1e-6, 1.0, 1e6, 2.0**50) if act == torch.bfloat16 else (2.0**-10, 1.0)
+    for mag in mags:
+        xm = (x * mag).to(act)
+        ref = xm.double() @ kernels.dequantize("int8", *weights).double().T
+        for cfg in (kernels.Config(block_n=64, block_k=128), kernels.Config(block_n=128, block_k=128, split_k=2)):
+            assert rel_err(kernels.run_with("int8", xm, weights, cfg), ref) < BOUND[act], (mag, cfg)
+        glu = kernels.run_with("int8", xm, w_glu, kernels.Config(block_n=32, block_k=128), glu=True)
+        assert rel_err(glu, kernels.glu_reference("int8", xm, *w_glu)) < BOUND[act], mag
+
 GPU_COMPILE = r"""
 import re
 import sys
@@ -301,14 +318,18 @@ def build(fn, sig, consts):
     src = ASTSource(fn=fn, signature={**sig, **{c: "constexpr" for c in consts}}, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
 
-ints = {"M": "i32", "N": "i32", "K": "i32", "k_len": "i32"}
-for w, int8, bm, atomic, glu in [("*i8", True, 1, True, False), ("*fp8e4nv", False, 16, False, True),
-                                 ("*bf16", False, 1, False, True)]:  # both paths, both stores, GLU epilogue
-    sig = {"x_ptr": "*bf16", "w_ptr": w, "s_ptr": "*bf16", "y_ptr": "*fp32" if atomic else "*bf16", **ints}
-    build(kernels._linear_kernel, sig, dict(HAS_SCALE=w != "*bf16", W_INT8=int8, GLU=glu, ATOMIC=atomic,
-                                            DOT_F32=False, BLOCK_M=bm, BLOCK_N=32, BLOCK_K=256))
+ints = {"M": "i32", "N": "i32", "K": "i32", "k_len": "i32", "KW": "i32", "KW_LEN": "i32"}
+for w, x, bm, atomic, glu in [("*i8", "*bf16", 1, True, False), ("*i8", "*fp16", 1, False, True),
+                              ("*i8", "*bf16", 16, False, False), ("*fp8e4nv", "*bf16", 16, False, True),
+                              ("*bf16", "*bf16", 1, False, True)]:  # both paths, both stores, GLU epilogue
+    sig = {"x_ptr": x, "w_ptr": w, "s_ptr": x, "y_ptr": "*fp32" if atomic else x, **ints}
+    consts = dict(HAS_SCALE=w != "*bf16", W_INT8=w == "*i8", X16=True, X_BF16=x == "*bf16", GLU=glu, ATOMIC=atomic,
+                  DOT_F32=False, BLOCK_M=bm, BLOCK_N=32, BLOCK_K=256)
+    ptx = build(kernels._linear_kernel, sig, consts).asm["ptx"]
+    # int8 at M = 1 multiplies denormal floats (the masked bytes) too
+    assert not re.search(r"(fma|mul)[.a-z]*[.]ftz", ptx), f"flush-to-zero arithmetic in the linear kernel ({w}, M={bm})"
 for bm, glu in ((1, False), (16, False), (1, True), (16, True)):
-    sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "sz_ptr": "*bf16", "y_ptr": "*bf16", **ints, "KW": "i32", "KW_LEN": "i32"}
+    sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "sz_ptr": "*bf16", "y_ptr": "*bf16", **ints}
     ptx = build(kernels._int4_kernel, sig, dict(GROUP=32, GLU=glu, ATOMIC=False, DOT_F32=False, BLOCK_M=bm,
                                                 BLOCK_N=32, BLOCK_K=512)).asm["ptx"]
     # M = 1 multiplies denormal floats (the masked nibbles): flush-to-zero products would zero the weights
