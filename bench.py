@@ -3,6 +3,7 @@
     python bench.py --shape 7B --mode bf16 int8 int4 fp8 --runs 3
     python bench.py --shape 7B --mode int8 int4 --kernels all stock   # kernels.py vs torch's own kernels
     python bench.py --shape 7B --mode int8 --kernels int8 int8,attn int8,attn,glu   # what each kernel adds
+    python bench.py --shape 7B --mode int8 fp8 --pdl off on   # programmatic dependent launch off and on
 
 Prints one JSON line per configuration: median tok/s over --runs after a first (compiling) call,
 achieved GB/s (non-embedding weight bytes x tok/s), % of the floor set by the copy bandwidth measured in
@@ -67,9 +68,14 @@ def copy_bandwidth(device) -> float:
     return 2 * n * 2 / statistics.median(times) / 1e9
 
 
-def run(args, mode: str, copy_gbs: float, kernels: str) -> dict:
+def run(args, mode: str, copy_gbs: float, kernels: str, pdl: str) -> dict:
     device = args.device
     os.environ["FASTGEN_KERNELS"] = quantize.TRITON_BY_DEFAULT if kernels == "default" else kernels  # read at prepare
+    os.environ["FASTGEN_PDL"] = "1" if pdl == "on" else "0"  # read at each kernels.py launch
+    import torch._inductor.config as inductor_config
+
+    if hasattr(inductor_config.triton, "enable_pdl"):
+        inductor_config.triton.enable_pdl = pdl == "on"  # read when the decode step compiles (after the reset below)
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = apply_mode(random_model(args.shape, device, torch.bfloat16 if device != "cpu" else torch.float32), mode)
@@ -93,7 +99,8 @@ def run(args, mode: str, copy_gbs: float, kernels: str) -> dict:
     gbs = nbytes * tok_s / 1e9
     peak = torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else None
     return {
-        "shape": args.shape, "mode": mode, "kernels": kernels, "compile": args.compile, "tok_s": round(tok_s, 2),
+        "shape": args.shape, "mode": mode, "kernels": kernels, "pdl": pdl_used(device, pdl), "compile": args.compile,
+        "tok_s": round(tok_s, 2),
         "runs_tok_s": [round(s, 2) for s in speeds], "weight_gb": round(nbytes / 1e9, 3), "gb_s": round(gbs, 1),
         "copy_gb_s": round(copy_gbs, 1), "pct_of_floor": round(100 * gbs / copy_gbs, 1),
         "first_call_s": round(first_call, 1), "peak_mem_gb": peak and round(peak, 2), **versions(),
@@ -127,6 +134,11 @@ def profile_step(model: Transformer, prompt: list[int], sampling: dict, tokens: 
     return {**{k: round(v / tokens, 1) for k, v in totals.items()}, "top_other": {k: round(v / tokens, 1) for k, v in top}}
 
 
+def pdl_used(device: str, pdl: str) -> bool:
+    # programmatic dependent launch needs sm_90+ (kernels.uses_pdl, inductor's enable_pdl)
+    return pdl == "on" and device.startswith("cuda") and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def versions() -> dict:
     try:
         import triton
@@ -153,6 +165,8 @@ def main(argv=None) -> None:
                    help="what uses kernels.py (FASTGEN_KERNELS): default (int8,fp8,attn,glu), all, stock "
                         "(torch's own: cuBLAS, tinygemm, inductor, sdpa), or a list of bf16 int8 fp8 int4 attn glu "
                         "such as int8,attn")
+    p.add_argument("--pdl", nargs="+", choices=["on", "off"], default=["on"],
+                   help="programmatic dependent launch between the decode step's kernels (sm_90+; FASTGEN_PDL)")
     p.add_argument("--breakdown", action="store_true", help="also profile GPU time per token by kind of kernel")
     p.add_argument("--device", default=gen.default_device())
     args = p.parse_args(argv)
@@ -162,7 +176,8 @@ def main(argv=None) -> None:
     copy_gbs = copy_bandwidth(args.device)
     for mode in args.mode:
         for kernels in args.kernels:
-            print(json.dumps(run(args, mode, copy_gbs, kernels)), flush=True)
+            for pdl in args.pdl:
+                print(json.dumps(run(args, mode, copy_gbs, kernels, pdl)), flush=True)
 
 
 if __name__ == "__main__":

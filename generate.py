@@ -301,6 +301,9 @@ def setup_compile(compile_decode: bool, compile_prefill: bool) -> None:
     inductor_config.coordinate_descent_tuning = True
     inductor_config.triton.unique_kernel_names = True
     inductor_config.fx_graph_cache = True
+    if hasattr(inductor_config.triton, "enable_pdl") and os.environ.get("FASTGEN_PDL", "1") != "0":
+        # programmatic dependent launch on sm_90+ (inductor checks the GPU), as kernels.py's own kernels do
+        inductor_config.triton.enable_pdl = True
     if compile_decode:
         decode_one_token = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
     if compile_prefill:

@@ -28,7 +28,9 @@ verification); anything else (prefill, CPU) should take the stock path (F.linear
 The kernels are correct for any M, just not faster than cuBLAS for large M. fp8 needs sm_89+ (`fp8_ok`).
 
 Each op is a torch.library custom op with a fake implementation, so torch.compile(fullgraph=True,
-mode="reduce-overhead") captures it in the CUDA graph without a graph break.
+mode="reduce-overhead") captures it in the CUDA graph without a graph break. On sm_90+ every kernel is
+launched with programmatic dependent launch (`uses_pdl`; FASTGEN_PDL=0 turns it off) and waits for the
+previous kernel in `_pdl_wait` before its first load of x.
 Block sizes come from kernel_configs.json (written once per GPU model by `python bench_kernels.py --tune`),
 else from a heuristic; nothing is tuned at start-up. Without a GPU the same kernels run in Triton's
 interpreter (numpy): slow, but it lets CPU CI test them on small shapes.
@@ -57,6 +59,16 @@ X_EXP: tl.constexpr = tl.constexpr(76)  # int4 M = 1: x is prescaled by 2^(X_EXP
 
 
 # ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _pdl_wait(PDL: tl.constexpr):
+    # programmatic dependent launch (sm_90+, see uses_pdl): this kernel may start while the previous one drains;
+    # wait here, before the first load of anything another kernel writes or the first store, until that kernel
+    # has finished and its writes are visible; then let the next kernel's programs be scheduled early in turn
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -123,7 +135,7 @@ def _linear_kernel(
     x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, k_len, KW, KW_LEN,
     HAS_SCALE: tl.constexpr, W_INT8: tl.constexpr, X16: tl.constexpr, X_BF16: tl.constexpr, GLU: tl.constexpr,
     ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
     # x: [M, K], w: [N, K] (float, int8 or fp8), s: [N] per-output-channel scale, y: [M, N]
     # GLU: w is [2N, K], gate rows then up rows, and y = silu(x @ gate^T) * (x @ up^T) (no split-K)
@@ -136,6 +148,7 @@ def _linear_kernel(
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]  # [BLOCK_N, BLOCK_K], contiguous along K
     up_ptrs = w_ptrs + N.to(tl.int64) * K  # GLU: the matching rows of the up half
     k_end = tl.minimum(k_len, K - pid_k * k_len)
+    _pdl_wait(PDL)
     if BLOCK_M == 1 and W_INT8 and X16:
         # int8 matrix-vector: 4 weights per int32 word (_int8_gemv_step), x as int64 words of 4 (_x_lanes)
         rj = pid_k * KW_LEN + tl.arange(0, BLOCK_K // 4)
@@ -250,7 +263,7 @@ def _int4_mma_step(q, sz, x_ptrs, x_mask, acc, WG: tl.constexpr, BLOCK_M: tl.con
 def _int4_kernel(
     x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, k_len, KW, KW_LEN,
     GROUP: tl.constexpr, GLU: tl.constexpr, ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
     # x: [M, K]; w: [N, K/8] int32 from pack_int4; sz: [N, K/GROUP, 2] (scale, zero); KW = K / 8 and
     # KW_LEN = k_len / 8 are passed as arguments so Triton sees they are multiples of 16 (16-byte word loads)
@@ -272,6 +285,7 @@ def _int4_kernel(
     sz_ptrs += tl.arange(0, 2)[None, None, :]
     up_w, up_sz = N.to(tl.int64) * KW, N.to(tl.int64) * (K // GROUP * 2)  # GLU: offsets of the up half
     k_end = tl.minimum(k_len, K - pid_k * k_len)
+    _pdl_wait(PDL)
     if BLOCK_M == 1:
         # x pointers broadcast over the rows: loaded in the weights' own layout (no shared-memory shuffle);
         # the repeated loads hit L1
@@ -315,7 +329,7 @@ def _attention_kernel(
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sm_b, sm_s, so_b, so_h, so_s,
     HKV, S, T, t_len, qk_scale,
     G: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, PARTIAL: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
     # q: [B, H, S, D], k/v: [B, HKV, T, D], mask: [B, 1, S, T] bool (True: may attend); D contiguous everywhere.
     # grid: (B * HKV, P). This program: key/value head hk of batch row b with the G = H / HKV query heads that
@@ -330,6 +344,7 @@ def _attention_kernel(
     r, d = tl.arange(0, BLOCK_R), tl.arange(0, D)
     h, s = hk * G + r // S, r % S
     row_ok = r < G * S
+    _pdl_wait(PDL)
     q = tl.load(q_ptr + b * sq_b + h[:, None] * sq_h + s[:, None] * sq_s + d[None, :], mask=row_ok[:, None], other=0.0)
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
@@ -408,6 +423,7 @@ def _load_table() -> dict:
 _TABLE = _load_table()
 _DEVICE_NAMES: dict[int, str] = {}
 _SM_COUNTS: dict[int, int] = {}
+_PDL: dict[int, bool] = {}
 
 
 def _device_name(device: torch.device) -> str:
@@ -418,6 +434,18 @@ def _device_name(device: torch.device) -> str:
         _DEVICE_NAMES[idx] = torch.cuda.get_device_name(idx)
         _SM_COUNTS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _DEVICE_NAMES[idx]
+
+
+def uses_pdl(device: torch.device) -> bool:
+    # Programmatic dependent launch on sm_90+ (off with FASTGEN_PDL=0): a kernel is scheduled while the one
+    # before it drains and waits in _pdl_wait, which hides most of the gap between the small kernels of a
+    # decode step. generate.setup_compile turns it on for inductor's kernels too.
+    if device.type != "cuda" or INTERPRET or os.environ.get("FASTGEN_PDL", "1") == "0":
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _PDL:
+        _PDL[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+    return _PDL[idx]
 
 
 def _sm_count(device: torch.device) -> int:
@@ -515,6 +543,11 @@ def out_dtype(fmt: str, x: Tensor, n: int, k: int, glu: bool = False) -> torch.d
     return torch.float32 if plan(fmt, 1, n, k, x.device, glu).split_k > 1 else x.dtype
 
 
+def _pdl_args(device: torch.device) -> dict:
+    # the kernel's PDL constexpr and Triton's launch option, or nothing (the interpreter takes no launch_pdl)
+    return {"PDL": True, "launch_pdl": True} if uses_pdl(device) else {}
+
+
 def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | None = None, glu: bool = False,
             **constexprs) -> Tensor:  # fmt: skip
     # x: [..., K] -> y [..., n] in out_dtype (x's dtype, or float32 where the shape's decode config splits K)
@@ -542,7 +575,7 @@ def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | N
         x2, *weights, y, m, n, k, k_len, GLU=glu, ATOMIC=atomic,
         DOT_F32=x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **constexprs,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **constexprs, **_pdl_args(x.device),
     )  # fmt: skip
     return y.reshape(*x.shape[:-1], n)
 
@@ -678,7 +711,7 @@ def _attention_launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, splits: int
         hkv, S, T, t_len, D ** -0.5 * 1.4426950408889634,
         G=g, D=D, BLOCK_R=max(16, triton.next_power_of_2(g * S)), BLOCK_T=block_t, PARTIAL=partial,
         DOT_F32=q.dtype == torch.float32 or (INTERPRET and q.dtype == torch.bfloat16),
-        num_warps=8, num_stages=2 if splits == 1 else 3,
+        num_warps=8, num_stages=2 if splits == 1 else 3, **_pdl_args(q.device),
     )  # fmt: skip
     return o, lse
 
