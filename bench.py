@@ -99,7 +99,8 @@ def run(args, mode: str, copy_gbs: float, kernels: str, pdl: str) -> dict:
     gbs = nbytes * tok_s / 1e9
     peak = torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else None
     return {
-        "shape": args.shape, "mode": mode, "kernels": kernels, "pdl": pdl_used(device, pdl), "compile": args.compile,
+        "shape": args.shape, "mode": mode, "kernels": kernels, "pdl": pdl_used(device, pdl),
+        "prefetch_kib": os.environ.get("FASTGEN_PREFETCH", "0"), "compile": args.compile,
         "tok_s": round(tok_s, 2),
         "runs_tok_s": [round(s, 2) for s in speeds], "weight_gb": round(nbytes / 1e9, 3), "gb_s": round(gbs, 1),
         "copy_gb_s": round(copy_gbs, 1), "pct_of_floor": round(100 * gbs / copy_gbs, 1),

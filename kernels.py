@@ -72,6 +72,26 @@ def _pdl_wait(PDL: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_l2(w_ptr, n0, ld, k0, k_len, PREFETCH: tl.constexpr, ROWS: tl.constexpr):
+    # Opt-in (FASTGEN_PREFETCH, see prefetch_bytes), before _pdl_wait: ask L2 for this program's weights, ROWS
+    # rows from row n0 (ld elements apart), elements [k0, k0 + k_len) of each, at most PREFETCH bytes in all.
+    # No earlier kernel writes a weight, so under PDL they stream while the previous kernel drains.
+    # cp.async.bulk.prefetch.L2 (sm_90) is a hint: no registers, no effect on results. It takes warp-uniform
+    # operands (ptxas loops over the distinct ones), so whole rows, which are contiguous, go as one request.
+    if PREFETCH > 0:
+        row = tl.arange(0, ROWS)
+        row_bytes = k_len * (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
+        whole = k_len == ld
+        first = (w_ptr + n0.to(tl.int64) * ld + k0).to(tl.pointer_type(tl.int8))
+        ptrs = tl.where(whole, first, first + row.to(tl.int64) * ld * (w_ptr.dtype.element_ty.primitive_bitwidth // 8))
+        size = tl.where(whole, tl.minimum(ROWS * row_bytes, PREFETCH), tl.minimum(row_bytes, PREFETCH // ROWS) + 0 * row)
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+            "=r,l,r", [ptrs, size & -16], dtype=tl.int32, is_pure=False, pack=1,  # sizes: multiples of 16 bytes
+        )
+
+
+@triton.jit
 def _int8_to_f32(q):
     # int8 -> float32 without the (quarter-rate) I2F instruction: put 128 + q in the low mantissa bits of
     # 2^23 and subtract 2^23 + 128; both steps are exact
@@ -135,7 +155,8 @@ def _linear_kernel(
     x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, k_len, KW, KW_LEN,
     HAS_SCALE: tl.constexpr, W_INT8: tl.constexpr, X16: tl.constexpr, X_BF16: tl.constexpr, GLU: tl.constexpr,
     ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
 ):  # fmt: skip
     # x: [M, K], w: [N, K] (float, int8 or fp8), s: [N] per-output-channel scale, y: [M, N]
     # GLU: w is [2N, K], gate rows then up rows, and y = silu(x @ gate^T) * (x @ up^T) (no split-K)
@@ -148,6 +169,9 @@ def _linear_kernel(
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]  # [BLOCK_N, BLOCK_K], contiguous along K
     up_ptrs = w_ptrs + N.to(tl.int64) * K  # GLU: the matching rows of the up half
     k_end = tl.minimum(k_len, K - pid_k * k_len)
+    _prefetch_l2(w_ptr, pid_n * BLOCK_N, K, pid_k * k_len, k_end, PREFETCH, BLOCK_N)
+    if GLU:
+        _prefetch_l2(w_ptr, N + pid_n * BLOCK_N, K, pid_k * k_len, k_end, PREFETCH, BLOCK_N)
     _pdl_wait(PDL)
     if BLOCK_M == 1 and W_INT8 and X16:
         # int8 matrix-vector: 4 weights per int32 word (_int8_gemv_step), x as int64 words of 4 (_x_lanes)
@@ -263,7 +287,8 @@ def _int4_mma_step(q, sz, x_ptrs, x_mask, acc, WG: tl.constexpr, BLOCK_M: tl.con
 def _int4_kernel(
     x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, k_len, KW, KW_LEN,
     GROUP: tl.constexpr, GLU: tl.constexpr, ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
 ):  # fmt: skip
     # x: [M, K]; w: [N, K/8] int32 from pack_int4; sz: [N, K/GROUP, 2] (scale, zero); KW = K / 8 and
     # KW_LEN = k_len / 8 are passed as arguments so Triton sees they are multiples of 16 (16-byte word loads)
@@ -285,6 +310,9 @@ def _int4_kernel(
     sz_ptrs += tl.arange(0, 2)[None, None, :]
     up_w, up_sz = N.to(tl.int64) * KW, N.to(tl.int64) * (K // GROUP * 2)  # GLU: offsets of the up half
     k_end = tl.minimum(k_len, K - pid_k * k_len)
+    _prefetch_l2(w_ptr, pid_n * BLOCK_N, KW, pid_k * KW_LEN, k_end // 8, PREFETCH, BLOCK_N)
+    if GLU:
+        _prefetch_l2(w_ptr, N + pid_n * BLOCK_N, KW, pid_k * KW_LEN, k_end // 8, PREFETCH, BLOCK_N)
     _pdl_wait(PDL)
     if BLOCK_M == 1:
         # x pointers broadcast over the rows: loaded in the weights' own layout (no shared-memory shuffle);
@@ -548,6 +576,13 @@ def _pdl_args(device: torch.device) -> dict:
     return {"PDL": True, "launch_pdl": True} if uses_pdl(device) else {}
 
 
+def prefetch_bytes(device: torch.device) -> int:
+    # FASTGEN_PREFETCH=<KiB>: each matmul program asks L2 for up to that much of its weights before its PDL
+    # wait (_prefetch_l2; per half of a GLU weight). Off by default: not yet measured.
+    kib = os.environ.get("FASTGEN_PREFETCH", "0")
+    return int(kib) * 1024 if kib.isdigit() and uses_pdl(device) else 0
+
+
 def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | None = None, glu: bool = False,
             **constexprs) -> Tensor:  # fmt: skip
     # x: [..., K] -> y [..., n] in out_dtype (x's dtype, or float32 where the shape's decode config splits K)
@@ -571,6 +606,9 @@ def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | N
         constexprs.update(X16=x.element_size() == 2, X_BF16=x.dtype == torch.bfloat16)
     if x2.data_ptr() % 16:  # the kernels load x in 16-byte vectors (int8 at M = 1: as int64 words)
         x2 = x2.clone()
+    prefetch = prefetch_bytes(x.device) if weights[0].data_ptr() % 16 == 0 else 0  # bulk copies: 16-aligned
+    if prefetch:
+        constexprs.update(PREFETCH=prefetch)
     kernel[grid](
         x2, *weights, y, m, n, k, k_len, GLU=glu, ATOMIC=atomic,
         DOT_F32=x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16),

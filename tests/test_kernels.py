@@ -325,15 +325,17 @@ for w, x, bm, atomic, glu in [("*i8", "*bf16", 1, True, False), ("*i8", "*fp16",
                               ("*bf16", "*bf16", 1, False, True)]:  # both paths, both stores, GLU epilogue
     sig = {"x_ptr": x, "w_ptr": w, "s_ptr": x, "y_ptr": "*fp32" if atomic else x, **ints}
     consts = dict(HAS_SCALE=w != "*bf16", W_INT8=w == "*i8", X16=True, X_BF16=x == "*bf16", GLU=glu, ATOMIC=atomic,
-                  DOT_F32=False, BLOCK_M=bm, BLOCK_N=32, BLOCK_K=256, PDL=glu)  # the grid-dependency wait too
+                  DOT_F32=False, BLOCK_M=bm, BLOCK_N=32, BLOCK_K=256, PDL=glu, PREFETCH=65536 * glu)
     ptx = build(kernels._linear_kernel, sig, consts).asm["ptx"]
-    assert ("griddepcontrol.wait" in ptx) == glu
+    assert ("griddepcontrol.wait" in ptx) == glu  # the grid-dependency wait, and the L2 prefetch of both halves
+    assert ptx.count("cp.async.bulk.prefetch.L2") == 2 * glu
     # int8 at M = 1 multiplies denormal floats (the masked bytes) too
     assert not re.search(r"(fma|mul)[.a-z]*[.]ftz", ptx), f"flush-to-zero arithmetic in the linear kernel ({w}, M={bm})"
 for bm, glu in ((1, False), (16, False), (1, True), (16, True)):
     sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "sz_ptr": "*bf16", "y_ptr": "*bf16", **ints}
     ptx = build(kernels._int4_kernel, sig, dict(GROUP=32, GLU=glu, ATOMIC=False, DOT_F32=False, BLOCK_M=bm,
-                                                BLOCK_N=32, BLOCK_K=512, PDL=glu)).asm["ptx"]
+                                                BLOCK_N=32, BLOCK_K=512, PDL=glu, PREFETCH=16384 * glu)).asm["ptx"]
+    assert ptx.count("cp.async.bulk.prefetch.L2") == 2 * glu
     # M = 1 multiplies denormal floats (the masked nibbles): flush-to-zero products would zero the weights
     assert not re.search(r"(fma|mul)[.a-z]*[.]ftz", ptx), f"flush-to-zero arithmetic in the int4 kernel (M={bm})"
 strides = {f"s{t}_{d}": "i32" for t, dims in (("q", "bhs"), ("k", "bht"), ("v", "bht"), ("m", "bs"), ("o", "bhs"))
