@@ -79,11 +79,12 @@ def _prefetch_l2(w_ptr, n0, ld, k0, k_len, PREFETCH: tl.constexpr, ROWS: tl.cons
     # cp.async.bulk.prefetch.L2 (sm_90) is a hint: no registers, no effect on results. It takes warp-uniform
     # operands (ptxas loops over the distinct ones), so whole rows, which are contiguous, go as one request.
     if PREFETCH > 0:
-        row = tl.arange(0, ROWS)
-        row_bytes = k_len * (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
+        esize: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth // 8
+        row = tl.arange(0, ROWS).to(tl.int64)
+        row_bytes = k_len * esize
         whole = k_len == ld
         first = (w_ptr + n0.to(tl.int64) * ld + k0).to(tl.pointer_type(tl.int8))
-        ptrs = tl.where(whole, first, first + row.to(tl.int64) * ld * (w_ptr.dtype.element_ty.primitive_bitwidth // 8))
+        ptrs = tl.where(whole, first, first + row * ld * esize)
         size = tl.where(whole, tl.minimum(ROWS * row_bytes, PREFETCH), tl.minimum(row_bytes, PREFETCH // ROWS) + 0 * row)
         tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
