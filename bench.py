@@ -116,23 +116,28 @@ KERNEL_KINDS = [  # (kind, substrings of GPU kernel names), first match wins
 
 
 def profile_step(model: Transformer, prompt: list[int], sampling: dict, tokens: int = 50) -> dict:
-    """GPU time per decoded token by kind of kernel (matmul / attention / everything else), and the five
-    largest 'other' kernels, from torch.profiler over one generate() call of `tokens` tokens."""
+    """GPU time per decoded token by kind of kernel (matmul / attention / everything else), kernel launches
+    per token, and the twelve largest 'other' kernels (us and launches per token), from torch.profiler over
+    one generate() call of `tokens` tokens. Under programmatic dependent launch a kernel's time includes its
+    wait for the one before it."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         gen.generate(model, [prompt], tokens, **sampling)
-    totals, others = {"matmul": 0.0, "attention": 0.0, "other": 0.0}, {}
+    totals, others, launches = {"matmul": 0.0, "attention": 0.0, "other": 0.0}, {}, 0
     for e in prof.key_averages():
         us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
         if us <= 0 or e.key.startswith(("ProfilerStep", "cudaGraph")):
             continue
         kind = next((k for k, keys in KERNEL_KINDS if any(s in e.key for s in keys)), "other")
         totals[kind] += us
+        launches += e.count
         if kind == "other":
-            others[e.key[:80]] = others.get(e.key[:80], 0.0) + us
-    top = sorted(others.items(), key=lambda kv: -kv[1])[:5]
-    return {**{k: round(v / tokens, 1) for k, v in totals.items()}, "top_other": {k: round(v / tokens, 1) for k, v in top}}
+            us0, n0 = others.get(e.key[:80], (0.0, 0))
+            others[e.key[:80]] = (us0 + us, n0 + e.count)
+    top = sorted(others.items(), key=lambda kv: -kv[1][0])[:12]
+    return {**{k: round(v / tokens, 1) for k, v in totals.items()}, "kernels": round(launches / tokens, 1),
+            "top_other": {k: [round(us / tokens, 1), round(n / tokens, 1)] for k, (us, n) in top}}
 
 
 def pdl_used(device: str, pdl: str) -> bool:
