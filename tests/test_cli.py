@@ -145,3 +145,21 @@ def test_interactive_chat_keeps_the_conversation_in_the_cache(smollm2_checkpoint
     model.setup_caches(1, len(ids) + 30)
     row = generate(model, [ids], 30, temperature=0, stop_ids=tokenizer.stop_ids)[0][0]
     assert tokenizer.decode([t for t in row if t not in tokenizer.stop_ids]).strip() == replies[1]
+
+
+def test_bench_runs_each_configuration(capsys, monkeypatch):
+    # the speed benchmark's plumbing on CPU (tiny shape, eager): one JSON line per mode x kernels x PDL setting;
+    # PDL is never in use off the GPU
+    import torch._inductor.config as inductor_config
+
+    import bench
+
+    for name in ("FASTGEN_KERNELS", "FASTGEN_PDL"):  # bench.py sets both per configuration; the undo restores them
+        monkeypatch.setenv(name, "")
+    if hasattr(inductor_config.triton, "enable_pdl"):
+        monkeypatch.setattr(inductor_config.triton, "enable_pdl", inductor_config.triton.enable_pdl)
+    bench.main(["--shape", "tiny", "--device", "cpu", "--no_compile", "--runs", "1", "--max_new_tokens", "3",
+                "--mode", "bf16", "int8", "--pdl", "off", "on"])  # fmt: skip
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(r["mode"], r["pdl"]) for r in rows] == [("bf16", False)] * 2 + [("int8", False)] * 2
+    assert all(r["tok_s"] > 0 and len(r["runs_tok_s"]) == 1 and r["device"] == "cpu" for r in rows)
