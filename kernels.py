@@ -603,8 +603,9 @@ def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | N
     k_len = triton.cdiv(k // cfg.block_k, cfg.split_k) * cfg.block_k  # inputs per split, whole tiles
     words = 8 if kernel is _int4_kernel else 4  # weights per int32 word (int4, int8; unused for the others)
     constexprs.update(KW=k // words, KW_LEN=k_len // words)  # plain ints, not constexprs (see the kernels)
-    if kernel is _linear_kernel:
-        constexprs.update(X16=x.element_size() == 2, X_BF16=x.dtype == torch.bfloat16)
+    if kernel is _linear_kernel:  # X16: int8 at M = 1 reads the weight as int32 words (needs it aligned)
+        x16 = x.element_size() == 2 and weights[0].data_ptr() % 16 == 0
+        constexprs.update(X16=x16, X_BF16=x.dtype == torch.bfloat16)
     if x2.data_ptr() % 16:  # the kernels load x in 16-byte vectors (int8 at M = 1: as int64 words)
         x2 = x2.clone()
     prefetch = prefetch_bytes(x.device) if weights[0].data_ptr() % 16 == 0 else 0  # bulk copies: 16-aligned

@@ -304,6 +304,18 @@ def test_int8_matrix_vector_over_the_range_of_x(act):
             glu = kernels.run_with("int8", xm, w_glu, kernels.Config(block_n=32, block_k=128), glu=True)
             assert rel_err(glu, kernels.glu_reference("int8", xm, *w_glu)) < BOUND[act], mag
 
+
+def test_weight_at_an_odd_address():
+    # a contiguous int8 weight need not be 16-byte aligned (a view into a larger buffer): M = 1 then takes the
+    # byte loop instead of the int32-word one (misaligned word loads fault on a GPU), with the same result
+    x, (w, s), ref = case("int8", 1, 128, 256, torch.bfloat16)
+    buf = torch.empty(w.numel() + 1, dtype=torch.int8, device=w.device)
+    odd = buf[1:].view(w.shape)
+    odd.copy_(w)
+    assert odd.is_contiguous() and odd.data_ptr() % 2 == 1
+    for cfg in (kernels.Config(block_n=64, block_k=128), kernels.Config(block_n=128, block_k=128, split_k=2)):
+        assert rel_err(kernels.run_with("int8", x, (odd, s), cfg), ref) < BOUND[torch.bfloat16]
+
 GPU_COMPILE = r"""
 import re
 import sys
