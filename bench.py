@@ -72,10 +72,7 @@ def run(args, mode: str, copy_gbs: float, kernels: str, pdl: str) -> dict:
     device = args.device
     os.environ["FASTGEN_KERNELS"] = quantize.TRITON_BY_DEFAULT if kernels == "default" else kernels  # read at prepare
     os.environ["FASTGEN_PDL"] = "1" if pdl == "on" else "0"  # read at each kernels.py launch
-    import torch._inductor.config as inductor_config
-
-    if hasattr(inductor_config.triton, "enable_pdl"):
-        inductor_config.triton.enable_pdl = pdl == "on"  # read when the decode step compiles (after the reset below)
+    gen.set_inductor_pdl(pdl == "on")  # read when the decode step compiles (after the reset below)
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = apply_mode(random_model(args.shape, device, torch.bfloat16 if device != "cpu" else torch.float32), mode)
@@ -99,7 +96,7 @@ def run(args, mode: str, copy_gbs: float, kernels: str, pdl: str) -> dict:
     gbs = nbytes * tok_s / 1e9
     peak = torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else None
     return {
-        "shape": args.shape, "mode": mode, "kernels": kernels, "pdl": pdl_used(device, pdl),
+        "shape": args.shape, "mode": mode, "kernels": kernels, "pdl": pdl_used(device),
         "prefetch_kib": os.environ.get("FASTGEN_PREFETCH", "0"), "compile": args.compile,
         "tok_s": round(tok_s, 2),
         "runs_tok_s": [round(s, 2) for s in speeds], "weight_gb": round(nbytes / 1e9, 3), "gb_s": round(gbs, 1),
@@ -140,9 +137,12 @@ def profile_step(model: Transformer, prompt: list[int], sampling: dict, tokens: 
             "top_other": {k: [round(us / tokens, 1), round(n / tokens, 1)] for k, (us, n) in top}}
 
 
-def pdl_used(device: str, pdl: str) -> bool:
-    # programmatic dependent launch needs sm_90+ (kernels.uses_pdl, inductor's enable_pdl)
-    return pdl == "on" and device.startswith("cuda") and torch.cuda.get_device_capability(device)[0] >= 9
+def pdl_used(device: str) -> bool:
+    # what kernels.py decided under the FASTGEN_PDL that run() set (it needs sm_90+)
+    if not device.startswith("cuda"):
+        return False
+    quantize.load_kernels()
+    return quantize.kernels.uses_pdl(torch.device(device))
 
 
 def versions() -> dict:

@@ -294,6 +294,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def set_inductor_pdl(on: bool) -> None:
+    # programmatic dependent launch for inductor's kernels on sm_90+ (inductor checks the GPU), as kernels.py
+    # does for its own; read when a graph compiles. torch versions without the option are left alone.
+    import torch._inductor.config as inductor_config
+
+    if hasattr(inductor_config.triton, "enable_pdl"):
+        inductor_config.triton.enable_pdl = on
+
+
 def setup_compile(compile_decode: bool, compile_prefill: bool) -> None:
     global decode_one_token, prefill
     import torch._inductor.config as inductor_config
@@ -301,9 +310,8 @@ def setup_compile(compile_decode: bool, compile_prefill: bool) -> None:
     inductor_config.coordinate_descent_tuning = True
     inductor_config.triton.unique_kernel_names = True
     inductor_config.fx_graph_cache = True
-    if hasattr(inductor_config.triton, "enable_pdl") and os.environ.get("FASTGEN_PDL", "1") != "0":
-        # programmatic dependent launch on sm_90+ (inductor checks the GPU), as kernels.py's own kernels do
-        inductor_config.triton.enable_pdl = True
+    if os.environ.get("FASTGEN_PDL", "1") != "0":
+        set_inductor_pdl(True)
     if compile_decode:
         decode_one_token = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
     if compile_prefill:

@@ -450,19 +450,19 @@ def _load_table() -> dict:
 
 
 _TABLE = _load_table()
-_DEVICE_NAMES: dict[int, str] = {}
-_SM_COUNTS: dict[int, int] = {}
-_PDL: dict[int, bool] = {}
+_GPUS: dict[int, tuple[str, int, int]] = {}  # device index -> (name, SM count, compute capability major)
+
+
+def _gpu(device: torch.device) -> tuple[str, int, int]:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _GPUS:
+        props = torch.cuda.get_device_properties(idx)
+        _GPUS[idx] = (props.name, props.multi_processor_count, props.major)
+    return _GPUS[idx]
 
 
 def _device_name(device: torch.device) -> str:
-    if device.type != "cuda":
-        return device.type
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _DEVICE_NAMES:
-        _DEVICE_NAMES[idx] = torch.cuda.get_device_name(idx)
-        _SM_COUNTS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _DEVICE_NAMES[idx]
+    return _gpu(device)[0] if device.type == "cuda" else device.type
 
 
 def uses_pdl(device: torch.device) -> bool:
@@ -471,17 +471,12 @@ def uses_pdl(device: torch.device) -> bool:
     # decode step. generate.setup_compile turns it on for inductor's kernels too.
     if device.type != "cuda" or INTERPRET or os.environ.get("FASTGEN_PDL", "1") == "0":
         return False
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _PDL:
-        _PDL[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
-    return _PDL[idx]
+    return _gpu(device)[2] >= 9
 
 
 def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":  # the interpreter runs programs one by one: fewer, bigger ones are faster
-        return 1
-    _device_name(device)
-    return _SM_COUNTS[device.index if device.index is not None else torch.cuda.current_device()]
+    # the interpreter runs programs one by one: fewer, bigger ones are faster
+    return _gpu(device)[1] if device.type == "cuda" else 1
 
 
 def _warps(tile_bytes: int, bits: int, dot: bool) -> tuple[int, ...]:
@@ -603,12 +598,12 @@ def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | N
     k_len = triton.cdiv(k // cfg.block_k, cfg.split_k) * cfg.block_k  # inputs per split, whole tiles
     words = 8 if kernel is _int4_kernel else 4  # weights per int32 word (int4, int8; unused for the others)
     constexprs.update(KW=k // words, KW_LEN=k_len // words)  # plain ints, not constexprs (see the kernels)
-    if kernel is _linear_kernel:  # X16: int8 at M = 1 reads the weight as int32 words (needs it aligned)
-        x16 = x.element_size() == 2 and weights[0].data_ptr() % 16 == 0
-        constexprs.update(X16=x16, X_BF16=x.dtype == torch.bfloat16)
+    w_aligned = weights[0].data_ptr() % 16 == 0  # for int8's int32-word loop and for bulk prefetches
+    if kernel is _linear_kernel:  # X16: int8 at M = 1 reads the weight as int32 words
+        constexprs.update(X16=x.element_size() == 2 and w_aligned, X_BF16=x.dtype == torch.bfloat16)
     if x2.data_ptr() % 16:  # the kernels load x in 16-byte vectors (int8 at M = 1: as int64 words)
         x2 = x2.clone()
-    prefetch = prefetch_bytes(x.device) if weights[0].data_ptr() % 16 == 0 else 0  # bulk copies: 16-aligned
+    prefetch = prefetch_bytes(x.device) if w_aligned else 0
     if prefetch:
         constexprs.update(PREFETCH=prefetch)
     kernel[grid](

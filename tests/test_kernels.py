@@ -286,7 +286,6 @@ def test_int4_matrix_vector_over_the_range_of_x():
             assert rel_err(kernels.run_with("int4g32", xm, weights, cfg), ref) < 2e-5, (mag, cfg)
 
 
-
 @pytest.mark.parametrize("act", [torch.bfloat16, torch.float16])
 def test_int8_matrix_vector_over_the_range_of_x(act):
     # M = 1 with 16-bit activations reads each masked byte as a denormal float and prescales x by up to 2^76
@@ -315,6 +314,7 @@ def test_weight_at_an_odd_address():
     assert odd.is_contiguous() and odd.data_ptr() % 2 == 1
     for cfg in (kernels.Config(block_n=64, block_k=128), kernels.Config(block_n=128, block_k=128, split_k=2)):
         assert rel_err(kernels.run_with("int8", x, (odd, s), cfg), ref) < BOUND[torch.bfloat16]
+
 
 GPU_COMPILE = r"""
 import re
