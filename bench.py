@@ -168,7 +168,7 @@ def main(argv=None) -> None:
     p.add_argument("--no_compile", dest="compile", action="store_false")
     p.add_argument("--compile_prefill", action="store_true")
     p.add_argument("--kernels", nargs="+", default=["default"],
-                   help="what uses kernels.py (FASTGEN_KERNELS): default (int8,fp8,attn,glu), all, stock "
+                   help="what uses kernels.py (FASTGEN_KERNELS): default (int8,fp8,int4,attn,glu), all, stock "
                         "(torch's own: cuBLAS, tinygemm, inductor, sdpa), or a list of bf16 int8 fp8 int4 attn glu "
                         "such as int8,attn")
     p.add_argument("--pdl", nargs="+", choices=["on", "off"], default=["on"],

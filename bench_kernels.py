@@ -166,18 +166,18 @@ def check(formats: list[str], trials: int) -> None:
 # ----------------------------------------------------------------------------- tuning
 
 
-def _compile(work: list[tuple[str, int, kernels.Config]]) -> int:
+def _compile(work: list[tuple[str, int, kernels.Config, bool]]) -> int:
     # one worker: launch each config once on a tiny problem with the same Triton specialisation as the real
-    # one (dtypes, M == 1 or not, ints divisible by 16), which leaves the binary in Triton's disk cache
-    for fmt, m, cfg in work:
-        n, k = max(cfg.block_n, 128), cfg.block_k * cfg.split_k
+    # one (dtypes, M == 1 or not, GLU or not, ints divisible by 16), which leaves the binary in Triton's disk cache
+    for fmt, m, cfg, glu in work:
+        n, k = max(cfg.block_n, 128) * (2 if glu else 1), cfg.block_k * cfg.split_k
         x = torch.randn(m, k, device="cuda", dtype=kernels.act_dtype(fmt))
-        kernels.run_with(fmt, x, make_weights(fmt, n, k, "cuda"), cfg)
+        kernels.run_with(fmt, x, make_weights(fmt, n, k, "cuda"), cfg, glu)
     torch.cuda.synchronize()
     return len(work)
 
 
-def precompile(work: list[tuple[str, int, kernels.Config]], jobs: int) -> None:
+def precompile(work: list[tuple[str, int, kernels.Config, bool]], jobs: int) -> None:
     """Triton compiles a kernel on its first launch, one at a time: compile them in parallel processes first."""
     work = sorted(set(work), key=str)
     chunks = [work[i::jobs] for i in range(jobs) if work[i::jobs]]
@@ -196,42 +196,53 @@ def weight_copies(fmt: str, n: int, k: int, seed: int = 0) -> list[tuple]:
     return [base] + [tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in base) for _ in range(extra)]
 
 
-def tune(cases: list[tuple[str, int, int, int]], jobs: int) -> None:
+def tune(cases: list[tuple[str, int, int, int]], jobs: int, glu_shapes: set[tuple[int, int]] = frozenset()) -> None:
     """Time kernels.candidates(...) for each (fmt, N, K, M) and store the fastest in kernel_configs.json under
     this GPU's name. Each candidate is timed as the benchmark times it: replayed from a CUDA graph (no launch
-    overhead: a decode step is one graph) over weight copies that overflow L2. Run once per GPU model; the
-    kernels never tune at start-up."""
+    overhead: a decode step is one graph) over weight copies that overflow L2. (N, K) in glu_shapes (the
+    feed-forward's gate|up weight) are also timed as GLU calls, whole-K configs only, stored under ":glu".
+    Run once per GPU model; the kernels never tune at start-up."""
     device = torch.device("cuda", torch.cuda.current_device())
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     if jobs > 1:
-        precompile([(f, m, c) for f, n, k, m in cases for c in kernels.candidates(f, n, k, m, sms)], jobs)
+        work = [(f, m, c, False) for f, n, k, m in cases for c in kernels.candidates(f, n, k, m, sms)]
+        work += [(f, m, c, True) for f, n, k, m in cases if (n, k) in glu_shapes
+                 for c in kernels.candidates(f, n, k, m, sms) if c.split_k == 1]  # fmt: skip
+        precompile(work, jobs)
     best = {}
     for fmt, n, k, m in cases:
         copies = weight_copies(fmt, n, k)
         x = torch.randn(m, k, device=device, dtype=kernels.act_dtype(fmt))
         ref = x.double() @ kernels.dequantize(fmt, *copies[0]).double().T
-        timed = []
-        for cfg in kernels.candidates(fmt, n, k, m, sms):
-            try:
-                err = rel_err(kernels.run_with(fmt, x, copies[0], cfg), ref)
-                assert err < BOUND[x.dtype], f"relative error {err:.2e}"
-                calls = [lambda w=w, cfg=cfg: kernels.run_with(fmt, x, w, cfg) for w in copies]
-                timed.append((graph_time(calls, reps=10, rounds=2), cfg))
-            except Exception as e:  # a config this GPU or Triton version cannot build: skip it, and say so
-                print(f"  skip {cfg}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}")
         key, size = kernels.config_key(fmt, n, k, m), nbytes(copies[0])
+        for glu in (False, True) if (n, k) in glu_shapes else (False,):
+            if glu:
+                ref = F.silu(ref[:, : n // 2]) * ref[:, n // 2 :]
+            timed = []
+            for cfg in kernels.candidates(fmt, n, k, m, sms):
+                if glu and cfg.split_k > 1:
+                    continue
+                try:
+                    err = rel_err(kernels.run_with(fmt, x, copies[0], cfg, glu), ref)
+                    assert err < BOUND[x.dtype], f"relative error {err:.2e}"
+                    calls = [lambda w=w, cfg=cfg: kernels.run_with(fmt, x, w, cfg, glu) for w in copies]
+                    timed.append((graph_time(calls, reps=10, rounds=2), cfg))
+                except Exception as e:  # a config this GPU or Triton version cannot build: skip it, and say so
+                    print(f"  skip {cfg}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}")
+            name = key + (":glu" if glu else "")
+            if not timed:
+                print(f"{name}: no candidate worked; the heuristic stays")
+                continue
+            t, best[name] = min(timed, key=lambda t: t[0])
+            if best[name].split_k > 1:  # GLU calls cannot split K: keep the fastest whole-K config for them too
+                whole = [tc for tc in timed if tc[1].split_k == 1]
+                if whole:
+                    best[key + ":k1"] = min(whole, key=lambda t: t[0])[1]
+            default = kernels.heuristic(fmt, n, k, m, sms)
+            t_default = next((t for t, c in timed if c == default), float("nan"))
+            print(f"{name:32s} {t * 1e6:7.1f} us {size / t / 1e9:6.0f} GB/s (heuristic {t_default * 1e6:7.1f} us)  "
+                  f"{best[name]}")  # fmt: skip
         del copies
-        if not timed:
-            print(f"{key}: no candidate worked; the heuristic stays")
-            continue
-        t, best[key] = min(timed, key=lambda t: t[0])
-        if best[key].split_k > 1:  # GLU calls cannot split K: keep the fastest whole-K config for them too
-            whole = [tc for tc in timed if tc[1].split_k == 1]
-            if whole:
-                best[key + ":k1"] = min(whole, key=lambda t: t[0])[1]
-        default = kernels.heuristic(fmt, n, k, m, sms)
-        t_default = next((t for t, c in timed if c == default), float("nan"))
-        print(f"{key:28s} {t * 1e6:7.1f} us {size / t / 1e9:6.0f} GB/s (heuristic {t_default * 1e6:7.1f} us)  {best[key]}")
     kernels.store_configs(best, device)
 
 
@@ -399,7 +410,7 @@ def main() -> None:
     if args.tune:
         t1 = time.time()
         cases = [(f, n, k, m) for s in args.shapes for _, n, k in SHAPES[s] for f in formats for m in args.tune_m]
-        tune(cases, args.jobs)
+        tune(cases, args.jobs, {(n, k) for s in args.shapes for name, n, k in SHAPES[s] if name == "w13"})
         print(f"tuned {len(cases)} cases in {time.time() - t1:.0f} s -> {kernels.CONFIG_FILE}")
     if args.bench or not (args.check or args.tune):
         t1 = time.time()

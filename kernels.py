@@ -243,18 +243,18 @@ def _nibble_pair(q, p: tl.constexpr):
 
 @triton.jit
 def _int4_gemv_step(q, sz, x_ptrs, WG: tl.constexpr):
-    # one tile for M == 1: q [BLOCK_N, G, WG] words, sz [BLOCK_N, G, 2] (scale, zero), x_ptrs [BLOCK_N, G, WG]
+    # one tile for M == 1: q [BLOCK_N, G, WG] words, sz [BLOCK_N, G, 2] (scale, zero), x_ptrs [1, G, WG]
     # at the tile's first word column -> sum over the tile of W * x per row and group: [BLOCK_N, G]
     # A nibble masked in place, q & (15 << b), read as a float is the denormal q * 2^(b - 149): one LOP3 per
     # weight, and a shift only for nibbles 5..7 (one per word). Its x is prescaled by 2^(X_EXP - b), so every
     # product is q * x * 2^(X_EXP - 149), a normal float for 2^-52 < |x| < 2^52 (FFMA keeps denormal inputs;
     # the kernels are compiled without flush-to-zero, which tests/test_kernels.py checks).
-    # The x work (loads, conversions, scaling, sums) does not depend on the row: where a thread holds several
-    # rows of the tile the compiler does it once for all of them.
+    # The x work (loads, conversions, scaling, sums) does not depend on the row: x has one row, broadcast to
+    # the tile, so a thread holding several rows does it once for all of them.
     scale, zero = tl.split(sz.to(tl.float32))
     q_hi = q >> 12  # nibbles 5, 6, 7 at bits 8..19
     fx = tl.zeros(q.shape, dtype=tl.float32)  # sum of q * x * 2^(X_EXP - 149)
-    xs = tl.zeros(q.shape, dtype=tl.float32)  # sum of x
+    xs = tl.zeros([1, q.shape[1], q.shape[2]], dtype=tl.float32)  # sum of x
     for i in tl.static_range(8):  # nibble i sits at bit b = 4i - 12 (i // 5) once masked
         f = ((q if i < 5 else q_hi) & (15 << (4 * i - 12 * (i // 5)))).to(tl.float32, bitcast=True)
         x = tl.load(x_ptrs + i * WG).to(tl.float32)
@@ -316,17 +316,24 @@ def _int4_kernel(
         _prefetch_l2(w_ptr, N + pid_n * BLOCK_N, KW, pid_k * KW_LEN, k_end // 8, PREFETCH, BLOCK_N)
     _pdl_wait(PDL)
     if BLOCK_M == 1:
-        # x pointers broadcast over the rows: loaded in the weights' own layout (no shared-memory shuffle);
-        # the repeated loads hit L1
-        x_ptrs = x_ptr + pid_m * K + k0 + rg[None, :, None] * GROUP + rw[None, None, :] + 0 * rn[:, None, None]
+        # Words and (scale, zero) pairs are loaded through 2D pointers, [BLOCK_N, BLOCK_K/8] and [BLOCK_N, 2G],
+        # whose contiguity along K the compiler can see, then reshaped to [BLOCK_N, G, WG] and [BLOCK_N, G, 2]:
+        # the threads of a warp then run along K, and x, loaded once as [1, G, WG] in that same layout, serves
+        # every row a thread holds from registers. (3D pointers let triton 3.6 lay threads out along the rows,
+        # and x broadcast over the rows was then loaded and converted once per row.)
+        q_ptrs = w_ptr + rn[:, None].to(tl.int64) * KW + pid_k * KW_LEN + tl.arange(0, G * WG)[None, :]
+        s_ptrs = sz_ptr + rn[:, None].to(tl.int64) * (K // GROUP * 2) + k0 // GROUP * 2 + tl.arange(0, 2 * G)[None, :]
+        x_ptrs = x_ptr + pid_m * K + k0 + rg[None, :, None] * GROUP + rw[None, None, :]  # [1, G, WG]
         acc = tl.zeros([BLOCK_N, G], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, G], dtype=tl.float32)
         for k in range(0, k_end, BLOCK_K):
-            acc += _int4_gemv_step(tl.load(w_ptrs + k // 8), tl.load(sz_ptrs + k // GROUP * 2), x_ptrs + k, WG)
+            q = tl.reshape(tl.load(q_ptrs + k // 8), [BLOCK_N, G, WG])
+            sz = tl.reshape(tl.load(s_ptrs + k // GROUP * 2), [BLOCK_N, G, 2])
+            acc += _int4_gemv_step(q, sz, x_ptrs + k, WG)
             if GLU:
-                acc_up += _int4_gemv_step(
-                    tl.load(w_ptrs + up_w + k // 8), tl.load(sz_ptrs + up_sz + k // GROUP * 2), x_ptrs + k, WG
-                )
+                q = tl.reshape(tl.load(q_ptrs + up_w + k // 8), [BLOCK_N, G, WG])
+                sz = tl.reshape(tl.load(s_ptrs + up_sz + k // GROUP * 2), [BLOCK_N, G, 2])
+                acc_up += _int4_gemv_step(q, sz, x_ptrs + k, WG)
         out, out_up = tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :]  # [1, BLOCK_N]
     else:
         x_ptrs = x_ptr + rm[:, None, None] * K + k0 + rg[None, :, None] * GROUP + rw[None, None, :]  # [M, G, WG]
@@ -490,16 +497,17 @@ def _warps(tile_bytes: int, bits: int, dot: bool) -> tuple[int, ...]:
 
 def candidates(fmt: str, n: int, k: int, m: int, sms: int = 132) -> list[Config]:
     """The configs bench_kernels.py --tune tries: weight tiles of 4-16 KB per loop step (int4 on CUDA cores
-    up to 32 KB), shaped from wide (BLOCK_K up to 1024) to tall (BLOCK_N up to 128, for K like 11008 = 2^8 * 43
-    that only tiles by 256), 2-8 warps (_warps), split-K 1-8 (while that leaves < 8 programs per SM); for
-    M == 1 also the tensor-core path."""
+    2-32 KB, as wide as BLOCK_K = 4096 and as short as 2 rows: see _int4_kernel), shaped from wide (BLOCK_K up to
+    1024) to tall (BLOCK_N up to 128, for K like 11008 = 2^8 * 43 that only tiles by 256), 2-8 warps (_warps),
+    split-K 1-8 (while that leaves < 8 programs per SM); for M == 1 also the tensor-core path."""
     bits, out = _bits(fmt), []
     for dot in (False, True) if m == 1 else (True,):
-        # int4 on CUDA cores also tries 32 KB tiles: more rows per thread share each x (see _int4_gemv_step)
-        for tile_bytes in (8192,) if dot else (4096, 8192, 16384) + ((32768,) if bits == 4 else ()):
-            for block_k in (128, 256, 512, 1024):
+        int4_cores = bits == 4 and not dot
+        sizes = (8192,) if dot else (2048, 4096, 8192, 16384, 32768) if int4_cores else (4096, 8192, 16384)
+        for tile_bytes in sizes:
+            for block_k in (128, 256, 512, 1024) + ((2048, 4096) if int4_cores else ()):
                 block_n = tile_bytes * 8 // (bits * block_k)
-                if not (16 if dot else 8) <= block_n <= (64 if dot else 128):
+                if not (16 if dot else 2 if int4_cores else 8) <= block_n <= (64 if dot else 128):
                     continue
                 for split_k in (1, 2, 4, 8):
                     for warps in _warps(tile_bytes, bits, dot):
@@ -511,9 +519,11 @@ def candidates(fmt: str, n: int, k: int, m: int, sms: int = 132) -> list[Config]
 
 def heuristic(fmt: str, n: int, k: int, m: int, sms: int = 132) -> Config:
     """The config used when the table has none: an 8 KB tile from candidates(), with enough programs for
-    two per SM, using as little split-K (atomics, a zero fill and a cast) as gets there."""
+    two per SM, using as little split-K (atomics, a zero fill and a cast) as gets there. int4 on CUDA cores:
+    2 warps and BLOCK_K up to 2048, so every thread holds one group of 8 rows (what the H200 tuning chose)."""
     dot = m > 1
-    cands = [c for c in candidates(fmt, n, k, m, sms) if c.dot == dot and c.num_warps == 4]
+    int4_cores = _bits(fmt) == 4 and not dot
+    cands = [c for c in candidates(fmt, n, k, m, sms) if c.dot == dot and c.num_warps == (2 if int4_cores else 4)]
     if not cands:  # tiny or odd shapes: the smallest tile that always fits (N, K multiples of 128)
         group = int(fmt[5:]) if fmt.startswith("int4") else 1
         return Config(16, max(128, group), 1, 4, 3 if dot else 2, dot)
@@ -521,7 +531,7 @@ def heuristic(fmt: str, n: int, k: int, m: int, sms: int = 132) -> Config:
         programs = (n // c.block_n) * c.split_k
         if programs < 2 * sms:
             return (1, -programs)
-        return (0, c.split_k, abs(c.block_n * c.block_k * _bits(fmt) - 8192 * 8), abs(c.block_k - 512))
+        return (0, c.split_k, abs(c.block_n * c.block_k * _bits(fmt) - 8192 * 8), abs(c.block_k - (2048 if int4_cores else 512)))
 
     return min(cands, key=score)
 
@@ -538,10 +548,11 @@ def store_configs(configs: dict[str, Config], device: torch.device, path: Path =
 
 
 def get_config(fmt: str, n: int, k: int, m: int, device: torch.device, split: bool = True) -> Config:
-    # split=False (GLU calls, which cannot split K): prefer the tuner's best whole-K config, stored under
-    # key + ":k1" where the fastest overall splits K; plan() runs whichever entry with split_k = 1
+    # split=False (GLU calls, which cannot split K): prefer the tuner's best GLU config (key + ":glu", timed as
+    # GLU calls), else its best whole-K config, stored under key + ":k1" where the fastest overall splits K;
+    # plan() runs whichever entry with split_k = 1
     key = config_key(fmt, n, k, m)
-    keys = ([] if split else [key + ":k1"]) + [key]
+    keys = ([] if split else [key + ":glu", key + ":k1"]) + [key]
     mine = _TABLE.get(_device_name(device), {})
     entry = next((mine[c] for c in keys if c in mine), None)
     if entry is None:  # tuned on another GPU model: still a better guess than the heuristic

@@ -16,9 +16,9 @@ Kernels: on a GPU, decode-sized matmuls (at most kernels.MAX_M rows) go to the T
 larger inputs (prefill) take the stock path (cuBLAS on the dequantized or upcast weight, or tinygemm for int4).
 prepare_for_device() makes that choice once per module after loading, and also swaps in the decode attention
 kernel (Attention.sdpa) and GluFeedForward (the SwiGLU in w13's kernel). What uses the Triton ops is
-FASTGEN_KERNELS: by default int8 and fp8 matmuls, attention and the SwiGLU epilogue ("int8,fp8,attn,glu"),
-what beat the stock paths end to end on the H100 (README); "all" adds bf16 and int4 matmuls, "stock" turns
-everything off, or list names ("int8,int4,attn").
+FASTGEN_KERNELS: by default int8, fp8 and int4 matmuls, attention and the SwiGLU epilogue
+("int8,fp8,int4,attn,glu"), what beat the stock paths end to end (README); "all" adds bf16 matmuls, "stock"
+turns everything off, or list names ("int8,int4,attn").
 """
 import argparse
 import itertools
@@ -368,7 +368,7 @@ def load_kernels() -> None:
         kernels = k
 
 
-TRITON_BY_DEFAULT = "int8,fp8,attn,glu"  # on the H100 tinygemm (int4) and cuBLAS (bf16) were faster end to end
+TRITON_BY_DEFAULT = "int8,fp8,int4,attn,glu"  # cuBLAS (bf16) was faster end to end on the H100 and the H200
 
 
 def use_triton(device: torch.device, fmt: str) -> bool:

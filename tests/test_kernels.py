@@ -74,6 +74,20 @@ def test_every_code_path(fmt, path):
     assert rel_err(kernels.run_with(fmt, x, weights, cfg), ref) < BOUND[act]
 
 
+@pytest.mark.parametrize("group", [32, 128])
+def test_int4_matrix_vector_tiles_from_wide_to_short(group):
+    # the int4 M = 1 tiles the tuner tries beyond the common ones: all of K in one step, two rows, 1-8 warps;
+    # plain, split-K and GLU
+    x, weights, ref = case(f"int4g{group}", 1, 256, 4096, torch.bfloat16)
+    glu_ref = kernels.glu_reference(f"int4g{group}", x, *weights)
+    for cfg in (kernels.Config(block_n=8, block_k=4096, num_warps=4), kernels.Config(block_n=2, block_k=2048, num_warps=2),
+                kernels.Config(block_n=4, block_k=1024, split_k=2, num_warps=8)):  # fmt: skip
+        assert rel_err(kernels.run_with(f"int4g{group}", x, weights, cfg), ref) < BOUND[torch.bfloat16], cfg
+        if cfg.split_k == 1:
+            glu = kernels.run_with(f"int4g{group}", x, weights, cfg, glu=True)
+            assert rel_err(glu, glu_ref) < BOUND[torch.bfloat16], cfg
+
+
 def test_int4_layout():
     # pack_int4: in each group, word j holds q[i * group/8 + j] in bits 4i..4i+3
     g = torch.Generator().manual_seed(0)
@@ -350,6 +364,15 @@ for bm, glu in ((1, False), (16, False), (1, True), (16, True)):
     assert ptx.count("cp.async.bulk.prefetch.L2") == 2 * glu
     # M = 1 multiplies denormal floats (the masked nibbles): flush-to-zero products would zero the weights
     assert not re.search(r"(fma|mul)[.a-z]*[.]ftz", ptx), f"flush-to-zero arithmetic in the int4 kernel (M={bm})"
+# M = 1, a tile of 8 rows by 4096: each thread holds 8 rows of one group; x is loaded once for all of them
+# (8 nibble positions x 8 bytes), the words and (scale, zero) pairs once per row, and the layout needs no
+# shared-memory round trips but the final reduction's
+sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "sz_ptr": "*bf16", "y_ptr": "*bf16", **ints}
+ptx = build(kernels._int4_kernel, sig, dict(GROUP=32, GLU=False, ATOMIC=False, DOT_F32=False, BLOCK_M=1, BLOCK_N=8,
+                                            BLOCK_K=4096, PDL=False, PREFETCH=0)).asm["ptx"]
+loads = re.findall(r"ld[.]global[.a-z0-9]*", ptx)
+assert (loads.count("ld.global.v2.b32"), loads.count("ld.global.v4.b32"), loads.count("ld.global.b32")) == (8, 8, 8), loads
+assert ptx.count("bar.sync") <= 4
 strides = {f"s{t}_{d}": "i32" for t, dims in (("q", "bhs"), ("k", "bht"), ("v", "bht"), ("m", "bs"), ("o", "bhs"))
            for d in dims}
 for g, partial in ((1, False), (4, True)):  # one pass (7B heads), split ranges with grouped query heads (8B)
