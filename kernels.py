@@ -305,10 +305,6 @@ def _int4_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rg, rw = tl.arange(0, G), tl.arange(0, WG)
     k0 = pid_k * k_len
-    w_ptrs = w_ptr + rn[:, None, None].to(tl.int64) * KW + pid_k * KW_LEN + rg[None, :, None] * WG + rw[None, None, :]
-    # (scale, zero) pairs as [BLOCK_N, G, 2]: one load serves both
-    sz_ptrs = sz_ptr + rn[:, None, None].to(tl.int64) * (K // GROUP * 2) + (k0 // GROUP + rg[None, :, None]) * 2
-    sz_ptrs += tl.arange(0, 2)[None, None, :]
     up_w, up_sz = N.to(tl.int64) * KW, N.to(tl.int64) * (K // GROUP * 2)  # GLU: offsets of the up half
     k_end = tl.minimum(k_len, K - pid_k * k_len)
     _prefetch_l2(w_ptr, pid_n * BLOCK_N, KW, pid_k * KW_LEN, k_end // 8, PREFETCH, BLOCK_N)
@@ -336,6 +332,10 @@ def _int4_kernel(
                 acc_up += _int4_gemv_step(q, sz, x_ptrs + k, WG)
         out, out_up = tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :]  # [1, BLOCK_N]
     else:
+        w_ptrs = w_ptr + rn[:, None, None].to(tl.int64) * KW + pid_k * KW_LEN + rg[None, :, None] * WG + rw[None, None, :]
+        # (scale, zero) pairs as [BLOCK_N, G, 2]: one load serves both
+        sz_ptrs = sz_ptr + rn[:, None, None].to(tl.int64) * (K // GROUP * 2) + (k0 // GROUP + rg[None, :, None]) * 2
+        sz_ptrs += tl.arange(0, 2)[None, None, :]
         x_ptrs = x_ptr + rm[:, None, None] * K + k0 + rg[None, :, None] * GROUP + rw[None, None, :]  # [M, G, WG]
         x_mask = rm[:, None, None] < M
         out = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
