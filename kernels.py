@@ -21,7 +21,8 @@ paths: tinygemm's scales_and_zeros [K/group, N, 2] is `pack_scales_zeros(*scales
 
 Attention: `sdpa` has F.scaled_dot_product_attention's signature and sends decode and verify steps on a GPU
 (a bool mask, few query rows per key/value head: `attention_supported`) to one kernel; long caches are cut
-into key ranges whose partial results are combined by their log-sum-exp.
+into key ranges whose partial results are combined by their log-sum-exp. `rope_attention` does a decode step's
+rotary and KV cache write in the same kernel, from the qkv matmul's output (quantize.RopeAttention).
 
 When to call the matmuls: `supported(x, n, k)`: a CUDA tensor with at most MAX_M rows (decode, speculative
 verification); anything else (prefill, CPU) should take the stock path (F.linear, tinygemm, _scaled_mm).
@@ -363,9 +364,9 @@ def _dot(a, b, acc, DOT_F32: tl.constexpr):
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, lse_ptr,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sm_b, sm_s, so_b, so_h, so_s,
-    HKV, S, T, t_len, qk_scale,
+    HKV, S, T, t_len, qk_scale, cos_ptr, sin_ptr, pos_ptr, new_k, new_v,
     G: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, PARTIAL: tl.constexpr,
-    DOT_F32: tl.constexpr, PDL: tl.constexpr = False,
+    DOT_F32: tl.constexpr, ROPE: tl.constexpr = False, PDL: tl.constexpr = False,
 ):  # fmt: skip
     # q: [B, H, S, D], k/v: [B, HKV, T, D], mask: [B, 1, S, T] bool (True: may attend); D contiguous everywhere.
     # grid: (B * HKV, P). This program: key/value head hk of batch row b with the G = H / HKV query heads that
@@ -375,17 +376,41 @@ def _attention_kernel(
     # so the loop's loads can be pipelined.
     # o [B, H, S, D] in q's dtype; or PARTIAL: o [B, H, S, P, D] fp32, each range normalised by its own sum,
     # and lse [B, H, S, P] (natural log of that sum, -inf for a range that saw no key) to combine them.
+    # ROPE (decode, S = 1): q points at the qkv matmul's output row of batch row b, [H + 2 HKV, D] (query
+    # heads, then keys at element new_k, values at new_v); the queries and the new key are rotated here
+    # (cos, sin: [D] at the new position, rotate-half pairs (i, i + D/2)) and rounded to the cache's dtype, the
+    # program whose range holds slot pos (pos_ptr) writes the new key and value there, and every program
+    # takes them from registers for that slot: rotary, the cache write and attention in one kernel.
     pid_bh, pid_p = tl.program_id(0), tl.program_id(1)
     b, hk = pid_bh // HKV, pid_bh % HKV
     r, d = tl.arange(0, BLOCK_R), tl.arange(0, D)
     h, s = hk * G + r // S, r % S
     row_ok = r < G * S
+    t_end = tl.minimum(pid_p * t_len + t_len, T)
     _pdl_wait(PDL)
-    q = tl.load(q_ptr + b * sq_b + h[:, None] * sq_h + s[:, None] * sq_s + d[None, :], mask=row_ok[:, None], other=0.0)
+    if ROPE:
+        cache_t: tl.constexpr = k_ptr.dtype.element_ty
+        pair = (d + D // 2) % D
+        cos = tl.load(cos_ptr + d).to(tl.float32)
+        sin = tl.where(d < D // 2, -1.0, 1.0) * tl.load(sin_ptr + d).to(tl.float32)  # rotate_half's sign
+        row = q_ptr + b * sq_b
+        q_rows = row + h[:, None] * D
+        q = tl.load(q_rows + d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * cos[None, :]
+        q += tl.load(q_rows + pair[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * sin[None, :]
+        q = q.to(cache_t)
+        k_in = row + new_k + hk * D
+        k_new = (tl.load(k_in + d).to(tl.float32) * cos + tl.load(k_in + pair).to(tl.float32) * sin).to(cache_t)
+        v_new = tl.load(row + new_v + hk * D + d).to(cache_t)
+        pos = tl.load(pos_ptr)
+        slot = pos + 0 * d  # [D]
+        mine = (slot >= pid_p * t_len) & (slot < t_end)  # this program's range holds the new slot
+        tl.store(k_ptr + b * sk_b + hk * sk_h + pos * sk_t + d, k_new, mask=mine)
+        tl.store(v_ptr + b * sv_b + hk * sv_h + pos * sv_t + d, v_new, mask=mine)
+    else:
+        q = tl.load(q_ptr + b * sq_b + h[:, None] * sq_h + s[:, None] * sq_s + d[None, :], mask=row_ok[:, None], other=0.0)
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, D], tl.float32)
-    t_end = tl.minimum(pid_p * t_len + t_len, T)
     for t0 in range(pid_p * t_len, t_end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         t_ok = t < t_end
@@ -393,6 +418,9 @@ def _attention_kernel(
         allowed = tl.load(m_ptrs, mask=row_ok[:, None] & t_ok[None, :], other=0) != 0  # [R, BLOCK_T]
         k = tl.load(k_ptr + b * sk_b + hk * sk_h + t[:, None] * sk_t + d[None, :], mask=t_ok[:, None], other=0.0)
         v = tl.load(v_ptr + b * sv_b + hk * sv_h + t[:, None] * sv_t + d[None, :], mask=t_ok[:, None], other=0.0)
+        if ROPE:  # the new slot from registers: its store above may not be visible yet, even in this program
+            k = tl.where((t == pos)[:, None], k_new[None, :], k)
+            v = tl.where((t == pos)[:, None], v_new[None, :], v)
         scores = _dot_t(q, k, tl.zeros([BLOCK_R, BLOCK_T], dtype=tl.float32), DOT_F32) * qk_scale
         scores = tl.where(allowed, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -634,13 +662,13 @@ def _check(x: Tensor, w: Tensor, k: int, glu: bool = False) -> None:
     assert w.is_contiguous() and w.device == x.device, "weight must be contiguous and on x's device"
 
 
-def _op(name: str, fake):
+def _op(name: str, fake, mutates: tuple[str, ...] = ()):
     """Register fn as the custom op fastgen::name with its fake (shape-only) implementation. An opaque op
     rather than a triton_op: inductor then leaves the launch code alone, so symbolic shapes (a dynamically
     compiled prefill, a verify step) never reach it, and CUDA graphs capture the kernel all the same."""
 
     def register(fn):
-        op = torch.library.custom_op(f"fastgen::{name}", fn, mutates_args=())
+        op = torch.library.custom_op(f"fastgen::{name}", fn, mutates_args=mutates)
         op.register_fake(fake)
         return op
 
@@ -734,29 +762,43 @@ def attention_shapes_ok(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) ->
     )  # fmt: skip
 
 
-def _attention_launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, splits: int,
-                      partial: bool) -> tuple[Tensor, Tensor | None]:  # fmt: skip
-    B, H, S, D = q.shape
-    hkv, T = k.shape[1], k.shape[2]
+def _attention_launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, splits: int, partial: bool,
+                      rope: tuple | None = None) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    # rope: (cos, sin, input_pos, n_head) with q the qkv rows [B, 1, (H + 2 HKV) D] (see rope_attention)
+    hkv, T, D = k.shape[1], k.shape[2], k.shape[3]
+    if rope is None:
+        B, H, S, _ = q.shape
+        q = q if q.stride(-1) == 1 else q.contiguous()
+        sq = q.stride()[:3]
+        cos = sin = pos = q
+        new_k = new_v = 0
+    else:
+        cos, sin, pos, H = rope
+        B, S = q.shape[0], 1
+        q = q.contiguous()
+        sq = (q.stride(0), D, 0)
+        cos, sin = cos.reshape(D).contiguous(), sin.reshape(D).contiguous()
+        new_k, new_v = H * D, (H + hkv) * D
     g = H // hkv
     t_len = _split_len(T, splits, D)  # keys per range, whole blocks
     block_t = _block_t(D, splits)
     splits = triton.cdiv(T, t_len)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if rope is None:  # the caches are written in place under rope: their strides are used as they are
+        k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
     mask = mask if mask.stride(-1) == 1 else mask.contiguous()
     if not partial:
         assert splits == 1, "one key range unless partial"
-        o, lse = q.new_empty(B, H, S, D), None
+        o, lse = torch.empty(B, H, S, D, device=q.device, dtype=k.dtype), None
     else:
         o = torch.empty(B, H, S, splits, D, device=q.device, dtype=torch.float32)
         lse = torch.empty(B, H, S, splits, device=q.device, dtype=torch.float32)
     sm_b = mask.stride(0) if mask.shape[0] > 1 else 0
     _attention_kernel[(B * hkv, splits)](
         q, k, v, mask.view(torch.uint8), o, lse if lse is not None else o,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], sm_b, mask.stride(2), *o.stride()[:3],
-        hkv, S, T, t_len, D ** -0.5 * 1.4426950408889634,
+        *sq, *k.stride()[:3], *v.stride()[:3], sm_b, mask.stride(2), *o.stride()[:3],
+        hkv, S, T, t_len, D ** -0.5 * 1.4426950408889634, cos, sin, pos, new_k, new_v,
         G=g, D=D, BLOCK_R=max(16, triton.next_power_of_2(g * S)), BLOCK_T=block_t, PARTIAL=partial,
-        DOT_F32=q.dtype == torch.float32 or (INTERPRET and q.dtype == torch.bfloat16),
+        DOT_F32=k.dtype == torch.float32 or (INTERPRET and k.dtype == torch.bfloat16), ROPE=rope is not None,
         num_warps=8, num_stages=2 if splits == 1 else 3, **_pdl_args(q.device),
     )  # fmt: skip
     return o, lse
@@ -794,6 +836,64 @@ def attention_partial(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, splits: int
     return _attention_launch(q, k, v, mask, splits, True)
 
 
+def _fake_rope_attention(qkv: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor,
+                         mask: Tensor, n_head: int) -> Tensor:  # fmt: skip
+    return k_cache.new_empty(qkv.shape[0], n_head, 1, k_cache.shape[3])
+
+
+def _fake_rope_attention_partial(qkv: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, k_cache: Tensor,
+                                 v_cache: Tensor, mask: Tensor, n_head: int, splits: int) -> tuple[Tensor, Tensor]:  # fmt: skip
+    B, (T, D) = qkv.shape[0], k_cache.shape[2:]
+    splits = triton.cdiv(T, _split_len(T, splits, D))
+    return qkv.new_empty(B, n_head, 1, splits, D, dtype=torch.float32), qkv.new_empty(B, n_head, 1, splits, dtype=torch.float32)
+
+
+_CACHES = ("k_cache", "v_cache")
+
+
+@_op("rope_attention", _fake_rope_attention, mutates=_CACHES)
+def rope_attention(qkv: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor,
+                   mask: Tensor, n_head: int) -> Tensor:  # fmt: skip
+    # A decode step's attention from the qkv matmul's output: qkv [B, 1, (n_head + 2 Hkv) D] (queries, keys,
+    # values), cos/sin [1, D] at the new position input_pos [1], caches [B, Hkv, T, D], mask [B, 1, 1, T] bool.
+    # Rotates q and k (rotate-half), writes k and v into slot input_pos of the caches (in place) and returns
+    # attention over the caches, [B, n_head, 1, D]: model.Attention's rotary, cache update and sdpa in one kernel.
+    return _attention_launch(qkv, k_cache, v_cache, mask, 1, False, (cos, sin, input_pos, n_head))[0]
+
+
+@_op("rope_attention_partial", _fake_rope_attention_partial, mutates=_CACHES)
+def rope_attention_partial(qkv: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor,
+                           mask: Tensor, n_head: int, splits: int) -> tuple[Tensor, Tensor]:  # fmt: skip
+    # rope_attention over `splits` key ranges: per range [B, n_head, 1, P, D] and its log-sum-exp (as attention_partial)
+    return _attention_launch(qkv, k_cache, v_cache, mask, splits, True, (cos, sin, input_pos, n_head))
+
+
+def rope_attention_supported(x: Tensor, k_cache: Tensor, mask: Tensor, n_head: int) -> bool:
+    """Whether the decode step of an attention layer with input x [B, S, dim] should take rope_attention: GPU
+    tensors that rope_attention_shapes_ok() accepts."""
+    return x.is_cuda and rope_attention_shapes_ok(x, k_cache, mask, n_head)
+
+
+def rope_attention_shapes_ok(x: Tensor, k_cache: Tensor, mask: Tensor, n_head: int) -> bool:
+    """One new position (S = 1), and shapes attention_shapes_ok accepts for [B, n_head, 1, D] queries."""
+    q = k_cache.new_empty(x.shape[0], n_head, 1, k_cache.shape[3], device="meta")
+    return x.shape[1] == 1 and x.dtype in FLOAT_DTYPES and attention_shapes_ok(q, k_cache, k_cache, mask)
+
+
+def rope_attention_with_splits(qkv: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, k_cache: Tensor,
+                               v_cache: Tensor, mask: Tensor, n_head: int, splits: int) -> Tensor:  # fmt: skip
+    # -> [B, n_head, 1, D] in the caches' dtype
+    if splits == 1:
+        return rope_attention(qkv, cos, sin, input_pos, k_cache, v_cache, mask, n_head)
+    o, lse = rope_attention_partial(qkv, cos, sin, input_pos, k_cache, v_cache, mask, n_head, splits)
+    return _combine(o, lse, k_cache.dtype)
+
+
+def _combine(o: Tensor, lse: Tensor, dtype: torch.dtype) -> Tensor:
+    # the key ranges' outputs [..., P, D], weighted by their softmax mass (lse [..., P])
+    return (o * torch.softmax(lse, dim=-1)[..., None]).sum(-2).to(dtype)
+
+
 def attention_splits(batch: int, kv_heads: int, T: int, device: torch.device) -> int:
     # ranges of at least 256 keys, up to ~one program per SM (on the H100, 4096 slots: 4 ranges for 32 heads,
     # 16 for 8 were the fastest; 206 slots: one pass)
@@ -803,8 +903,8 @@ def attention_splits(batch: int, kv_heads: int, T: int, device: torch.device) ->
 def attention_with_splits(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, splits: int) -> Tensor:
     if splits == 1:
         return attention(q, k, v, mask)
-    o, lse = attention_partial(q, k, v, mask, splits)  # the ranges' outputs, weighted by their softmax mass
-    return (o * torch.softmax(lse, dim=-1)[..., None]).sum(-2).to(q.dtype)
+    o, lse = attention_partial(q, k, v, mask, splits)
+    return _combine(o, lse, q.dtype)
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, enable_gqa: bool = False, **kwargs) -> Tensor:

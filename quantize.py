@@ -17,8 +17,9 @@ larger inputs (prefill) take the stock path (cuBLAS on the dequantized or upcast
 prepare_for_device() makes that choice once per module after loading, and also swaps in the decode attention
 kernel (Attention.sdpa) and GluFeedForward (the SwiGLU in w13's kernel). What uses the Triton ops is
 FASTGEN_KERNELS: by default int8, fp8 and int4 matmuls, attention and the SwiGLU epilogue
-("int8,fp8,int4,attn,glu"), what beat the stock paths end to end (README); "all" adds bf16 matmuls, "stock"
-turns everything off, or list names ("int8,int4,attn").
+("int8,fp8,int4,attn,glu"), what beat the stock paths end to end (README); "all" adds bf16 matmuls and
+"rope" (rotary and the KV cache write inside the attention kernel, RopeAttention: faster for int4, slower
+for int8 and fp8 on the H200), "stock" turns everything off, or list names ("int8,int4,attn").
 """
 import argparse
 import itertools
@@ -148,6 +149,23 @@ class GluFeedForward(FeedForward):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(self.w13(x, glu=True))
+
+
+class RopeAttention(Attention):
+    """Attention whose decode steps (one new position, on a GPU) take kernels.rope_attention: rotary, the KV
+    cache write and attention in one kernel after the qkv matmul, where model.Attention runs three or four
+    (rotary and cache writes, then attention). Prefill and verify steps run model.Attention's forward.
+    Swapped in by prepare_for_device for attention without q/k norms; same parameters, same state dict."""
+
+    def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+        cache = self.kv_cache
+        if x.shape[1] != 1 or not kernels.rope_attention_supported(x, cache.k_cache, mask, self.n_head):
+            return super().forward(x, input_pos, cos, sin, mask)
+        qkv = self.wqkv(x)  # [B, 1, (H + 2 Hkv) D]
+        splits = kernels.attention_splits(x.shape[0], self.n_local_heads, cache.k_cache.shape[2], x.device)
+        y = kernels.rope_attention_with_splits(qkv, cos, sin, input_pos, cache.k_cache, cache.v_cache, mask,
+                                               self.n_head, splits)  # [B, H, 1, D]  # fmt: skip
+        return self.wo(y.view(x.shape[0], 1, self.n_head * self.head_dim))
 
 
 # ----------------------------------------------------------------------------- int4, asymmetric groups
@@ -373,10 +391,10 @@ TRITON_BY_DEFAULT = "int8,fp8,int4,attn,glu"  # cuBLAS (bf16) was faster end to 
 
 def use_triton(device: torch.device, fmt: str) -> bool:
     """Whether modules of format fmt ("bf16", "int8", "fp8", "int4"; "attn" for attention, "glu" for the
-    SwiGLU fused into w13's kernel) on `device` call the Triton kernels: on CUDA, for what FASTGEN_KERNELS
+    SwiGLU fused into w13's kernel, "rope" for rotary and the cache write in attention's, with "attn") on `device` call the Triton kernels: on CUDA, for what FASTGEN_KERNELS
     names ("all", "stock", or a list; default TRITON_BY_DEFAULT)."""
     chosen = os.environ.get("FASTGEN_KERNELS", TRITON_BY_DEFAULT)
-    chosen = {"all": "bf16,int8,fp8,int4,attn,glu", "stock": ""}.get(chosen, chosen).split(",")
+    chosen = {"all": "bf16,int8,fp8,int4,attn,glu,rope", "stock": ""}.get(chosen, chosen).split(",")
     if torch.device(device).type != "cuda" or fmt not in chosen:
         return False
     load_kernels()
@@ -406,12 +424,14 @@ def prepare_for_device(model: nn.Module, kernel: str | None = None) -> nn.Module
         elif type(m) is nn.Linear and triton:
             m.__class__ = TritonLinear  # same parameters and state dict: only forward changes
     device = next(itertools.chain(model.parameters(), model.buffers())).device
-    attention, glu = (kernel == "triton",) * 2 if kernel else (use_triton(device, "attn"), use_triton(device, "glu"))
+    attention, glu, rope = (kernel == "triton",) * 3 if kernel else (use_triton(device, name) for name in ("attn", "glu", "rope"))
     for m in model.modules():
         if type(m) is FeedForward and glu and isinstance(m.w13, (TritonLinear, WeightOnlyInt8Linear, WeightOnlyInt4Linear)):
             m.__class__ = GluFeedForward  # w13 applies the SwiGLU itself (in the Triton kernel's epilogue)
         elif isinstance(m, Attention) and attention:
             m.sdpa = kernels.sdpa
+            if rope and type(m) is Attention and isinstance(m.q_norm, nn.Identity):
+                m.__class__ = RopeAttention
     return model
 
 

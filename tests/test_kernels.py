@@ -249,6 +249,43 @@ def test_attention_matches_torch_sdpa(b, h, hkv, s, t, d, dtype, splits):
     assert (out.double() - ref).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
+def rope_case(b, h, hkv, t, d, dtype, pos, seed=0):
+    # a decode step at slot pos: the qkv matmul's output row [B, 1, (H + 2 Hkv) D], the rotary row, full caches
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(b, 1, (h + 2 * hkv) * d, generator=g).to(dtype)
+    caches = [torch.randn(b, hkv, t, d, generator=g).to(dtype) for _ in range(2)]
+    angle = torch.rand(1, d // 2, generator=g) * 6
+    angle = torch.cat([angle, angle], dim=-1)  # rotate-half layout, as model.rope_cos_sin builds it
+    mask = (torch.arange(t) <= pos)[None, None, None].repeat(b, 1, 1, 1)  # [B, 1, 1, T]
+    mask[0, ..., :3] = False
+    return qkv, angle.cos().to(dtype), angle.sin().to(dtype), torch.tensor([pos]), caches, mask
+
+
+@pytest.mark.parametrize("b,h,hkv,t,d,dtype,splits", [
+    (2, 4, 2, 70, 64, torch.float32, 1),  # grouped query heads, one pass
+    (1, 4, 4, 200, 32, torch.float32, 3),  # key ranges: only the range holding the slot writes it
+    (2, 8, 2, 130, 128, torch.bfloat16, 2),
+])  # fmt: skip
+def test_rope_attention_is_rotary_then_cache_write_then_attention(b, h, hkv, t, d, dtype, splits):
+    # kernels.rope_attention against model.Attention's own steps: apply_rotary (in float32, rounded once, as
+    # inductor computes it), index_copy_ into the caches, sdpa over them
+    from model import apply_rotary
+
+    qkv, cos, sin, pos, (k_cache, v_cache), mask = rope_case(b, h, hkv, t, d, dtype, pos=t - 9)
+    q, k, v = (y.view(b, 1, -1, d).transpose(1, 2) for y in qkv.split([h * d, hkv * d, hkv * d], dim=-1))
+    q, k = (apply_rotary(y.float(), cos.float(), sin.float()).to(dtype) for y in (q, k))
+    k_ref, v_ref = k_cache.clone().index_copy_(2, pos, k), v_cache.clone().index_copy_(2, pos, v)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k_ref.double(), v_ref.double(), attn_mask=mask, enable_gqa=True
+    )  # fmt: skip
+    out = kernels.rope_attention_with_splits(qkv, cos, sin, pos, k_cache, v_cache, mask, h, splits)
+    assert out.shape == (b, h, 1, d) and out.dtype == dtype
+    assert (out.double() - ref).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
+    ulp = 1e-6 if dtype == torch.float32 else 2e-2  # bf16: FMA contraction may move the rounding by one step
+    assert_close(k_cache, k_ref, atol=ulp, rtol=ulp)
+    assert torch.equal(v_cache, v_ref)  # the value is only copied
+
+
 def test_masked_keys_do_not_count():
     # keys past the position (cache slots not written yet) and padding slots change nothing, whatever they hold
     q, k, v, mask = attention_case(2, 2, 2, 1, 256, 64, torch.float32, pos=70)
@@ -266,6 +303,9 @@ def test_fake_implementations_agree_with_the_kernels():
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, H, S, D] view of [B, S, H, D], as in model.py
     torch.library.opcheck(kernels.attention, (q, k, v, mask))
     torch.library.opcheck(kernels.attention_partial, (q, k, v, mask, 2))
+    qkv, cos, sin, pos, (k_cache, v_cache), mask = rope_case(1, 4, 2, 64, 32, torch.float32, pos=20)
+    torch.library.opcheck(kernels.rope_attention, (qkv, cos, sin, pos, k_cache, v_cache, mask, 4))  # mutates the caches
+    torch.library.opcheck(kernels.rope_attention_partial, (qkv, cos, sin, pos, k_cache, v_cache, mask, 4, 2))
     for fmt, op in (("bfloat16", kernels.linear), ("int8", kernels.int8_linear), ("int4g32", kernels.int4_linear)):
         x, weights, _ = case(fmt, 3, 256, 256, torch.bfloat16)
         for glu in (False, True):
@@ -375,11 +415,16 @@ assert (loads.count("ld.global.v2.b32"), loads.count("ld.global.v4.b32"), loads.
 assert ptx.count("bar.sync") <= 4
 strides = {f"s{t}_{d}": "i32" for t, dims in (("q", "bhs"), ("k", "bht"), ("v", "bht"), ("m", "bs"), ("o", "bhs"))
            for d in dims}
-for g, partial in ((1, False), (4, True)):  # one pass (7B heads), split ranges with grouped query heads (8B)
+# one pass (7B heads), split ranges with grouped query heads (8B); each also with rotary and the cache write
+stores = {}
+for g, partial, rope in ((1, False, False), (4, True, False), (1, False, True), (4, True, True)):
     sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*u8", "o_ptr": "*fp32" if partial else "*bf16",
-           "lse_ptr": "*fp32", **strides, "HKV": "i32", "S": "i32", "T": "i32", "t_len": "i32", "qk_scale": "fp32"}
-    build(kernels._attention_kernel, sig, dict(G=g, D=128, BLOCK_R=16, BLOCK_T=64, PARTIAL=partial, DOT_F32=False,
-                                               PDL=partial))
+           "lse_ptr": "*fp32", **strides, "HKV": "i32", "S": "i32", "T": "i32", "t_len": "i32", "qk_scale": "fp32",
+           "cos_ptr": "*bf16", "sin_ptr": "*bf16", "pos_ptr": "*i64", "new_k": "i32", "new_v": "i32"}
+    ptx = build(kernels._attention_kernel, sig, dict(G=g, D=128, BLOCK_R=16, BLOCK_T=64, PARTIAL=partial,
+                                                     DOT_F32=False, ROPE=rope, PDL=partial)).asm["ptx"]
+    stores[partial, rope] = ptx.count("st.global")
+assert all(stores[partial, True] > stores[partial, False] for partial in (False, True))  # the cache writes
 print("ok")
 """
 

@@ -158,16 +158,16 @@ def test_glu_call_of_each_module_is_silu_of_gate_times_up(mode, rows, monkeypatc
 
 
 @pytest.mark.parametrize("setting,formats", [(None, {"int8", "fp8", "int4", "attn", "glu"}),
-                                             ("all", {"bf16", "int8", "fp8", "int4", "attn", "glu"}),
+                                             ("all", {"bf16", "int8", "fp8", "int4", "attn", "glu", "rope"}),
                                              ("stock", set()), ("int8,int4", {"int8", "int4"})])  # fmt: skip
 def test_which_formats_use_the_triton_kernels(setting, formats, monkeypatch):
     # FASTGEN_KERNELS picks the formats (and attention); by default those that beat the stock path end to
-    # end (all but bf16); never on CPU
+    # end (all but bf16 and rope); never on CPU
     if setting is None:
         monkeypatch.delenv("FASTGEN_KERNELS", raising=False)
     else:
         monkeypatch.setenv("FASTGEN_KERNELS", setting)
-    names = ("bf16", "int8", "fp8", "int4", "attn", "glu")
+    names = ("bf16", "int8", "fp8", "int4", "attn", "glu", "rope")
     assert {f for f in names if Q.use_triton(torch.device("cuda"), f)} == formats
     assert not any(Q.use_triton(torch.device("cpu"), f) for f in names)
 
@@ -190,12 +190,14 @@ def test_decode_through_every_triton_kernel_matches_the_stock_path(mode, monkeyp
     monkeypatch.setattr(kernels, "supported", lambda x, n, k, glu=False: x.numel() // k <= kernels.MAX_M
                         and n % (256 if glu else 128) == 0)  # fmt: skip
     monkeypatch.setattr(kernels, "attention_supported", kernels.attention_shapes_ok)
+    monkeypatch.setattr(kernels, "rope_attention_supported", kernels.rope_attention_shapes_ok)
     Q.prepare_for_device(fast, "triton")
     Q.prepare_for_device(stock)
     assert all(type(layer.feed_forward) is Q.GluFeedForward for layer in fast.layers)
-    assert all(layer.attention.sdpa is kernels.sdpa for layer in fast.layers)
-    launches = []
-    monkeypatch.setattr(kernels, "_attention_launch", lambda *a, _f=kernels._attention_launch: launches.append(1) or _f(*a))
+    assert all(type(layer.attention) is Q.RopeAttention and layer.attention.sdpa is kernels.sdpa for layer in fast.layers)
+    launches = []  # True where the kernel did rotary and the cache write itself
+    monkeypatch.setattr(kernels, "_attention_launch",
+                        lambda *a, _f=kernels._attention_launch: launches.append(len(a) > 6) or _f(*a))  # fmt: skip
     for model in (stock, fast):
         model.setup_caches(1, 32)
     tokens = torch.randint(0, 256, (1, 6))
@@ -204,7 +206,35 @@ def test_decode_through_every_triton_kernel_matches_the_stock_path(mode, monkeyp
             pos = torch.arange(6) if step == 0 else torch.tensor([5 + step])
             x = tokens if step == 0 else torch.randint(0, 256, (1, 1))
             assert_close(fast(x, pos), stock(x, pos), atol=1e-4, rtol=1e-4)
-    assert len(launches) == 4 * args.n_layer
+    assert launches == [False] * args.n_layer + [True] * 3 * args.n_layer  # prefill, then three decode steps
+    for fast_layer, stock_layer in zip(fast.layers, stock.layers):  # the caches the kernel wrote
+        assert_close(fast_layer.attention.kv_cache.k_cache, stock_layer.attention.kv_cache.k_cache, atol=1e-5, rtol=1e-5)
+        assert_close(fast_layer.attention.kv_cache.v_cache, stock_layer.attention.kv_cache.v_cache, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_decode_step_writes_the_caches_in_place(monkeypatch):
+    # rope_attention mutates the KV cache buffers: under torch.compile (inductor) the op must run on the
+    # buffers themselves, not on copies (a clone of every cache per step), and equal the eager step
+    import kernels
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    monkeypatch.setattr(kernels, "supported", lambda x, n, k, glu=False: x.numel() // k <= kernels.MAX_M
+                        and n % (256 if glu else 128) == 0)  # fmt: skip
+    monkeypatch.setattr(kernels, "rope_attention_supported", kernels.rope_attention_shapes_ok)
+    model = Transformer(ModelArgs(vocab_size=256, dim=128, n_layer=2, n_head=4, n_local_heads=2, intermediate_size=256))
+    Q.prepare_for_device(model, "triton")
+    model.setup_caches(1, 32)
+    eager = copy.deepcopy(model)
+    x, pos = torch.randint(0, 256, (1, 1)), torch.tensor([7])
+    with torch.no_grad():
+        out, (code, *_) = run_and_get_code(torch.compile(model, fullgraph=True), x, pos)
+        assert_close(out, eager(x, pos), atol=1e-5, rtol=1e-5)
+    assert code.count("torch.ops.fastgen.rope_attention.default(") == 2 and "clone" not in code
+    for layer, ref in zip(model.layers, eager.layers):
+        assert torch.equal(layer.attention.kv_cache.k_cache, ref.attention.kv_cache.k_cache)
+        assert torch.equal(layer.attention.kv_cache.v_cache, ref.attention.kv_cache.v_cache)
+        assert layer.attention.kv_cache.k_cache[0, :, 7].abs().sum() > 0  # slot 7 written
 
 
 def test_self_check_passes_on_cpu():
