@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from model import apply_rotary
 
 # Llama-2-7B and Llama-3-8B layer matmuls (N outputs, K inputs): fused qkv, wo, fused gate|up, down; and the
 # output projection (reported apart from the per-layer sum)
@@ -134,6 +135,27 @@ def check(formats: list[str], trials: int) -> None:
         splits = kernels.attention_splits(b, hkv, t, q.device)
         print(f"check attention B={b} H={h} Hkv={hkv} S={s} T={t} ({splits} key ranges): max abs error {err:.1e}")
         assert err < 2e-2
+
+    # rope_attention (rotary, cache write, attention) against model.Attention's steps: float32 rotary rounded
+    # once, index_copy_ into the caches, sdpa in float64
+    for b, h, hkv, _, t in ATTENTION_SHAPES + [(2, 32, 8, 1, 777)]:
+        d, pos = 128, t - 9
+        qkv = torch.randn(b, 1, (h + 2 * hkv) * d, device="cuda", dtype=torch.bfloat16)
+        k_cache, v_cache = (torch.randn(b, hkv, t, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        angle = torch.rand(1, d // 2, device="cuda").repeat(1, 2) * 6
+        cos, sin, slot = angle.cos().bfloat16(), angle.sin().bfloat16(), torch.tensor([pos], device="cuda")
+        mask = (torch.arange(t, device="cuda") <= pos)[None, None, None].expand(b, 1, 1, t).contiguous()
+        q, k, v = (y.view(b, 1, -1, d).transpose(1, 2) for y in qkv.split([h * d, hkv * d, hkv * d], dim=-1))
+        q, k = (apply_rotary(y.float(), cos.float(), sin.float()).bfloat16() for y in (q, k))
+        k_ref, v_ref = k_cache.clone().index_copy_(2, slot, k), v_cache.clone().index_copy_(2, slot, v)
+        ref = F.scaled_dot_product_attention(q.double(), k_ref.double(), v_ref.double(), attn_mask=mask, enable_gqa=True)
+        splits = kernels.attention_splits(b, hkv, t, qkv.device)
+        y = kernels.rope_attention_with_splits(qkv, cos, sin, slot, k_cache, v_cache, mask, h, splits)
+        err = (y.double() - ref).abs().max().item()
+        cache_err = (k_cache.float() - k_ref.float()).abs().max().item()
+        print(f"check rope_attention B={b} H={h} Hkv={hkv} T={t} ({splits} key ranges): max abs error {err:.1e}, "
+              f"key cache {cache_err:.1e}")  # fmt: skip
+        assert err < 2e-2 and cache_err <= 2e-2 and torch.equal(v_cache, v_ref)
 
     # int4 uses tinygemm's formula: the same q, scales and zeros give the same product as _weight_int4pack_mm
     for group in (32, 128):
