@@ -139,12 +139,11 @@ def check(formats: list[str], trials: int) -> None:
     # rope_attention (rotary, cache write, attention) against model.Attention's steps: float32 rotary rounded
     # once, index_copy_ into the caches, sdpa in float64
     for b, h, hkv, _, t in ATTENTION_SHAPES + [(2, 32, 8, 1, 777)]:
-        d, pos = 128, t - 9
+        _, k_cache, v_cache, mask = attention_inputs(b, h, hkv, 1, t)  # the new position is the last slot
+        d = k_cache.shape[3]
         qkv = torch.randn(b, 1, (h + 2 * hkv) * d, device="cuda", dtype=torch.bfloat16)
-        k_cache, v_cache = (torch.randn(b, hkv, t, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         angle = torch.rand(1, d // 2, device="cuda").repeat(1, 2) * 6
-        cos, sin, slot = angle.cos().bfloat16(), angle.sin().bfloat16(), torch.tensor([pos], device="cuda")
-        mask = (torch.arange(t, device="cuda") <= pos)[None, None, None].expand(b, 1, 1, t).contiguous()
+        cos, sin, slot = angle.cos().bfloat16(), angle.sin().bfloat16(), torch.tensor([t - 1], device="cuda")
         q, k, v = (y.view(b, 1, -1, d).transpose(1, 2) for y in qkv.split([h * d, hkv * d, hkv * d], dim=-1))
         q, k = (apply_rotary(y.float(), cos.float(), sin.float()).bfloat16() for y in (q, k))
         k_ref, v_ref = k_cache.clone().index_copy_(2, slot, k), v_cache.clone().index_copy_(2, slot, v)

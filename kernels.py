@@ -402,7 +402,7 @@ def _attention_kernel(
         k_new = (tl.load(k_in + d).to(tl.float32) * cos + tl.load(k_in + pair).to(tl.float32) * sin).to(cache_t)
         v_new = tl.load(row + new_v + hk * D + d).to(cache_t)
         pos = tl.load(pos_ptr)
-        slot = pos + 0 * d  # [D]
+        slot = pos + 0 * d  # [D]: the store masks below as tensors (the interpreter rejects a scalar mask)
         mine = (slot >= pid_p * t_len) & (slot < t_end)  # this program's range holds the new slot
         tl.store(k_ptr + b * sk_b + hk * sk_h + pos * sk_t + d, k_new, mask=mine)
         tl.store(v_ptr + b * sv_b + hk * sv_h + pos * sv_t + d, v_new, mask=mine)
@@ -768,11 +768,12 @@ def _attention_launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, splits: int
     hkv, T, D = k.shape[1], k.shape[2], k.shape[3]
     if rope is None:
         B, H, S, _ = q.shape
-        q = q if q.stride(-1) == 1 else q.contiguous()
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         sq = q.stride()[:3]
         cos = sin = pos = q
         new_k = new_v = 0
-    else:
+    else:  # the caches are written in place: their strides are used as they are
+        assert k.stride(-1) == v.stride(-1) == 1, "the caches need a contiguous last dimension"
         cos, sin, pos, H = rope
         B, S = q.shape[0], 1
         q = q.contiguous()
@@ -783,8 +784,6 @@ def _attention_launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, splits: int
     t_len = _split_len(T, splits, D)  # keys per range, whole blocks
     block_t = _block_t(D, splits)
     splits = triton.cdiv(T, t_len)
-    if rope is None:  # the caches are written in place under rope: their strides are used as they are
-        k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
     mask = mask if mask.stride(-1) == 1 else mask.contiguous()
     if not partial:
         assert splits == 1, "one key range unless partial"
@@ -810,7 +809,7 @@ def _fake_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 
 def _fake_attention_partial(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, splits: int) -> tuple[Tensor, Tensor]:
     B, H, S, D = q.shape
-    splits = triton.cdiv(k.shape[2], _split_len(k.shape[2], splits, D))
+    splits = _n_ranges(k.shape[2], splits, D)
     return q.new_empty(B, H, S, splits, D, dtype=torch.float32), q.new_empty(B, H, S, splits, dtype=torch.float32)
 
 
@@ -822,6 +821,11 @@ def _block_t(D: int, splits: int) -> int:
 
 def _split_len(T: int, splits: int, D: int) -> int:
     return triton.cdiv(triton.cdiv(T, splits), _block_t(D, splits)) * _block_t(D, splits)
+
+
+def _n_ranges(T: int, splits: int, D: int) -> int:
+    # key ranges a launch asking for `splits` gets (ranges are whole blocks, so there may be fewer)
+    return triton.cdiv(T, _split_len(T, splits, D))
 
 
 @_op("attention", _fake_attention)
@@ -844,7 +848,7 @@ def _fake_rope_attention(qkv: Tensor, cos: Tensor, sin: Tensor, input_pos: Tenso
 def _fake_rope_attention_partial(qkv: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, k_cache: Tensor,
                                  v_cache: Tensor, mask: Tensor, n_head: int, splits: int) -> tuple[Tensor, Tensor]:  # fmt: skip
     B, (T, D) = qkv.shape[0], k_cache.shape[2:]
-    splits = triton.cdiv(T, _split_len(T, splits, D))
+    splits = _n_ranges(T, splits, D)
     return qkv.new_empty(B, n_head, 1, splits, D, dtype=torch.float32), qkv.new_empty(B, n_head, 1, splits, dtype=torch.float32)
 
 

@@ -18,8 +18,8 @@ prepare_for_device() makes that choice once per module after loading, and also s
 kernel (Attention.sdpa) and GluFeedForward (the SwiGLU in w13's kernel). What uses the Triton ops is
 FASTGEN_KERNELS: by default int8, fp8 and int4 matmuls, attention and the SwiGLU epilogue
 ("int8,fp8,int4,attn,glu"), what beat the stock paths end to end (README); "all" adds bf16 matmuls and
-"rope" (rotary and the KV cache write inside the attention kernel, RopeAttention: faster for int4, slower
-for int8 and fp8 on the H200), "stock" turns everything off, or list names ("int8,int4,attn").
+"rope" (rotary and the KV cache write inside the attention kernel, RopeAttention: on the H200 faster for 7B
+int4 only), "stock" turns everything off, or list names ("int8,int4,attn").
 """
 import argparse
 import itertools
@@ -159,7 +159,7 @@ class RopeAttention(Attention):
 
     def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
         cache = self.kv_cache
-        if x.shape[1] != 1 or not kernels.rope_attention_supported(x, cache.k_cache, mask, self.n_head):
+        if not kernels.rope_attention_supported(x, cache.k_cache, mask, self.n_head):
             return super().forward(x, input_pos, cos, sin, mask)
         qkv = self.wqkv(x)  # [B, 1, (H + 2 Hkv) D]
         splits = kernels.attention_splits(x.shape[0], self.n_local_heads, cache.k_cache.shape[2], x.device)
@@ -391,8 +391,9 @@ TRITON_BY_DEFAULT = "int8,fp8,int4,attn,glu"  # cuBLAS (bf16) was faster end to 
 
 def use_triton(device: torch.device, fmt: str) -> bool:
     """Whether modules of format fmt ("bf16", "int8", "fp8", "int4"; "attn" for attention, "glu" for the
-    SwiGLU fused into w13's kernel, "rope" for rotary and the cache write in attention's, with "attn") on `device` call the Triton kernels: on CUDA, for what FASTGEN_KERNELS
-    names ("all", "stock", or a list; default TRITON_BY_DEFAULT)."""
+    SwiGLU fused into w13's kernel, "rope" for rotary and the cache write in attention's, with "attn") on
+    `device` call the Triton kernels: on CUDA, for what FASTGEN_KERNELS names ("all", "stock", or a list;
+    default TRITON_BY_DEFAULT)."""
     chosen = os.environ.get("FASTGEN_KERNELS", TRITON_BY_DEFAULT)
     chosen = {"all": "bf16,int8,fp8,int4,attn,glu,rope", "stock": ""}.get(chosen, chosen).split(",")
     if torch.device(device).type != "cuda" or fmt not in chosen:
@@ -424,7 +425,8 @@ def prepare_for_device(model: nn.Module, kernel: str | None = None) -> nn.Module
         elif type(m) is nn.Linear and triton:
             m.__class__ = TritonLinear  # same parameters and state dict: only forward changes
     device = next(itertools.chain(model.parameters(), model.buffers())).device
-    attention, glu, rope = (kernel == "triton",) * 3 if kernel else (use_triton(device, name) for name in ("attn", "glu", "rope"))
+    names = ("attn", "glu", "rope")
+    attention, glu, rope = (kernel == "triton",) * 3 if kernel else (use_triton(device, name) for name in names)
     for m in model.modules():
         if type(m) is FeedForward and glu and isinstance(m.w13, (TritonLinear, WeightOnlyInt8Linear, WeightOnlyInt4Linear)):
             m.__class__ = GluFeedForward  # w13 applies the SwiGLU itself (in the Triton kernel's epilogue)

@@ -172,6 +172,16 @@ def test_which_formats_use_the_triton_kernels(setting, formats, monkeypatch):
     assert not any(Q.use_triton(torch.device("cpu"), f) for f in names)
 
 
+def kernels_on_cpu(monkeypatch) -> None:
+    # kernels.py's GPU choices (matmuls, attention, rope_attention) widened to CPU tensors: Triton's interpreter
+    import kernels
+
+    monkeypatch.setattr(kernels, "supported", lambda x, n, k, glu=False: x.numel() // k <= kernels.MAX_M
+                        and n % (256 if glu else 128) == 0)  # fmt: skip
+    monkeypatch.setattr(kernels, "attention_supported", kernels.attention_shapes_ok)
+    monkeypatch.setattr(kernels, "rope_attention_supported", kernels.rope_attention_shapes_ok)
+
+
 @pytest.mark.parametrize("mode", ["plain", "int8", "int4-g32"])
 def test_decode_through_every_triton_kernel_matches_the_stock_path(mode, monkeypatch):
     # A whole model with the GPU's kernel choices (Triton matmuls with the SwiGLU epilogue, Triton attention),
@@ -187,10 +197,7 @@ def test_decode_through_every_triton_kernel_matches_the_stock_path(mode, monkeyp
     if mode != "plain":
         stock = Q.quantize_model(stock, *Q.parse_mode(mode), pack=False)
     fast = copy.deepcopy(stock)
-    monkeypatch.setattr(kernels, "supported", lambda x, n, k, glu=False: x.numel() // k <= kernels.MAX_M
-                        and n % (256 if glu else 128) == 0)  # fmt: skip
-    monkeypatch.setattr(kernels, "attention_supported", kernels.attention_shapes_ok)
-    monkeypatch.setattr(kernels, "rope_attention_supported", kernels.rope_attention_shapes_ok)
+    kernels_on_cpu(monkeypatch)
     Q.prepare_for_device(fast, "triton")
     Q.prepare_for_device(stock)
     assert all(type(layer.feed_forward) is Q.GluFeedForward for layer in fast.layers)
@@ -215,13 +222,10 @@ def test_decode_through_every_triton_kernel_matches_the_stock_path(mode, monkeyp
 def test_compiled_decode_step_writes_the_caches_in_place(monkeypatch):
     # rope_attention mutates the KV cache buffers: under torch.compile (inductor) the op must run on the
     # buffers themselves, not on copies (a clone of every cache per step), and equal the eager step
-    import kernels
     from torch._inductor.utils import run_and_get_code
 
     torch.manual_seed(0)
-    monkeypatch.setattr(kernels, "supported", lambda x, n, k, glu=False: x.numel() // k <= kernels.MAX_M
-                        and n % (256 if glu else 128) == 0)  # fmt: skip
-    monkeypatch.setattr(kernels, "rope_attention_supported", kernels.rope_attention_shapes_ok)
+    kernels_on_cpu(monkeypatch)
     model = Transformer(ModelArgs(vocab_size=256, dim=128, n_layer=2, n_head=4, n_local_heads=2, intermediate_size=256))
     Q.prepare_for_device(model, "triton")
     model.setup_caches(1, 32)
