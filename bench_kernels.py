@@ -54,6 +54,24 @@ def make_weights(fmt: str, n: int, k: int, device, dtype=torch.bfloat16, seed: i
     return ((torch.randn(n, k, generator=g, device=device) * 0.02).to(getattr(torch, fmt)),)
 
 
+def norm_pair(fmt: str, m: int, dim: int, hidden: int, k: int, device, dtype=torch.bfloat16, seed: int = 0):
+    """A linear_add_norm call feeding a norm_linear one, as NormFusedBlock makes them (wo [dim, k], then w13
+    [2 hidden, dim] with the SwiGLU), run, with float64 references: (h, y), (h_ref, y_ref). The reference
+    norm starts from h rounded to dtype, as the kernel's does. Also used by tests/test_kernels.py."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    wo, w13 = make_weights(fmt, dim, k, device, dtype, seed), make_weights(fmt, 2 * hidden, dim, device, dtype, seed + 1)
+    x, residual = (torch.randn(m, n, generator=g, device=device).to(dtype) for n in (k, dim))
+    norm_weight, eps = (torch.rand(dim, generator=g, device=device) + 0.5).to(dtype), 1e-5
+    kernel_args = [(w[0], w[1] if len(w) > 1 else None) for w in (wo, w13)]  # int4's group size is in fmt
+    h, hn, ss = kernels.linear_add_norm(fmt, x, *kernel_args[0], residual, norm_weight)
+    y = kernels.norm_linear(fmt, hn, *kernel_args[1], ss, eps, True)
+    h_ref = x.double() @ kernels.dequantize(fmt, *wo).double().T + residual.double()
+    hr = h_ref.to(dtype).double()
+    xn = hr * torch.rsqrt(hr.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.double()
+    gate, up = (xn @ kernels.dequantize(fmt, *w13).double().T).chunk(2, dim=-1)
+    return (h, y), (h_ref, F.silu(gate) * up)
+
+
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
 
@@ -125,6 +143,18 @@ def check(formats: list[str], trials: int) -> None:
             assert err < BOUND[torch.bfloat16], f"{fmt} glu M={m} N={n} K={k}: relative error {err:.2e}"
             worst[fmt + " glu"] = max(worst.get(fmt + " glu", 0.0), err)
         print(f"check {fmt:9s} glu epilogue worst relative error {worst[fmt + ' glu']:.2e}")
+
+    # a matmul adding the residual and preparing the RMSNorm (linear_add_norm), then the matmul finishing it
+    # (norm_linear with the SwiGLU): NormFusedBlock's wo and w13, on the 7B shapes and a random smaller one
+    for fmt in formats:
+        for m in (1, 3):
+            for dim, hidden in ((4096, 11008), (1024 * int(torch.randint(1, 8, (1,), generator=gen)), 1536)):
+                (h, y), (h_ref, y_ref) = norm_pair(fmt, m, dim, hidden, dim, "cuda", seed=3000 + m)
+                err = max(rel_err(h, h_ref), rel_err(y, y_ref))
+                # twice the matmul bound: h * g is rounded to bf16 before w13 (as the model rounds its norm's output)
+                assert err < 2 * BOUND[torch.bfloat16], f"{fmt} add_norm M={m} dim={dim}: relative error {err:.2e}"
+                worst[fmt + " norm"] = max(worst.get(fmt + " norm", 0.0), err)
+        print(f"check {fmt:9s} linear_add_norm + norm_linear worst relative error {worst[fmt + ' norm']:.2e}")
 
     # decode attention against torch's sdpa in float64, on the benchmark's shapes and a long context
     for b, h, hkv, s, t in ATTENTION_SHAPES + [(2, 32, 8, 5, 777)]:

@@ -56,6 +56,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_M = 16  # rows up to which the kernels beat the prefill paths; also the tensor-core tile height
 CONFIG_FILE = Path(__file__).with_name("kernel_configs.json")
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+NORM_SLOT = 8  # outputs per partial sum of squares that linear_add_norm returns
+_SLOT: tl.constexpr = tl.constexpr(NORM_SLOT)
 X_EXP: tl.constexpr = tl.constexpr(76)  # int4 M = 1: x is prescaled by 2^(X_EXP - bit offset), see _int4_gemv_step
 
 
@@ -121,6 +123,37 @@ def _store(y_ptr, out, rm, rn, M, N, ATOMIC: tl.constexpr):
 
 
 @triton.jit
+def _epilogue(out, out_up, y_ptr, rm, rn, M, N, K, res_ptr, g_ptr, yn_ptr, ss_ptr, ss_in_ptr, n_in, eps,
+              GLU: tl.constexpr, ATOMIC: tl.constexpr, ADD_NORM: tl.constexpr, NORM_IN: tl.constexpr,
+              PARTS_IN: tl.constexpr):  # fmt: skip
+    # out, out_up: [BLOCK_M, BLOCK_N] fp32 sums over this program's inputs (out_up: GLU's up half)
+    row_ok = rm[:, None] < M
+    if NORM_IN:
+        # x was h * g, RMSNorm's input h times its weight: the rows' rsqrt(mean(h^2) + eps) scales the sums,
+        # from the n_in partial sums of h^2 the producing matmul wrote (ADD_NORM) [M, n_in]
+        rp = tl.arange(0, PARTS_IN)[None, :]
+        parts = tl.load(ss_in_ptr + rm[:, None] * n_in + rp, mask=row_ok & (rp < n_in), other=0.0)
+        r = tl.rsqrt(tl.sum(parts, axis=1) / K + eps)[:, None]
+        out, out_up = out * r, out_up * r
+    if GLU:
+        out = out * tl.sigmoid(out) * out_up
+    if ADD_NORM:
+        # h = out + residual, rounded to y's dtype as the model's residual stream is; also h * g (the next
+        # matmul's NORM_IN input) and h's sums of squares over each NORM_SLOT (_SLOT) outputs: [M, N / NORM_SLOT]
+        offs = rm[:, None] * N + rn[None, :]
+        h = (out + tl.load(res_ptr + offs, mask=row_ok, other=0.0).to(tl.float32)).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + offs, h, mask=row_ok)
+        hf = h.to(tl.float32)
+        tl.store(yn_ptr + offs, (hf * tl.load(g_ptr + rn).to(tl.float32)[None, :]).to(y_ptr.dtype.element_ty), mask=row_ok)
+        sq = tl.sum(tl.reshape(hf * hf, [out.shape[0], out.shape[1] // _SLOT, _SLOT]), axis=2)
+        first = tl.program_id(0) * (out.shape[1] // _SLOT)
+        slots = rm[:, None] * (N // _SLOT) + first + tl.arange(0, out.shape[1] // _SLOT)[None, :]
+        tl.store(ss_ptr + slots, sq, mask=row_ok)
+    else:
+        _store(y_ptr, out, rm, rn, M, N, ATOMIC)
+
+
+@triton.jit
 def _x_lanes(x4, X_BF16: tl.constexpr):
     # x4: int64 words of four 16-bit x (bf16, else fp16) -> the four lanes as float32, lane b holding x[4j + b]
     lo, hi = x4.to(tl.int32), (x4 >> 32).to(tl.int32)
@@ -154,11 +187,12 @@ def _int8_gemv_step(acc, q, x0, x1, x2, x3):
 
 @triton.jit
 def _linear_kernel(
-    x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, k_len, KW, KW_LEN,
+    x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, k_len, KW, KW_LEN, res_ptr, g_ptr, yn_ptr, ss_ptr, ss_in_ptr, n_in, eps,
     HAS_SCALE: tl.constexpr, W_INT8: tl.constexpr, X16: tl.constexpr, X_BF16: tl.constexpr, GLU: tl.constexpr,
     ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
+    ADD_NORM: tl.constexpr = False, NORM_IN: tl.constexpr = False, PARTS_IN: tl.constexpr = 1,
 ):  # fmt: skip
     # x: [M, K], w: [N, K] (float, int8 or fp8), s: [N] per-output-channel scale, y: [M, N]
     # GLU: w is [2N, K], gate rows then up rows, and y = silu(x @ gate^T) * (x @ up^T) (no split-K)
@@ -223,9 +257,8 @@ def _linear_kernel(
         out = out * tl.load(s_ptr + rn).to(tl.float32)[None, :]
         if GLU:
             out_up = out_up * tl.load(s_ptr + N + rn).to(tl.float32)[None, :]
-    if GLU:
-        out = out * tl.sigmoid(out) * out_up
-    _store(y_ptr, out, rm, rn, M, N, ATOMIC)
+    _epilogue(out, out_up, y_ptr, rm, rn, M, N, K, res_ptr, g_ptr, yn_ptr, ss_ptr, ss_in_ptr, n_in, eps,
+              GLU, ATOMIC, ADD_NORM, NORM_IN, PARTS_IN)
 
 
 @triton.jit
@@ -287,10 +320,11 @@ def _int4_mma_step(q, sz, x_ptrs, x_mask, acc, WG: tl.constexpr, BLOCK_M: tl.con
 
 @triton.jit
 def _int4_kernel(
-    x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, k_len, KW, KW_LEN,
+    x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, k_len, KW, KW_LEN, res_ptr, g_ptr, yn_ptr, ss_ptr, ss_in_ptr, n_in, eps,
     GROUP: tl.constexpr, GLU: tl.constexpr, ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
+    ADD_NORM: tl.constexpr = False, NORM_IN: tl.constexpr = False, PARTS_IN: tl.constexpr = 1,
 ):  # fmt: skip
     # x: [M, K]; w: [N, K/8] int32 from pack_int4; sz: [N, K/GROUP, 2] (scale, zero); KW = K / 8 and
     # KW_LEN = k_len / 8 are passed as arguments so Triton sees they are multiples of 16 (16-byte word loads)
@@ -347,9 +381,8 @@ def _int4_kernel(
             if GLU:
                 q, sz = tl.load(w_ptrs + up_w + k // 8), tl.load(sz_ptrs + up_sz + k // GROUP * 2)
                 out_up = _int4_mma_step(q, sz, x_ptrs + k, x_mask, out_up, WG, BLOCK_M, DOT_F32)
-    if GLU:
-        out = out * tl.sigmoid(out) * out_up
-    _store(y_ptr, out, rm, rn, M, N, ATOMIC)
+    _epilogue(out, out_up, y_ptr, rm, rn, M, N, K, res_ptr, g_ptr, yn_ptr, ss_ptr, ss_in_ptr, n_in, eps,
+              GLU, ATOMIC, ADD_NORM, NORM_IN, PARTS_IN)
 
 
 @triton.jit
@@ -592,11 +625,15 @@ def get_config(fmt: str, n: int, k: int, m: int, device: torch.device, split: bo
 # ----------------------------------------------------------------------------- launching
 
 
-def plan(fmt: str, m: int, n: int, k: int, device: torch.device, glu: bool = False) -> Config:
+def plan(fmt: str, m: int, n: int, k: int, device: torch.device, glu: bool = False, whole_k: bool = False) -> Config:
     # the config a call with m rows, n outputs and k inputs runs with; a GLU call runs the [2n, K] shape's
-    # config without split-K (its epilogue needs whole sums)
-    cfg = get_config(fmt, 2 * n if glu else n, k, m, device, split=not glu)
-    return Config(**{**asdict(cfg), "split_k": 1}) if glu else cfg
+    # config without split-K (its epilogue needs whole sums), as does a whole_k one (linear_add_norm's)
+    whole_k = whole_k or glu
+    cfg = get_config(fmt, 2 * n if glu else n, k, m, device, split=not whole_k)
+    if whole_k and not glu and cfg.block_n < NORM_SLOT:  # add_norm writes a sum of squares per NORM_SLOT outputs
+        group = int(fmt[5:]) if fmt.startswith("int4") else 1  # the same tile area, as valid as the tuned one
+        cfg = Config(**{**asdict(cfg), "block_n": NORM_SLOT, "block_k": max(cfg.block_k * cfg.block_n // NORM_SLOT, group)})
+    return Config(**{**asdict(cfg), "split_k": 1}) if whole_k else cfg
 
 
 def out_dtype(fmt: str, x: Tensor, n: int, k: int, glu: bool = False) -> torch.dtype:
@@ -619,20 +656,38 @@ def prefetch_bytes(device: torch.device) -> int:
 
 
 def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | None = None, glu: bool = False,
-            **constexprs) -> Tensor:  # fmt: skip
+            add_norm: tuple[Tensor, Tensor] | None = None, norm_in: tuple[Tensor, float] | None = None,
+            **constexprs) -> Tensor | tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     # x: [..., K] -> y [..., n] in out_dtype (x's dtype, or float32 where the shape's decode config splits K)
+    # add_norm (residual, g): y = x @ W^T + residual, returned with y * g and y's partial sums of squares
+    # [..., n / NORM_SLOT] (linear_add_norm); norm_in (ss, eps): y scaled by rsqrt(sum(ss) / K + eps) (norm_linear)
     k = x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()  # [M, K]
     m = x2.shape[0]
+    whole_k = glu or add_norm is not None
     if m == 0:
-        return x.new_empty(*x.shape[:-1], n, dtype=out_dtype(fmt, x, n, k, glu))
-    cfg = cfg or plan(fmt, m, n, k, x.device, glu)
+        y = x.new_empty(*x.shape[:-1], n, dtype=x.dtype if add_norm else out_dtype(fmt, x, n, k, glu))
+        return (y, y.clone(), x.new_empty(*x.shape[:-1], n // NORM_SLOT, dtype=torch.float32)) if add_norm else y
+    cfg = cfg or plan(fmt, m, n, k, x.device, glu, whole_k)
     assert valid(cfg, fmt, n, k), f"config {cfg} does not tile {fmt} {n}x{k}"
-    assert not (glu and cfg.split_k > 1), "GLU calls cannot split K"
+    assert not (whole_k and cfg.split_k > 1), "GLU and add_norm calls cannot split K"
+    assert not (add_norm and cfg.block_n % NORM_SLOT), f"add_norm needs BLOCK_N a multiple of {NORM_SLOT}"
     block_m = MAX_M if (m > 1 or cfg.dot) else 1
     atomic = cfg.split_k > 1
-    dtype = torch.float32 if atomic else out_dtype(fmt, x, n, k, glu)
+    dtype = torch.float32 if atomic else x.dtype if add_norm else out_dtype(fmt, x, n, k, glu)
     y = torch.zeros(m, n, device=x.device, dtype=dtype) if atomic else x.new_empty(m, n, dtype=dtype)
+    fused = dict(res_ptr=y, g_ptr=y, yn_ptr=y, ss_ptr=y, ss_in_ptr=y, n_in=0, eps=0.0)  # pointers unused unless fused
+    if add_norm:
+        residual, g = add_norm
+        assert residual.shape == (*x.shape[:-1], n) and g.shape == (n,), "residual [..., N] and norm weight [N] expected"
+        yn, ss = torch.empty_like(y), y.new_empty(m, n // NORM_SLOT, dtype=torch.float32)
+        fused.update(res_ptr=residual.reshape(m, n).contiguous(), g_ptr=g.contiguous(), yn_ptr=yn, ss_ptr=ss)
+        constexprs.update(ADD_NORM=True)
+    if norm_in:
+        ss_in, eps = norm_in
+        ss_in = ss_in.reshape(m, -1).contiguous()
+        fused.update(ss_in_ptr=ss_in, n_in=ss_in.shape[1], eps=float(eps))
+        constexprs.update(NORM_IN=True, PARTS_IN=triton.next_power_of_2(ss_in.shape[1]))
     grid = (n // cfg.block_n, cfg.split_k, triton.cdiv(m, block_m))
     k_len = triton.cdiv(k // cfg.block_k, cfg.split_k) * cfg.block_k  # inputs per split, whole tiles
     words = 8 if kernel is _int4_kernel else 4  # weights per int32 word (int4, int8; unused for the others)
@@ -649,9 +704,12 @@ def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | N
         x2, *weights, y, m, n, k, k_len, GLU=glu, ATOMIC=atomic,
         DOT_F32=x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **constexprs, **_pdl_args(x.device),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **fused, **constexprs, **_pdl_args(x.device),
     )  # fmt: skip
-    return y.reshape(*x.shape[:-1], n)
+    shape = x.shape[:-1]
+    if add_norm:
+        return y.reshape(*shape, n), yn.reshape(*shape, n), ss.reshape(*shape, n // NORM_SLOT)
+    return y.reshape(*shape, n)
 
 
 def _check(x: Tensor, w: Tensor, k: int, glu: bool = False) -> None:
@@ -697,44 +755,95 @@ def _fake_int4(x: Tensor, w: Tensor, scales_zeros: Tensor, group_size: int, glu:
     return _fake_y(f"int4g{group_size}", x, w, glu)
 
 
+def _check_format(fmt: str, x: Tensor, weights: tuple | list, glu: bool) -> None:
+    # the weights of format fmt (as call() takes them, int4's group size left out) for x: [..., K]
+    w = weights[0]
+    k = w.shape[1] * (8 if fmt.startswith("int4") else 1)
+    _check(x, w, k, glu)
+    if fmt.startswith("int4"):
+        group, sz = int(fmt[5:]), weights[1]
+        assert group in (32, 64, 128, 256), f"group size must be 32, 64, 128 or 256, got {group}"
+        assert w.dtype == torch.int32, f"packed int4 weight must be int32 from pack_int4, got {w.dtype}"
+        assert sz.shape == (w.shape[0], k // group, 2) and sz.is_contiguous(), (
+            f"scales_zeros must be [N, K/group, 2] = {[w.shape[0], k // group, 2]}, got {list(sz.shape)}"
+        )
+    elif fmt in ("int8", "fp8"):
+        dtype = torch.int8 if fmt == "int8" else torch.float8_e4m3fn
+        assert w.dtype == dtype and weights[1].shape == (w.shape[0],), f"{dtype} weight [N, K] with scale [N] expected"
+    else:
+        assert w.dtype == x.dtype, f"weight dtype {w.dtype} differs from activations {x.dtype}"
+
+
+def _dispatch(fmt: str, x: Tensor, weights: tuple | list, glu: bool = False, cfg: Config | None = None, **fused):
+    # fmt's kernel on x (weights as _check_format takes them); fused: _launch's add_norm / norm_in
+    n = weights[0].shape[0] // (2 if glu else 1)
+    if fmt.startswith("int4"):
+        return _launch(_int4_kernel, fmt, x, tuple(weights[:2]), n, cfg, glu, GROUP=int(fmt[5:]), **fused)
+    per_channel = fmt in ("int8", "fp8")
+    w, s = weights[0], weights[1] if per_channel else weights[0]
+    return _launch(_linear_kernel, fmt, x, (w, s), n, cfg, glu, HAS_SCALE=per_channel, W_INT8=fmt == "int8", **fused)
+
+
 @_op("linear", _fake_linear)
 def linear(x: Tensor, w: Tensor, glu: bool = False) -> Tensor:
     # x: [..., K], w: [N, K] in x's dtype -> [..., N]; glu: w is [2N', K] and y = silu(gate) * up [..., N']
-    _check(x, w, w.shape[1], glu)
-    assert w.dtype == x.dtype, f"weight dtype {w.dtype} differs from activations {x.dtype}"
     fmt = str(w.dtype).removeprefix("torch.")
-    return _launch(_linear_kernel, fmt, x, (w, w), w.shape[0] // (1 + glu), glu=glu, HAS_SCALE=False, W_INT8=False)
+    _check_format(fmt, x, (w,), glu)
+    return _dispatch(fmt, x, (w,), glu)
 
 
 @_op("int8_linear", _fake_int8)
 def int8_linear(x: Tensor, w: Tensor, scale: Tensor, glu: bool = False) -> Tensor:
     # x: [..., K], w: [N, K] int8, scale: [N] -> [..., N] (glu as in linear)
-    _check(x, w, w.shape[1], glu)
-    assert w.dtype == torch.int8 and scale.shape == (w.shape[0],), "int8 weight [N, K] with scale [N] expected"
-    return _launch(_linear_kernel, "int8", x, (w, scale), w.shape[0] // (1 + glu), glu=glu, HAS_SCALE=True, W_INT8=True)
+    _check_format("int8", x, (w, scale), glu)
+    return _dispatch("int8", x, (w, scale), glu)
 
 
 @_op("fp8_linear", _fake_fp8)
 def fp8_linear(x: Tensor, w: Tensor, scale: Tensor, glu: bool = False) -> Tensor:
     # x: [..., K], w: [N, K] float8_e4m3fn, scale: [N] -> [..., N] (glu as in linear)
-    _check(x, w, w.shape[1], glu)
-    assert w.dtype == torch.float8_e4m3fn and scale.shape == (w.shape[0],), "e4m3 weight [N, K], scale [N] expected"
-    return _launch(_linear_kernel, "fp8", x, (w, scale), w.shape[0] // (1 + glu), glu=glu, HAS_SCALE=True, W_INT8=False)
+    _check_format("fp8", x, (w, scale), glu)
+    return _dispatch("fp8", x, (w, scale), glu)
 
 
 @_op("int4_linear", _fake_int4)
 def int4_linear(x: Tensor, w: Tensor, scales_zeros: Tensor, group_size: int, glu: bool = False) -> Tensor:
     # x: [..., K], w: [N, K/8] int32 from pack_int4, scales_zeros: [N, K/group_size, 2] -> [..., N] (glu as in linear)
-    k = w.shape[1] * 8
-    _check(x, w, k, glu)
-    assert group_size in (32, 64, 128, 256), f"group size must be 32, 64, 128 or 256, got {group_size}"
-    assert w.dtype == torch.int32, f"packed int4 weight must be int32 from pack_int4, got {w.dtype}"
-    assert scales_zeros.shape == (w.shape[0], k // group_size, 2), (
-        f"scales_zeros must be [N, K/group, 2] = {[w.shape[0], k // group_size, 2]}, got {list(scales_zeros.shape)}"
-    )
-    assert scales_zeros.is_contiguous()
     fmt = f"int4g{group_size}"
-    return _launch(_int4_kernel, fmt, x, (w, scales_zeros), w.shape[0] // (1 + glu), glu=glu, GROUP=group_size)
+    _check_format(fmt, x, (w, scales_zeros), glu)
+    return _dispatch(fmt, x, (w, scales_zeros), glu)
+
+
+def _fake_add_norm(fmt: str, x: Tensor, w: Tensor, aux: Tensor | None, residual: Tensor, norm_weight: Tensor):
+    n = w.shape[0]
+    return x.new_empty(*x.shape[:-1], n), x.new_empty(*x.shape[:-1], n), \
+        x.new_empty(*x.shape[:-1], n // NORM_SLOT, dtype=torch.float32)  # fmt: skip
+
+
+def _fake_norm_linear(fmt: str, x: Tensor, w: Tensor, aux: Tensor | None, ss: Tensor, eps: float, glu: bool = False):
+    return _fake_y(fmt, x, w, glu)
+
+
+@_op("linear_add_norm", _fake_add_norm)
+def linear_add_norm(fmt: str, x: Tensor, w: Tensor, aux: Tensor | None, residual: Tensor,
+                    norm_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """A matmul whose epilogue adds the residual stream and prepares the RMSNorm that follows it, so the norm
+    costs no kernel of its own: x [..., K] and a weight w of format fmt with aux, its scales (int8, fp8) or
+    scales_zeros (int4; the group size is in fmt) or None (plain weights) -> h = x @ W^T + residual [..., N], h * norm_weight [..., N] (both in x's dtype) and h's
+    partial sums of squares [..., N / NORM_SLOT] (float32), what norm_linear needs to finish the norm."""
+    weights = (w,) if aux is None else (w, aux)
+    _check_format(fmt, x, weights, False)
+    return _dispatch(fmt, x, weights, add_norm=(residual, norm_weight))
+
+
+@_op("norm_linear", _fake_norm_linear)
+def norm_linear(fmt: str, x: Tensor, w: Tensor, aux: Tensor | None, ss: Tensor, eps: float, glu: bool = False) -> Tensor:
+    """RMSNorm(h) @ W^T from what linear_add_norm returned: x = h * g, ss = h's partial sums of squares;
+    y = rsqrt(sum(ss) / K + eps) * (x @ W^T), with glu as in linear (the scale applies before the silu). The
+    same as the model's norm then matmul but for rounding: the norm's output is never rounded to x's dtype."""
+    weights = (w,) if aux is None else (w, aux)
+    _check_format(fmt, x, weights, glu)
+    return _dispatch(fmt, x, weights, glu, norm_in=(ss, eps))
 
 
 # ----------------------------------------------------------------------------- decode attention
@@ -993,14 +1102,7 @@ def call(fmt: str, x: Tensor, *weights, glu: bool = False) -> Tensor:
 
 def run_with(fmt: str, x: Tensor, weights: tuple, cfg: Config, glu: bool = False) -> Tensor:
     # the kernel with an explicit config, outside the custom op: for tuning and for tests of every code path
-    n = weights[0].shape[0] // (2 if glu else 1)
-    if fmt.startswith("int4"):
-        y = _launch(_int4_kernel, fmt, x, weights[:2], n, cfg, glu, GROUP=weights[2])
-    else:
-        per_channel = fmt in ("int8", "fp8")
-        w, s = weights[0], weights[1] if per_channel else weights[0]
-        y = _launch(_linear_kernel, fmt, x, (w, s), n, cfg, glu, HAS_SCALE=per_channel, W_INT8=fmt == "int8")
-    return y.to(x.dtype)
+    return _dispatch(fmt, x, weights, glu, cfg).to(x.dtype)
 
 
 def glu_reference(fmt: str, x: Tensor, *weights) -> Tensor:

@@ -207,6 +207,10 @@ class Attention(nn.Module):
         self.sdpa = F.scaled_dot_product_attention
 
     def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+        return self.wo(self.mix(x, input_pos, cos, sin, mask))
+
+    def mix(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+        # x: [B, S, dim] -> the heads' outputs before the output projection wo, [B, S, H * D]
         bsz, seqlen, _ = x.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_local_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -217,8 +221,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k, v = self.kv_cache.update(input_pos, k, v)  # [B, H_kv, T, D]
         y = self.sdpa(q, k, v, attn_mask=mask, enable_gqa=self.n_head != self.n_local_heads)
-        y = y.transpose(1, 2).contiguous().view(bsz, seqlen, q_size)
-        return self.wo(y)
+        return y.transpose(1, 2).contiguous().view(bsz, seqlen, q_size)
 
 
 class FeedForward(nn.Module):

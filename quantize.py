@@ -35,7 +35,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 import generate as gen
-from model import Attention, FeedForward, KVCache, Transformer, rope_cos_sin
+from model import Attention, FeedForward, KVCache, Transformer, TransformerBlock, rope_cos_sin
 
 FORMAT_VERSION = 1
 MODES = ("int8", "int4", "int4-gptq", "fp8")
@@ -157,15 +157,49 @@ class RopeAttention(Attention):
     (rotary and cache writes, then attention). Prefill and verify steps run model.Attention's forward.
     Swapped in by prepare_for_device for attention without q/k norms; same parameters, same state dict."""
 
-    def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+    def mix(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
         cache = self.kv_cache
         if not kernels.rope_attention_supported(x, cache.k_cache, mask, self.n_head):
-            return super().forward(x, input_pos, cos, sin, mask)
+            return super().mix(x, input_pos, cos, sin, mask)
         qkv = self.wqkv(x)  # [B, 1, (H + 2 Hkv) D]
         splits = kernels.attention_splits(x.shape[0], self.n_local_heads, cache.k_cache.shape[2], x.device)
         y = kernels.rope_attention_with_splits(qkv, cos, sin, input_pos, cache.k_cache, cache.v_cache, mask,
                                                self.n_head, splits)  # [B, H, 1, D]  # fmt: skip
-        return self.wo(y.view(x.shape[0], 1, self.n_head * self.head_dim))
+        return y.view(x.shape[0], 1, self.n_head * self.head_dim)
+
+
+def kernel_weights(m: nn.Module, x: Tensor) -> tuple[str, Tensor, Tensor | None] | None:
+    """The format, weight and scales with which module m sends x to kernels.py's ops (linear_add_norm,
+    norm_linear), or None where m's matmul takes another path (stock kernels, a bias, zero-padded int4 inputs)."""
+    if getattr(m, "bias", None) is not None:
+        return None
+    if isinstance(m, WeightOnlyInt4Linear):
+        ok = m.kernel == "triton" and m.padded_in == m.in_features
+        return (f"int4g{m.groupsize}", m.weight, m.scales_and_zeros) if ok else None
+    if isinstance(m, WeightOnlyInt8Linear):
+        return ("fp8" if isinstance(m, WeightOnlyFp8Linear) else "int8", m.quantized_weight(), m.scales) if m.triton else None
+    if isinstance(m, TritonLinear) and m.weight.dtype == x.dtype:
+        return str(m.weight.dtype).removeprefix("torch."), m.weight, None
+    return None
+
+
+class NormFusedBlock(TransformerBlock):
+    """TransformerBlock whose feed-forward norm costs no kernel of its own in decode steps on a GPU: wo's
+    kernel adds the residual and writes h * g with h's partial sums of squares (kernels.linear_add_norm), and
+    w13's kernel scales its sums by the norm's rsqrt before the SwiGLU (kernels.norm_linear). Where the
+    modules or the input do not suit the kernels it runs TransformerBlock's forward. Swapped in by
+    prepare_for_device (FASTGEN_KERNELS name "norm"); same parameters, same state dict."""
+
+    def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+        wo, w13 = kernel_weights(self.attention.wo, x), kernel_weights(self.feed_forward.w13, x)
+        dim, hidden = x.shape[-1], self.feed_forward.w2.in_features
+        if not (wo and w13 and kernels.supported(x, dim, dim) and kernels.supported(x, hidden, dim, glu=True)):
+            return super().forward(x, input_pos, cos, sin, mask)
+        y = self.attention.mix(self.attention_norm(x), input_pos, cos, sin, mask)  # [B, S, H * D]
+        h, hn, ss = kernels.linear_add_norm(wo[0], y, *wo[1:], x, self.ffn_norm.weight)  # h = x + wo(y)
+        a = kernels.norm_linear(w13[0], hn, *w13[1:], ss, self.ffn_norm.eps, True)  # silu(gate) * up of the norm
+        a = a.to(x.dtype)
+        return h + self.feed_forward.w2(a)
 
 
 # ----------------------------------------------------------------------------- int4, asymmetric groups
@@ -395,7 +429,7 @@ def use_triton(device: torch.device, fmt: str) -> bool:
     `device` call the Triton kernels: on CUDA, for what FASTGEN_KERNELS names ("all", "stock", or a list;
     default TRITON_BY_DEFAULT)."""
     chosen = os.environ.get("FASTGEN_KERNELS", TRITON_BY_DEFAULT)
-    chosen = {"all": "bf16,int8,fp8,int4,attn,glu,rope", "stock": ""}.get(chosen, chosen).split(",")
+    chosen = {"all": "bf16,int8,fp8,int4,attn,glu,rope,norm", "stock": ""}.get(chosen, chosen).split(",")
     if torch.device(device).type != "cuda" or fmt not in chosen:
         return False
     load_kernels()
@@ -425,9 +459,11 @@ def prepare_for_device(model: nn.Module, kernel: str | None = None) -> nn.Module
         elif type(m) is nn.Linear and triton:
             m.__class__ = TritonLinear  # same parameters and state dict: only forward changes
     device = next(itertools.chain(model.parameters(), model.buffers())).device
-    names = ("attn", "glu", "rope")
-    attention, glu, rope = (kernel == "triton",) * 3 if kernel else (use_triton(device, name) for name in names)
+    names = ("attn", "glu", "rope", "norm")
+    attention, glu, rope, norm = (kernel == "triton",) * 4 if kernel else (use_triton(device, name) for name in names)
     for m in model.modules():
+        if type(m) is TransformerBlock and norm and not (m.attention._forward_hooks or m.feed_forward._forward_hooks):
+            m.__class__ = NormFusedBlock  # (tp.py's all-reduce hooks need the unfused forward)
         if type(m) is FeedForward and glu and isinstance(m.w13, (TritonLinear, WeightOnlyInt8Linear, WeightOnlyInt4Linear)):
             m.__class__ = GluFeedForward  # w13 applies the SwiGLU itself (in the Triton kernel's epilogue)
         elif isinstance(m, Attention) and attention:

@@ -14,7 +14,7 @@ import torch
 from torch.testing import assert_close
 
 import kernels
-from bench_kernels import make_weights
+from bench_kernels import make_weights, norm_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -220,6 +220,34 @@ def test_split_k_returns_its_float32_buffer(monkeypatch):
     assert kernels.plan("int8", 1, 128, 512, x.device, glu=True).split_k == 1  # GLU never splits K
 
 
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8", "fp8", "int4g32", "int4g128"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_add_norm_then_norm_linear_is_residual_rmsnorm_and_swiglu(fmt, m):
+    # linear_add_norm: h = x @ Wo^T + residual, with h * g and h's partial sums of squares; norm_linear: the
+    # SwiGLU of RMSNorm(h) @ W13^T from those, so the norm between the two matmuls needs no kernel
+    act = torch.float32 if fmt == "float32" else torch.bfloat16
+    (h, y), (h_ref, y_ref) = norm_pair(fmt, m, 256, 256, 384, DEVICE, act, seed=m)
+    assert h.shape == (m, 256) and y.shape == (m, 256) and h.dtype == y.dtype == act
+    # y's bound is twice the matmuls': h * g is rounded to x's dtype before the matmul (the model rounds its
+    # norm's output too), and the SwiGLU's product doubles that error
+    assert rel_err(h, h_ref) < BOUND[act] and rel_err(y, y_ref) < 2 * BOUND[act]
+
+
+def test_add_norm_outputs_and_whole_k_plan(monkeypatch):
+    # h * g in x's dtype and one float32 sum of squares per NORM_SLOT outputs; a config that splits K, or has
+    # fewer rows than a slot, is replaced by a whole-K one of the same tile area
+    x, (w, scale), _ = case("int8", 2, 256, 512, torch.float32)
+    residual, g = torch.randn(2, 256), torch.rand(256) + 0.5
+    h, hn, ss = kernels.linear_add_norm("int8", x, w, scale, residual, g)
+    assert hn.dtype == h.dtype == torch.float32 and ss.shape == (2, 256 // kernels.NORM_SLOT)
+    assert_close(hn, h * g)
+    assert_close(ss, h.view(2, -1, kernels.NORM_SLOT).pow(2).sum(-1))
+    monkeypatch.setattr(kernels, "get_config", lambda *a, **kw: kernels.Config(4, 512, split_k=4))
+    assert kernels.plan("int8", 1, 256, 512, x.device, whole_k=True) == kernels.Config(8, 256, split_k=1)
+    h1, _, _ = kernels.linear_add_norm("int8", x[:1], w, scale, residual[:1], g)
+    assert_close(h1, h[:1], atol=1e-4, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------- decode attention
 
 
@@ -310,6 +338,11 @@ def test_fake_implementations_agree_with_the_kernels():
         x, weights, _ = case(fmt, 3, 256, 256, torch.bfloat16)
         for glu in (False, True):
             torch.library.opcheck(op, (x, *weights, glu))
+        w, aux = weights[0], weights[1] if len(weights) > 1 else None
+        residual, g = torch.randn(3, 256, dtype=torch.bfloat16), torch.rand(256, dtype=torch.bfloat16)
+        h, hn, ss = kernels.linear_add_norm(fmt, x, w, aux, residual, g)
+        torch.library.opcheck(kernels.linear_add_norm, (fmt, x, w, aux, residual, g))
+        torch.library.opcheck(kernels.norm_linear, (fmt, hn, w, aux, ss, 1e-5, True))
 
 
 def test_sdpa_sends_only_decode_sized_gpu_inputs_to_the_kernel():
@@ -381,35 +414,42 @@ import kernels
 
 def build(fn, sig, consts):
     # pointers and the K-sized ints are 16-divisible, as the JIT would specialise them at a real launch
-    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(sig.items()) if t[0] == "*" or name != "M"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(sig.items())
+             if t[0] == "*" or name not in ("M", "n_in", "eps")}
     src = ASTSource(fn=fn, signature={**sig, **{c: "constexpr" for c in consts}}, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
 
 ints = {"M": "i32", "N": "i32", "K": "i32", "k_len": "i32", "KW": "i32", "KW_LEN": "i32"}
-for w, x, bm, atomic, glu in [("*i8", "*bf16", 1, True, False), ("*i8", "*fp16", 1, False, True),
-                              ("*i8", "*bf16", 16, False, False), ("*fp8e4nv", "*bf16", 16, False, True),
-                              ("*bf16", "*bf16", 1, False, True)]:  # both paths, both stores, GLU epilogue
-    sig = {"x_ptr": x, "w_ptr": w, "s_ptr": x, "y_ptr": "*fp32" if atomic else x, **ints}
+def fused(x):  # the residual / norm arguments (linear_add_norm, norm_linear)
+    return {"res_ptr": x, "g_ptr": x, "yn_ptr": x, "ss_ptr": "*fp32", "ss_in_ptr": "*fp32", "n_in": "i32", "eps": "fp32"}
+for w, x, bm, atomic, glu, norm in [("*i8", "*bf16", 1, True, False, ""), ("*i8", "*fp16", 1, False, True, "in"),
+                                    ("*i8", "*bf16", 16, False, False, "add"), ("*fp8e4nv", "*bf16", 16, False, True, ""),
+                                    ("*bf16", "*bf16", 1, False, True, ""), ("*fp8e4nv", "*bf16", 1, False, False, "add")]:
+    # both paths, both stores, the GLU epilogue, the norm's two halves
+    sig = {"x_ptr": x, "w_ptr": w, "s_ptr": x, "y_ptr": "*fp32" if atomic else x, **ints, **fused(x)}
     consts = dict(HAS_SCALE=w != "*bf16", W_INT8=w == "*i8", X16=True, X_BF16=x == "*bf16", GLU=glu, ATOMIC=atomic,
-                  DOT_F32=False, BLOCK_M=bm, BLOCK_N=32, BLOCK_K=256, PDL=glu, PREFETCH=65536 * glu)
+                  DOT_F32=False, BLOCK_M=bm, BLOCK_N=32, BLOCK_K=256, PDL=glu, PREFETCH=65536 * glu,
+                  ADD_NORM=norm == "add", NORM_IN=norm == "in", PARTS_IN=512)
     ptx = build(kernels._linear_kernel, sig, consts).asm["ptx"]
     assert ("griddepcontrol.wait" in ptx) == glu  # the grid-dependency wait, and the L2 prefetch of both halves
     assert ptx.count("cp.async.bulk.prefetch.L2") == 2 * glu
     # int8 at M = 1 multiplies denormal floats (the masked bytes) too
     assert not re.search(r"(fma|mul)[.a-z]*[.]ftz", ptx), f"flush-to-zero arithmetic in the linear kernel ({w}, M={bm})"
-for bm, glu in ((1, False), (16, False), (1, True), (16, True)):
-    sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "sz_ptr": "*bf16", "y_ptr": "*bf16", **ints}
+for bm, glu, norm in ((1, False, "add"), (16, False, ""), (1, True, "in"), (16, True, "")):
+    sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "sz_ptr": "*bf16", "y_ptr": "*bf16", **ints, **fused("*bf16")}
     ptx = build(kernels._int4_kernel, sig, dict(GROUP=32, GLU=glu, ATOMIC=False, DOT_F32=False, BLOCK_M=bm,
-                                                BLOCK_N=32, BLOCK_K=512, PDL=glu, PREFETCH=16384 * glu)).asm["ptx"]
+                                                BLOCK_N=32, BLOCK_K=512, PDL=glu, PREFETCH=16384 * glu,
+                                                ADD_NORM=norm == "add", NORM_IN=norm == "in", PARTS_IN=512)).asm["ptx"]
     assert ptx.count("cp.async.bulk.prefetch.L2") == 2 * glu
     # M = 1 multiplies denormal floats (the masked nibbles): flush-to-zero products would zero the weights
     assert not re.search(r"(fma|mul)[.a-z]*[.]ftz", ptx), f"flush-to-zero arithmetic in the int4 kernel (M={bm})"
 # M = 1, a tile of 8 rows by 4096: each thread holds 8 rows of one group; x is loaded once for all of them
 # (8 nibble positions x 8 bytes), the words and (scale, zero) pairs once per row, and the layout needs no
 # shared-memory round trips but the final reduction's
-sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "sz_ptr": "*bf16", "y_ptr": "*bf16", **ints}
+sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "sz_ptr": "*bf16", "y_ptr": "*bf16", **ints, **fused("*bf16")}
 ptx = build(kernels._int4_kernel, sig, dict(GROUP=32, GLU=False, ATOMIC=False, DOT_F32=False, BLOCK_M=1, BLOCK_N=8,
-                                            BLOCK_K=4096, PDL=False, PREFETCH=0)).asm["ptx"]
+                                            BLOCK_K=4096, PDL=False, PREFETCH=0, ADD_NORM=False, NORM_IN=False,
+                                            PARTS_IN=1)).asm["ptx"]
 loads = re.findall(r"ld[.]global[.a-z0-9]*", ptx)
 assert (loads.count("ld.global.v2.b32"), loads.count("ld.global.v4.b32"), loads.count("ld.global.b32")) == (8, 8, 8), loads
 assert ptx.count("bar.sync") <= 4
