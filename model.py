@@ -162,16 +162,20 @@ class Transformer(nn.Module):
 
     def forward(self, idx: Tensor, input_pos: Tensor) -> Tensor:
         # idx: [B, S] token ids, input_pos: [S] cache slots they occupy -> logits [B, S, vocab]
+        x, cos, sin, masks = self.embed(idx, input_pos)
+        for layer in self.layers:
+            x = layer(x, input_pos, cos, sin, masks[layer.sliding])
+        return self.output(self.norm(x))
+
+    def embed(self, idx: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
+        # what the layers take: embeddings [B, S, dim], rotary rows cos, sin [S, D], masks (full, sliding window)
         assert self.max_seq_length > 0, "call setup_caches() before forward"
         valid = self.kv_valid[: idx.shape[0], None, None, :]  # [B, 1, 1, T]
         diag = F.one_hot(input_pos, self.max_seq_length).bool()  # a query always sees itself (no NaN rows)
         full_mask = (self.causal_mask[input_pos] & valid) | diag  # [B, 1, S, T]
         window_mask = (self.window_mask[input_pos] & valid) | diag
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [S, D]
-        x = self.tok_embeddings(idx)
-        for layer in self.layers:
-            x = layer(x, input_pos, cos, sin, window_mask if layer.sliding else full_mask)
-        return self.output(self.norm(x))
+        return self.tok_embeddings(idx), cos, sin, (full_mask, window_mask)
 
 
 class TransformerBlock(nn.Module):
@@ -207,13 +211,13 @@ class Attention(nn.Module):
         self.sdpa = F.scaled_dot_product_attention
 
     def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
-        return self.wo(self.mix(x, input_pos, cos, sin, mask))
+        return self.wo(self.attend(self.wqkv(x), input_pos, cos, sin, mask))
 
-    def mix(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
-        # x: [B, S, dim] -> the heads' outputs before the output projection wo, [B, S, H * D]
-        bsz, seqlen, _ = x.shape
+    def attend(self, qkv: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+        # qkv: [B, S, (H + 2 H_kv) D], the input's projection -> the heads' outputs before wo, [B, S, H * D]
+        bsz, seqlen, _ = qkv.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_local_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = self.q_norm(q.view(bsz, seqlen, self.n_head, self.head_dim))
         k = self.k_norm(k.view(bsz, seqlen, self.n_local_heads, self.head_dim))
         v = v.view(bsz, seqlen, self.n_local_heads, self.head_dim)

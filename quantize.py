@@ -157,15 +157,14 @@ class RopeAttention(Attention):
     (rotary and cache writes, then attention). Prefill and verify steps run model.Attention's forward.
     Swapped in by prepare_for_device for attention without q/k norms; same parameters, same state dict."""
 
-    def mix(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+    def attend(self, qkv: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
         cache = self.kv_cache
-        if not kernels.rope_attention_supported(x, cache.k_cache, mask, self.n_head):
-            return super().mix(x, input_pos, cos, sin, mask)
-        qkv = self.wqkv(x)  # [B, 1, (H + 2 Hkv) D]
-        splits = kernels.attention_splits(x.shape[0], self.n_local_heads, cache.k_cache.shape[2], x.device)
+        if not kernels.rope_attention_supported(qkv, cache.k_cache, mask, self.n_head):
+            return super().attend(qkv, input_pos, cos, sin, mask)
+        splits = kernels.attention_splits(qkv.shape[0], self.n_local_heads, cache.k_cache.shape[2], qkv.device)
         y = kernels.rope_attention_with_splits(qkv, cos, sin, input_pos, cache.k_cache, cache.v_cache, mask,
                                                self.n_head, splits)  # [B, H, 1, D]  # fmt: skip
-        return y.view(x.shape[0], 1, self.n_head * self.head_dim)
+        return y.view(qkv.shape[0], 1, self.n_head * self.head_dim)
 
 
 def kernel_weights(m: nn.Module, x: Tensor) -> tuple[str, Tensor, Tensor | None] | None:
@@ -183,23 +182,80 @@ def kernel_weights(m: nn.Module, x: Tensor) -> tuple[str, Tensor, Tensor | None]
     return None
 
 
+def linear_add_norm(m: nn.Module, x: Tensor, residual: Tensor, norm_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    # module m's matmul through kernels.linear_add_norm: h = residual + m(x), h * norm_weight, h's sums of squares
+    fmt, w, aux = kernel_weights(m, x)
+    return kernels.linear_add_norm(fmt, x, w, aux, residual, norm_weight)
+
+
+def norm_linear(m: nn.Module, x: Tensor, ss: Tensor, eps: float, glu: bool = False) -> Tensor:
+    # module m applied to the RMSNorm that linear_add_norm prepared (x = h * g, ss), in x's dtype
+    fmt, w, aux = kernel_weights(m, x)
+    return kernels.norm_linear(fmt, x, w, aux, ss, eps, glu).to(x.dtype)
+
+
 class NormFusedBlock(TransformerBlock):
-    """TransformerBlock whose feed-forward norm costs no kernel of its own in decode steps on a GPU: wo's
-    kernel adds the residual and writes h * g with h's partial sums of squares (kernels.linear_add_norm), and
-    w13's kernel scales its sums by the norm's rsqrt before the SwiGLU (kernels.norm_linear). Where the
-    modules or the input do not suit the kernels it runs TransformerBlock's forward. Swapped in by
-    prepare_for_device (FASTGEN_KERNELS name "norm"); same parameters, same state dict."""
+    """TransformerBlock whose norms cost no kernels of their own in decode steps on a GPU. Within the block
+    (forward): wo's kernel adds the residual and writes h * g with h's partial sums of squares
+    (kernels.linear_add_norm), and w13's kernel scales its sums by the norm's rsqrt before the SwiGLU
+    (kernels.norm_linear). Across blocks (fused, called by NormFusedTransformer): w2's kernel does the same
+    for the next block's attention norm, which that block's wqkv kernel finishes. Where the modules or the
+    input do not suit the kernels it runs TransformerBlock's forward. Swapped in by prepare_for_device
+    (FASTGEN_KERNELS name "norm"); same parameters, same state dict."""
+
+    def fusable(self, x: Tensor, across: bool = False) -> bool:
+        # wo and w13 take the fused ops (and wqkv and w2 too, across blocks) for the block's input x
+        attn, ffn = self.attention, self.feed_forward
+        mods = (attn.wo, ffn.w13) + ((attn.wqkv, ffn.w2) if across else ())
+        dim, hidden = x.shape[-1], ffn.w2.in_features
+        ok = kernels.supported(x, dim, dim) and kernels.supported(x, hidden, dim, glu=True)
+        if across:
+            ok = ok and kernels.supported(x, attn.wqkv.out_features, dim) and kernels.supported(x, dim, hidden)
+        return ok and all(kernel_weights(m, x) is not None for m in mods)
 
     def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
-        wo, w13 = kernel_weights(self.attention.wo, x), kernel_weights(self.feed_forward.w13, x)
-        dim, hidden = x.shape[-1], self.feed_forward.w2.in_features
-        if not (wo and w13 and kernels.supported(x, dim, dim) and kernels.supported(x, hidden, dim, glu=True)):
+        if not self.fusable(x):
             return super().forward(x, input_pos, cos, sin, mask)
-        y = self.attention.mix(self.attention_norm(x), input_pos, cos, sin, mask)  # [B, S, H * D]
-        h, hn, ss = kernels.linear_add_norm(wo[0], y, *wo[1:], x, self.ffn_norm.weight)  # h = x + wo(y)
-        a = kernels.norm_linear(w13[0], hn, *w13[1:], ss, self.ffn_norm.eps, True)  # silu(gate) * up of the norm
-        a = a.to(x.dtype)
-        return h + self.feed_forward.w2(a)
+        qkv = self.attention.wqkv(self.attention_norm(x))
+        h, hn, ss = self.attention_then_norm(x, qkv, input_pos, cos, sin, mask)
+        return h + self.feed_forward.w2(norm_linear(self.feed_forward.w13, hn, ss, self.ffn_norm.eps, glu=True))
+
+    def fused(self, x: Tensor, xn: Tensor, ss: Tensor | None, next_norm: nn.Module, input_pos: Tensor, cos: Tensor,
+              sin: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        # x: the block's input [B, S, dim]; xn, ss: its attention norm as linear_add_norm left it (ss None: xn is
+        # the norm's output) -> the same three for the next block, whose norm (or the final one) is next_norm
+        qkv = self.attention.wqkv(xn) if ss is None else norm_linear(self.attention.wqkv, xn, ss, self.attention_norm.eps)
+        h, hn, ss = self.attention_then_norm(x, qkv, input_pos, cos, sin, mask)
+        a = norm_linear(self.feed_forward.w13, hn, ss, self.ffn_norm.eps, glu=True)  # silu(gate) * up
+        return linear_add_norm(self.feed_forward.w2, a, h, next_norm.weight)
+
+    def attention_then_norm(self, x: Tensor, qkv: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor,
+                            mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        # h = x + wo(attention), with the feed-forward norm's h * g and sums of squares
+        y = self.attention.attend(qkv.to(x.dtype), input_pos, cos, sin, mask)  # [B, S, H * D]
+        return linear_add_norm(self.attention.wo, y, x, self.ffn_norm.weight)
+
+
+class NormFusedTransformer(Transformer):
+    """Transformer whose decode steps on a GPU run one norm kernel (the first block's) where it ran two per
+    block and a final one: each NormFusedBlock's w2 kernel prepares the next block's attention norm, and the
+    last one the final norm, which the output projection's kernel finishes (kernels.norm_linear). Where a
+    module or the input does not suit the kernels, the blocks run their own forward. Swapped in by
+    prepare_for_device with NormFusedBlock; same parameters, same state dict."""
+
+    def forward(self, idx: Tensor, input_pos: Tensor) -> Tensor:
+        x, cos, sin, masks = self.embed(idx, input_pos)
+        dim, vocab = self.config.dim, self.config.vocab_size
+        across = kernels.supported(x, vocab, dim) and kernel_weights(self.output, x) is not None
+        if not (across and all(isinstance(b, NormFusedBlock) and b.fusable(x, across=True) for b in self.layers)):
+            for layer in self.layers:
+                x = layer(x, input_pos, cos, sin, masks[layer.sliding])
+            return self.output(self.norm(x))
+        xn, ss = self.layers[0].attention_norm(x), None
+        for i, layer in enumerate(self.layers):
+            next_norm = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm
+            x, xn, ss = layer.fused(x, xn, ss, next_norm, input_pos, cos, sin, masks[layer.sliding])
+        return norm_linear(self.output, xn, ss, self.norm.eps)
 
 
 # ----------------------------------------------------------------------------- int4, asymmetric groups
@@ -464,6 +520,8 @@ def prepare_for_device(model: nn.Module, kernel: str | None = None) -> nn.Module
     for m in model.modules():
         if type(m) is TransformerBlock and norm and not (m.attention._forward_hooks or m.feed_forward._forward_hooks):
             m.__class__ = NormFusedBlock  # (tp.py's all-reduce hooks need the unfused forward)
+        elif type(m) is Transformer and norm:
+            m.__class__ = NormFusedTransformer
         if type(m) is FeedForward and glu and isinstance(m.w13, (TritonLinear, WeightOnlyInt8Linear, WeightOnlyInt4Linear)):
             m.__class__ = GluFeedForward  # w13 applies the SwiGLU itself (in the Triton kernel's epilogue)
         elif isinstance(m, Attention) and attention:

@@ -202,9 +202,13 @@ def test_decode_through_every_triton_kernel_matches_the_stock_path(mode, monkeyp
     Q.prepare_for_device(stock)
     assert all(type(layer.feed_forward) is Q.GluFeedForward for layer in fast.layers)
     assert all(type(layer.attention) is Q.RopeAttention and layer.attention.sdpa is kernels.sdpa for layer in fast.layers)
+    assert type(fast) is Q.NormFusedTransformer and all(type(layer) is Q.NormFusedBlock for layer in fast.layers)
     launches = []  # True where the kernel did rotary and the cache write itself
     monkeypatch.setattr(kernels, "_attention_launch",
                         lambda *a, _f=kernels._attention_launch: launches.append(len(a) > 6) or _f(*a))  # fmt: skip
+    fused = []  # the norms' halves: linear_add_norm (wo, w2) and norm_linear (wqkv but the first, w13, output)
+    for name in ("linear_add_norm", "norm_linear"):
+        monkeypatch.setattr(kernels, name, lambda *a, _f=getattr(kernels, name), _n=name: fused.append(_n) or _f(*a))
     for model in (stock, fast):
         model.setup_caches(1, 32)
     tokens = torch.randint(0, 256, (1, 6))
@@ -214,9 +218,31 @@ def test_decode_through_every_triton_kernel_matches_the_stock_path(mode, monkeyp
             x = tokens if step == 0 else torch.randint(0, 256, (1, 1))
             assert_close(fast(x, pos), stock(x, pos), atol=1e-4, rtol=1e-4)
     assert launches == [False] * args.n_layer + [True] * 3 * args.n_layer  # prefill, then three decode steps
+    per_step = 2 * args.n_layer * ["linear_add_norm"] + 2 * args.n_layer * ["norm_linear"]  # (n - 1) + n + 1
+    assert sorted(fused) == sorted(4 * per_step)  # prefill (6 rows) and the decode steps: one norm kernel each
     for fast_layer, stock_layer in zip(fast.layers, stock.layers):  # the caches the kernel wrote
         assert_close(fast_layer.attention.kv_cache.k_cache, stock_layer.attention.kv_cache.k_cache, atol=1e-5, rtol=1e-5)
         assert_close(fast_layer.attention.kv_cache.v_cache, stock_layer.attention.kv_cache.v_cache, atol=1e-5, rtol=1e-5)
+
+
+def test_norm_fusion_falls_back_where_a_module_does_not_suit_it(monkeypatch):
+    # biases (Qwen2's qkv) keep the model's own norms and matmuls; the other blocks' norms still fuse
+    torch.manual_seed(0)
+    kernels_on_cpu(monkeypatch)
+    model = Transformer(ModelArgs(vocab_size=256, dim=128, n_layer=2, n_head=4, n_local_heads=2, intermediate_size=256,
+                                  qkv_bias=True))  # fmt: skip
+    model.layers[1].attention.wqkv.bias = None
+    for p in model.parameters():
+        torch.nn.init.normal_(p, 0, 0.05)
+    stock = copy.deepcopy(model)
+    Q.prepare_for_device(model, "triton")
+    for m in (model, stock):
+        m.setup_caches(1, 16)
+    x, pos = torch.randint(0, 256, (1, 1)), torch.tensor([3])
+    with torch.no_grad():
+        assert_close(model(x, pos), stock(x, pos), atol=1e-4, rtol=1e-4)
+    assert not model.layers[0].fusable(model.tok_embeddings(x), across=True)
+    assert model.layers[1].fusable(model.tok_embeddings(x), across=True)
 
 
 def test_compiled_decode_step_writes_the_caches_in_place(monkeypatch):
@@ -235,6 +261,8 @@ def test_compiled_decode_step_writes_the_caches_in_place(monkeypatch):
         out, (code, *_) = run_and_get_code(torch.compile(model, fullgraph=True), x, pos)
         assert_close(out, eager(x, pos), atol=1e-5, rtol=1e-5)
     assert code.count("torch.ops.fastgen.rope_attention.default(") == 2 and "clone" not in code
+    # the norms inside the matmuls: wo and w2 prepare them, wqkv (but the first), w13 and the output finish them
+    assert code.count("torch.ops.fastgen.linear_add_norm.default(") == code.count("torch.ops.fastgen.norm_linear.default(") == 4
     for layer, ref in zip(model.layers, eager.layers):
         assert torch.equal(layer.attention.kv_cache.k_cache, ref.attention.kv_cache.k_cache)
         assert torch.equal(layer.attention.kv_cache.v_cache, ref.attention.kv_cache.v_cache)
