@@ -162,20 +162,20 @@ class Transformer(nn.Module):
 
     def forward(self, idx: Tensor, input_pos: Tensor) -> Tensor:
         # idx: [B, S] token ids, input_pos: [S] cache slots they occupy -> logits [B, S, vocab]
-        x, cos, sin, masks = self.embed(idx, input_pos)
+        x, cos, sin, full_mask, window_mask = self.embed(idx, input_pos)
         for layer in self.layers:
-            x = layer(x, input_pos, cos, sin, masks[layer.sliding])
+            x = layer(x, input_pos, cos, sin, window_mask if layer.sliding else full_mask)
         return self.output(self.norm(x))
 
-    def embed(self, idx: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
-        # what the layers take: embeddings [B, S, dim], rotary rows cos, sin [S, D], masks (full, sliding window)
+    def embed(self, idx: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        # what the layers take: embeddings [B, S, dim], rotary rows cos, sin [S, D], full and sliding-window masks
         assert self.max_seq_length > 0, "call setup_caches() before forward"
         valid = self.kv_valid[: idx.shape[0], None, None, :]  # [B, 1, 1, T]
         diag = F.one_hot(input_pos, self.max_seq_length).bool()  # a query always sees itself (no NaN rows)
         full_mask = (self.causal_mask[input_pos] & valid) | diag  # [B, 1, S, T]
         window_mask = (self.window_mask[input_pos] & valid) | diag
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [S, D]
-        return self.tok_embeddings(idx), cos, sin, (full_mask, window_mask)
+        return self.tok_embeddings(idx), cos, sin, full_mask, window_mask
 
 
 class TransformerBlock(nn.Module):

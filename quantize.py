@@ -244,17 +244,17 @@ class NormFusedTransformer(Transformer):
     prepare_for_device with NormFusedBlock; same parameters, same state dict."""
 
     def forward(self, idx: Tensor, input_pos: Tensor) -> Tensor:
-        x, cos, sin, masks = self.embed(idx, input_pos)
+        x, cos, sin, full_mask, window_mask = self.embed(idx, input_pos)
         dim, vocab = self.config.dim, self.config.vocab_size
         across = kernels.supported(x, vocab, dim) and kernel_weights(self.output, x) is not None
         if not (across and all(isinstance(b, NormFusedBlock) and b.fusable(x, across=True) for b in self.layers)):
             for layer in self.layers:
-                x = layer(x, input_pos, cos, sin, masks[layer.sliding])
+                x = layer(x, input_pos, cos, sin, window_mask if layer.sliding else full_mask)
             return self.output(self.norm(x))
         xn, ss = self.layers[0].attention_norm(x), None
         for i, layer in enumerate(self.layers):
             next_norm = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm
-            x, xn, ss = layer.fused(x, xn, ss, next_norm, input_pos, cos, sin, masks[layer.sliding])
+            x, xn, ss = layer.fused(x, xn, ss, next_norm, input_pos, cos, sin, window_mask if layer.sliding else full_mask)
         return norm_linear(self.output, xn, ss, self.norm.eps)
 
 
