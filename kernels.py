@@ -132,8 +132,8 @@ def _store(y_ptr, out, rm, rn, M, N, ATOMIC: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(out, out_up, y_ptr, rm, rn, M, N, K, res_ptr, g_ptr, yn_ptr, ss_ptr, ss_in_ptr, n_in, eps,
-              GLU: tl.constexpr, ATOMIC: tl.constexpr, ADD_NORM: tl.constexpr, NORM_IN: tl.constexpr,
+def _epilogue(out, out_up, y_ptr, rm, rn, M, N, K, res_ptr, g_ptr, yn_ptr, ss_ptr, ss_in_ptr, n_in, eps, acc_ptr,
+              cnt_ptr, GLU: tl.constexpr, ATOMIC: tl.constexpr, ADD_NORM: tl.constexpr, NORM_IN: tl.constexpr,
               PARTS_IN: tl.constexpr):  # fmt: skip
     # out, out_up: [BLOCK_M, BLOCK_N] fp32 sums over this program's inputs (out_up: GLU's up half)
     row_ok = rm[:, None] < M
@@ -146,20 +146,39 @@ def _epilogue(out, out_up, y_ptr, rm, rn, M, N, K, res_ptr, g_ptr, yn_ptr, ss_pt
         out, out_up = out * r, out_up * r
     if GLU:
         out = out * tl.sigmoid(out) * out_up
-    if ADD_NORM:
-        # h = out + residual, rounded to y's dtype as the model's residual stream is; also h * g (the next
-        # matmul's NORM_IN input) and h's sums of squares over each NORM_SLOT (_SLOT) outputs: [M, N / NORM_SLOT]
+    if ADD_NORM and ATOMIC:
+        # split K: the programs of a tile add into a zeroed float32 buffer acc [M, N] and count themselves in
+        # cnt [tiles]; the last to arrive reads the whole sums back (from L2) and finishes the tile. The barrier
+        # and the counter's acquire-release order every thread's additions before the count, and the count
+        # before the last program's loads.
         offs = rm[:, None] * N + rn[None, :]
-        h = (out + tl.load(res_ptr + offs, mask=row_ok, other=0.0).to(tl.float32)).to(y_ptr.dtype.element_ty)
-        tl.store(y_ptr + offs, h, mask=row_ok)
-        hf = h.to(tl.float32)
-        tl.store(yn_ptr + offs, (hf * tl.load(g_ptr + rn).to(tl.float32)[None, :]).to(y_ptr.dtype.element_ty), mask=row_ok)
-        sq = tl.sum(tl.reshape(hf * hf, [out.shape[0], out.shape[1] // _SLOT, _SLOT]), axis=2)
-        first = tl.program_id(0) * (out.shape[1] // _SLOT)
-        slots = rm[:, None] * (N // _SLOT) + first + tl.arange(0, out.shape[1] // _SLOT)[None, :]
-        tl.store(ss_ptr + slots, sq, mask=row_ok)
+        tl.atomic_add(acc_ptr + offs, out, mask=row_ok, sem="relaxed")
+        tl.debug_barrier()
+        tile = tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
+        if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == tl.num_programs(1) - 1:
+            _add_norm_store(tl.load(acc_ptr + offs, mask=row_ok, other=0.0, cache_modifier=".cg"), y_ptr, rm, rn,
+                            M, N, res_ptr, g_ptr, yn_ptr, ss_ptr)  # fmt: skip
+    elif ADD_NORM:
+        _add_norm_store(out, y_ptr, rm, rn, M, N, res_ptr, g_ptr, yn_ptr, ss_ptr)
     else:
         _store(y_ptr, out, rm, rn, M, N, ATOMIC)
+
+
+@triton.jit
+def _add_norm_store(out, y_ptr, rm, rn, M, N, res_ptr, g_ptr, yn_ptr, ss_ptr):
+    # out: [BLOCK_M, BLOCK_N] whole fp32 sums. h = out + residual, rounded to y's dtype as the model's residual
+    # stream is; also h * g (the next matmul's NORM_IN input) and h's sums of squares over each NORM_SLOT
+    # (_SLOT) outputs: [M, N / NORM_SLOT]
+    row_ok = rm[:, None] < M
+    offs = rm[:, None] * N + rn[None, :]
+    h = (out + tl.load(res_ptr + offs, mask=row_ok, other=0.0).to(tl.float32)).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + offs, h, mask=row_ok)
+    hf = h.to(tl.float32)
+    tl.store(yn_ptr + offs, (hf * tl.load(g_ptr + rn).to(tl.float32)[None, :]).to(y_ptr.dtype.element_ty), mask=row_ok)
+    sq = tl.sum(tl.reshape(hf * hf, [out.shape[0], out.shape[1] // _SLOT, _SLOT]), axis=2)
+    first = tl.program_id(0) * (out.shape[1] // _SLOT)
+    slots = rm[:, None] * (N // _SLOT) + first + tl.arange(0, out.shape[1] // _SLOT)[None, :]
+    tl.store(ss_ptr + slots, sq, mask=row_ok)
 
 
 @triton.jit
@@ -197,6 +216,7 @@ def _int8_gemv_step(acc, q, x0, x1, x2, x3):
 @triton.jit
 def _linear_kernel(
     x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, k_len, KW, KW_LEN, res_ptr, g_ptr, yn_ptr, ss_ptr, ss_in_ptr, n_in, eps,
+    acc_ptr, cnt_ptr,
     HAS_SCALE: tl.constexpr, W_INT8: tl.constexpr, X16: tl.constexpr, X_BF16: tl.constexpr, GLU: tl.constexpr,
     ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -267,8 +287,8 @@ def _linear_kernel(
         if GLU:
             out_up = out_up * tl.load(s_ptr + N + rn).to(tl.float32)[None, :]
     _pdl_release(PDL)
-    _epilogue(out, out_up, y_ptr, rm, rn, M, N, K, res_ptr, g_ptr, yn_ptr, ss_ptr, ss_in_ptr, n_in, eps,
-              GLU, ATOMIC, ADD_NORM, NORM_IN, PARTS_IN)
+    _epilogue(out, out_up, y_ptr, rm, rn, M, N, K, res_ptr, g_ptr, yn_ptr, ss_ptr, ss_in_ptr, n_in, eps, acc_ptr,
+              cnt_ptr, GLU, ATOMIC, ADD_NORM, NORM_IN, PARTS_IN)
 
 
 @triton.jit
@@ -331,6 +351,7 @@ def _int4_mma_step(q, sz, x_ptrs, x_mask, acc, WG: tl.constexpr, BLOCK_M: tl.con
 @triton.jit
 def _int4_kernel(
     x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, k_len, KW, KW_LEN, res_ptr, g_ptr, yn_ptr, ss_ptr, ss_in_ptr, n_in, eps,
+    acc_ptr, cnt_ptr,
     GROUP: tl.constexpr, GLU: tl.constexpr, ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PDL: tl.constexpr = 0, PREFETCH: tl.constexpr = 0,
@@ -392,8 +413,8 @@ def _int4_kernel(
                 q, sz = tl.load(w_ptrs + up_w + k // 8), tl.load(sz_ptrs + up_sz + k // GROUP * 2)
                 out_up = _int4_mma_step(q, sz, x_ptrs + k, x_mask, out_up, WG, BLOCK_M, DOT_F32)
     _pdl_release(PDL)
-    _epilogue(out, out_up, y_ptr, rm, rn, M, N, K, res_ptr, g_ptr, yn_ptr, ss_ptr, ss_in_ptr, n_in, eps,
-              GLU, ATOMIC, ADD_NORM, NORM_IN, PARTS_IN)
+    _epilogue(out, out_up, y_ptr, rm, rn, M, N, K, res_ptr, g_ptr, yn_ptr, ss_ptr, ss_in_ptr, n_in, eps, acc_ptr,
+              cnt_ptr, GLU, ATOMIC, ADD_NORM, NORM_IN, PARTS_IN)
 
 
 @triton.jit
@@ -637,15 +658,14 @@ def get_config(fmt: str, n: int, k: int, m: int, device: torch.device, split: bo
 # ----------------------------------------------------------------------------- launching
 
 
-def plan(fmt: str, m: int, n: int, k: int, device: torch.device, glu: bool = False, whole_k: bool = False) -> Config:
+def plan(fmt: str, m: int, n: int, k: int, device: torch.device, glu: bool = False, add_norm: bool = False) -> Config:
     # the config a call with m rows, n outputs and k inputs runs with; a GLU call runs the [2n, K] shape's
-    # config without split-K (its epilogue needs whole sums), as does a whole_k one (linear_add_norm's)
-    whole_k = whole_k or glu
-    cfg = get_config(fmt, 2 * n if glu else n, k, m, device, split=not whole_k)
-    if whole_k and not glu and cfg.block_n < NORM_SLOT:  # add_norm writes a sum of squares per NORM_SLOT outputs
+    # config without split-K (its epilogue needs whole sums)
+    cfg = get_config(fmt, 2 * n if glu else n, k, m, device, split=not glu)
+    if add_norm and cfg.block_n < NORM_SLOT:  # add_norm writes a sum of squares per NORM_SLOT outputs
         group = int(fmt[5:]) if fmt.startswith("int4") else 1  # the same tile area, as valid as the tuned one
         cfg = Config(**{**asdict(cfg), "block_n": NORM_SLOT, "block_k": max(cfg.block_k * cfg.block_n // NORM_SLOT, group)})
-    return Config(**{**asdict(cfg), "split_k": 1}) if whole_k else cfg
+    return Config(**{**asdict(cfg), "split_k": 1}) if glu else cfg
 
 
 def out_dtype(fmt: str, x: Tensor, n: int, k: int, glu: bool = False) -> torch.dtype:
@@ -680,31 +700,33 @@ def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | N
     k = x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()  # [M, K]
     m = x2.shape[0]
-    whole_k = glu or add_norm is not None
     if m == 0:
         y = x.new_empty(*x.shape[:-1], n, dtype=x.dtype if add_norm else out_dtype(fmt, x, n, k, glu))
         return (y, y.clone(), x.new_empty(*x.shape[:-1], n // NORM_SLOT, dtype=torch.float32)) if add_norm else y
-    cfg = cfg or plan(fmt, m, n, k, x.device, glu, whole_k)
+    cfg = cfg or plan(fmt, m, n, k, x.device, glu, add_norm is not None)
     assert valid(cfg, fmt, n, k), f"config {cfg} does not tile {fmt} {n}x{k}"
-    assert not (whole_k and cfg.split_k > 1), "GLU and add_norm calls cannot split K"
+    assert not (glu and cfg.split_k > 1), "GLU calls cannot split K"
     assert not (add_norm and cfg.block_n % NORM_SLOT), f"add_norm needs BLOCK_N a multiple of {NORM_SLOT}"
     block_m = MAX_M if (m > 1 or cfg.dot) else 1
     atomic = cfg.split_k > 1
-    dtype = torch.float32 if atomic else x.dtype if add_norm else out_dtype(fmt, x, n, k, glu)
-    y = torch.zeros(m, n, device=x.device, dtype=dtype) if atomic else x.new_empty(m, n, dtype=dtype)
-    fused = dict(res_ptr=y, g_ptr=y, yn_ptr=y, ss_ptr=y, ss_in_ptr=y, n_in=0, eps=0.0)  # pointers unused unless fused
+    grid = (n // cfg.block_n, cfg.split_k, triton.cdiv(m, block_m))
+    dtype = torch.float32 if atomic and not add_norm else x.dtype if add_norm else out_dtype(fmt, x, n, k, glu)
+    y = torch.zeros(m, n, device=x.device, dtype=dtype) if atomic and not add_norm else x.new_empty(m, n, dtype=dtype)
+    fused = dict(res_ptr=y, g_ptr=y, yn_ptr=y, ss_ptr=y, ss_in_ptr=y, n_in=0, eps=0.0, acc_ptr=y, cnt_ptr=y)  # unused unless fused
     if add_norm:
         residual, g = add_norm
         assert residual.shape == (*x.shape[:-1], n) and g.shape == (n,), "residual [..., N] and norm weight [N] expected"
         yn, ss = torch.empty_like(y), y.new_empty(m, n // NORM_SLOT, dtype=torch.float32)
         fused.update(res_ptr=residual.reshape(m, n).contiguous(), g_ptr=g.contiguous(), yn_ptr=yn, ss_ptr=ss)
+        if atomic:  # the sums and a counter per tile (see _epilogue), zeroed by one fill
+            ws = torch.zeros(m * n + grid[0] * grid[2], device=x.device, dtype=torch.float32)
+            fused.update(acc_ptr=ws[: m * n], cnt_ptr=ws[m * n :].view(torch.int32))
         constexprs.update(ADD_NORM=True)
     if norm_in:
         ss_in, eps = norm_in
         ss_in = ss_in.reshape(m, -1).contiguous()
         fused.update(ss_in_ptr=ss_in, n_in=ss_in.shape[1], eps=float(eps))
         constexprs.update(NORM_IN=True, PARTS_IN=triton.next_power_of_2(ss_in.shape[1]))
-    grid = (n // cfg.block_n, cfg.split_k, triton.cdiv(m, block_m))
     k_len = triton.cdiv(k // cfg.block_k, cfg.split_k) * cfg.block_k  # inputs per split, whole tiles
     words = 8 if kernel is _int4_kernel else 4  # weights per int32 word (int4, int8; unused for the others)
     constexprs.update(KW=k // words, KW_LEN=k_len // words)  # plain ints, not constexprs (see the kernels)

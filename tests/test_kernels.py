@@ -233,19 +233,34 @@ def test_add_norm_then_norm_linear_is_residual_rmsnorm_and_swiglu(fmt, m):
     assert rel_err(h, h_ref) < BOUND[act] and rel_err(y, y_ref) < 2 * BOUND[act]
 
 
-def test_add_norm_outputs_and_whole_k_plan(monkeypatch):
-    # h * g in x's dtype and one float32 sum of squares per NORM_SLOT outputs; a config that splits K, or has
-    # fewer rows than a slot, is replaced by a whole-K one of the same tile area
+def test_add_norm_outputs_and_its_plan(monkeypatch):
+    # h * g in x's dtype and one float32 sum of squares per NORM_SLOT outputs; a tuned config with fewer rows
+    # than a slot is replaced by one of the same tile area
     x, (w, scale), _ = case("int8", 2, 256, 512, torch.float32)
     residual, g = torch.randn(2, 256), torch.rand(256) + 0.5
     h, hn, ss = kernels.linear_add_norm("int8", x, w, scale, residual, g)
     assert hn.dtype == h.dtype == torch.float32 and ss.shape == (2, 256 // kernels.NORM_SLOT)
     assert_close(hn, h * g)
     assert_close(ss, h.view(2, -1, kernels.NORM_SLOT).pow(2).sum(-1))
-    monkeypatch.setattr(kernels, "get_config", lambda *a, **kw: kernels.Config(4, 512, split_k=4))
-    assert kernels.plan("int8", 1, 256, 512, x.device, whole_k=True) == kernels.Config(8, 256, split_k=1)
-    h1, _, _ = kernels.linear_add_norm("int8", x[:1], w, scale, residual[:1], g)
-    assert_close(h1, h[:1], atol=1e-4, rtol=1e-4)
+    monkeypatch.setattr(kernels, "get_config", lambda *a, **kw: kernels.Config(4, 256, split_k=2))
+    assert kernels.plan("int8", 1, 256, 512, x.device, add_norm=True) == kernels.Config(8, 128, split_k=2)
+
+
+@pytest.mark.parametrize("fmt", ["bfloat16", "int8", "int4g32"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_split_k_add_norm_is_finished_by_the_last_program_of_each_tile(fmt, m, monkeypatch):
+    # programs along K add into a float32 buffer and count themselves; the last of a tile adds the residual
+    # and writes h, h * g and the sums of squares, as a whole-K call does
+    act = torch.bfloat16
+    x, weights, _ = case(fmt, m, 256, 384, act, seed=m)
+    w, aux = weights[0], weights[1] if len(weights) > 1 else None
+    residual, g = torch.randn(m, 256).to(act), (torch.rand(256) + 0.5).to(act)
+    outs = {}
+    for split in (1, 3):
+        monkeypatch.setattr(kernels, "get_config", lambda *a, s=split, **kw: kernels.Config(16, 128, split_k=s))
+        outs[split] = kernels.linear_add_norm(fmt, x, w, aux, residual, g)
+    for whole, split in zip(outs[1], outs[3]):
+        assert whole.dtype == split.dtype and rel_err(split, whole.double()) < 1e-2
 
 
 # ----------------------------------------------------------------------------- decode attention
@@ -421,12 +436,14 @@ def build(fn, sig, consts):
 
 ints = {"M": "i32", "N": "i32", "K": "i32", "k_len": "i32", "KW": "i32", "KW_LEN": "i32"}
 def fused(x):  # the residual / norm arguments (linear_add_norm, norm_linear)
-    return {"res_ptr": x, "g_ptr": x, "yn_ptr": x, "ss_ptr": "*fp32", "ss_in_ptr": "*fp32", "n_in": "i32", "eps": "fp32"}
+    return {"res_ptr": x, "g_ptr": x, "yn_ptr": x, "ss_ptr": "*fp32", "ss_in_ptr": "*fp32", "n_in": "i32", "eps": "fp32",
+            "acc_ptr": "*fp32", "cnt_ptr": "*i32"}
 for w, x, bm, atomic, glu, norm in [("*i8", "*bf16", 1, True, False, ""), ("*i8", "*fp16", 1, False, True, "in"),
                                     ("*i8", "*bf16", 16, False, False, "add"), ("*fp8e4nv", "*bf16", 16, False, True, ""),
-                                    ("*bf16", "*bf16", 1, False, True, ""), ("*fp8e4nv", "*bf16", 1, False, False, "add")]:
+                                    ("*bf16", "*bf16", 1, False, True, ""), ("*fp8e4nv", "*bf16", 1, False, False, "add"),
+                                    ("*i8", "*bf16", 1, True, False, "add")]:
     # both paths, both stores, the GLU epilogue, the norm's two halves
-    sig = {"x_ptr": x, "w_ptr": w, "s_ptr": x, "y_ptr": "*fp32" if atomic else x, **ints, **fused(x)}
+    sig = {"x_ptr": x, "w_ptr": w, "s_ptr": x, "y_ptr": "*fp32" if atomic and norm != "add" else x, **ints, **fused(x)}
     consts = dict(HAS_SCALE=w != "*bf16", W_INT8=w == "*i8", X16=True, X_BF16=x == "*bf16", GLU=glu, ATOMIC=atomic,
                   DOT_F32=False, BLOCK_M=bm, BLOCK_N=32, BLOCK_K=256, PDL=glu + (norm == "in"), PREFETCH=65536 * glu,
                   ADD_NORM=norm == "add", NORM_IN=norm == "in", PARTS_IN=512)
@@ -436,9 +453,9 @@ for w, x, bm, atomic, glu, norm in [("*i8", "*bf16", 1, True, False, ""), ("*i8"
     assert ptx.count("cp.async.bulk.prefetch.L2") == 2 * glu
     # int8 at M = 1 multiplies denormal floats (the masked bytes) too
     assert not re.search(r"(fma|mul)[.a-z]*[.]ftz", ptx), f"flush-to-zero arithmetic in the linear kernel ({w}, M={bm})"
-for bm, glu, norm in ((1, False, "add"), (16, False, ""), (1, True, "in"), (16, True, "")):
+for bm, glu, norm, atomic in ((1, False, "add", True), (16, False, "", False), (1, True, "in", False), (16, True, "", False)):
     sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "sz_ptr": "*bf16", "y_ptr": "*bf16", **ints, **fused("*bf16")}
-    ptx = build(kernels._int4_kernel, sig, dict(GROUP=32, GLU=glu, ATOMIC=False, DOT_F32=False, BLOCK_M=bm,
+    ptx = build(kernels._int4_kernel, sig, dict(GROUP=32, GLU=glu, ATOMIC=atomic, DOT_F32=False, BLOCK_M=bm,
                                                 BLOCK_N=32, BLOCK_K=512, PDL=glu, PREFETCH=16384 * glu,
                                                 ADD_NORM=norm == "add", NORM_IN=norm == "in", PARTS_IN=512)).asm["ptx"]
     assert ptx.count("cp.async.bulk.prefetch.L2") == 2 * glu
