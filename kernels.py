@@ -68,18 +68,9 @@ X_EXP: tl.constexpr = tl.constexpr(76)  # int4 M = 1: x is prescaled by 2^(X_EXP
 def _pdl_wait(PDL: tl.constexpr):
     # programmatic dependent launch (sm_90+, see uses_pdl): this kernel may start while the previous one drains;
     # wait here, before the first load of anything another kernel writes or the first store, until that kernel
-    # has finished and its writes are visible. PDL 1: then let the next kernel's programs be scheduled early in
-    # turn; PDL 2: only once this program's main loop is done (_pdl_release)
+    # has finished and its writes are visible; then let the next kernel's programs be scheduled early in turn
     if PDL:
         tl.extra.cuda.gdc_wait()
-    if PDL == 1:
-        tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
-def _pdl_release(PDL: tl.constexpr):
-    # PDL 2 (FASTGEN_PDL=late): the next kernel may be scheduled once every program of this one got here
-    if PDL == 2:
         tl.extra.cuda.gdc_launch_dependents()
 
 
@@ -220,7 +211,7 @@ def _linear_kernel(
     HAS_SCALE: tl.constexpr, W_INT8: tl.constexpr, X16: tl.constexpr, X_BF16: tl.constexpr, GLU: tl.constexpr,
     ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PDL: tl.constexpr = 0, PREFETCH: tl.constexpr = 0,
+    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
     ADD_NORM: tl.constexpr = False, NORM_IN: tl.constexpr = False, PARTS_IN: tl.constexpr = 1,
 ):  # fmt: skip
     # x: [M, K], w: [N, K] (float, int8 or fp8), s: [N] per-output-channel scale, y: [M, N]
@@ -286,7 +277,6 @@ def _linear_kernel(
         out = out * tl.load(s_ptr + rn).to(tl.float32)[None, :]
         if GLU:
             out_up = out_up * tl.load(s_ptr + N + rn).to(tl.float32)[None, :]
-    _pdl_release(PDL)
     _epilogue(out, out_up, y_ptr, rm, rn, M, N, K, res_ptr, g_ptr, yn_ptr, ss_ptr, ss_in_ptr, n_in, eps, acc_ptr,
               cnt_ptr, GLU, ATOMIC, ADD_NORM, NORM_IN, PARTS_IN)
 
@@ -354,7 +344,7 @@ def _int4_kernel(
     acc_ptr, cnt_ptr,
     GROUP: tl.constexpr, GLU: tl.constexpr, ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PDL: tl.constexpr = 0, PREFETCH: tl.constexpr = 0,
+    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
     ADD_NORM: tl.constexpr = False, NORM_IN: tl.constexpr = False, PARTS_IN: tl.constexpr = 1,
 ):  # fmt: skip
     # x: [M, K]; w: [N, K/8] int32 from pack_int4; sz: [N, K/GROUP, 2] (scale, zero); KW = K / 8 and
@@ -412,7 +402,6 @@ def _int4_kernel(
             if GLU:
                 q, sz = tl.load(w_ptrs + up_w + k // 8), tl.load(sz_ptrs + up_sz + k // GROUP * 2)
                 out_up = _int4_mma_step(q, sz, x_ptrs + k, x_mask, out_up, WG, BLOCK_M, DOT_F32)
-    _pdl_release(PDL)
     _epilogue(out, out_up, y_ptr, rm, rn, M, N, K, res_ptr, g_ptr, yn_ptr, ss_ptr, ss_in_ptr, n_in, eps, acc_ptr,
               cnt_ptr, GLU, ATOMIC, ADD_NORM, NORM_IN, PARTS_IN)
 
@@ -431,7 +420,7 @@ def _attention_kernel(
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sm_b, sm_s, so_b, so_h, so_s,
     HKV, S, T, t_len, qk_scale, cos_ptr, sin_ptr, pos_ptr, new_k, new_v,
     G: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, PARTIAL: tl.constexpr,
-    DOT_F32: tl.constexpr, ROPE: tl.constexpr = False, PDL: tl.constexpr = 0,
+    DOT_F32: tl.constexpr, ROPE: tl.constexpr = False, PDL: tl.constexpr = False,
 ):  # fmt: skip
     # q: [B, H, S, D], k/v: [B, HKV, T, D], mask: [B, 1, S, T] bool (True: may attend); D contiguous everywhere.
     # grid: (B * HKV, P). This program: key/value head hk of batch row b with the G = H / HKV query heads that
@@ -495,7 +484,6 @@ def _attention_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = _dot(p, v, acc * alpha[:, None], DOT_F32)
         m_i = m_new
-    _pdl_release(PDL)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptrs = o_ptr + b * so_b + h[:, None] * so_h + s[:, None] * so_s + d[None, :]
     if PARTIAL:
@@ -676,12 +664,8 @@ def out_dtype(fmt: str, x: Tensor, n: int, k: int, glu: bool = False) -> torch.d
 
 
 def _pdl_args(device: torch.device) -> dict:
-    # the kernel's PDL constexpr and Triton's launch option, or nothing (the interpreter takes no launch_pdl):
-    # PDL 1 lets the next kernel be scheduled as soon as this one's programs start, 2 (FASTGEN_PDL=late) once
-    # their main loops are done (_pdl_release)
-    if not uses_pdl(device):
-        return {}
-    return {"PDL": 2 if os.environ.get("FASTGEN_PDL") == "late" else 1, "launch_pdl": True}
+    # the kernel's PDL constexpr and Triton's launch option, or nothing (the interpreter takes no launch_pdl)
+    return {"PDL": True, "launch_pdl": True} if uses_pdl(device) else {}
 
 
 def prefetch_bytes(device: torch.device) -> int:
