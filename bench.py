@@ -5,6 +5,7 @@
     python bench.py --shape 7B --mode int8 --kernels int8 int8,attn int8,attn,glu   # what each kernel adds
     python bench.py --shape 7B --mode int8 fp8 --pdl off on   # programmatic dependent launch off and on
     python bench.py --shape 7B --mode int4 --kernels default int8,fp8,int4,attn,glu,rope   # the fused rotary
+    B=int8,fp8,int4,attn,glu; python bench.py --mode int4 --kernels $B $B,norm $B $B,norm   # interleaved A/B
 
 Prints one JSON line per configuration: median tok/s over --runs after a first (compiling) call,
 achieved GB/s (non-embedding weight bytes x tok/s), % of the floor set by the copy bandwidth measured in

@@ -15,6 +15,9 @@ Each takes a last argument glu: the weight then holds 2N rows (gate, then up) an
 silu(x @ gate^T) * (x @ up^T), [..., N]: the feed-forward's SwiGLU in the matmul's epilogue. The output is in
 x's dtype, except for shapes whose decode config splits K: those return the float32 buffer the programs
 add into (`out_dtype`), and the caller's cast fuses into the next kernel.
+The norms between matmuls can live in their epilogues: linear_add_norm(fmt, x, w, aux, residual, g) returns
+h = x @ W^T + residual, h * g and h's partial sums of squares, and norm_linear(fmt, h * g, w, aux, ss, eps)
+is RMSNorm(h) @ W^T from them (aux: the scales, or None for plain weights; quantize.NormFusedBlock).
 The int4 formula is that of torch's tinygemm (`_weight_int4pack_mm`), so its scales and zeros serve both
 paths: tinygemm's scales_and_zeros [K/group, N, 2] is `pack_scales_zeros(*scales_and_zeros.unbind(-1))` after
 `.transpose(0, 1)`; the nibbles q [N, K] (0..15) are repacked once at load time with pack_int4.
@@ -696,7 +699,8 @@ def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | N
     grid = (n // cfg.block_n, cfg.split_k, triton.cdiv(m, block_m))
     dtype = torch.float32 if atomic and not add_norm else x.dtype if add_norm else out_dtype(fmt, x, n, k, glu)
     y = torch.zeros(m, n, device=x.device, dtype=dtype) if atomic and not add_norm else x.new_empty(m, n, dtype=dtype)
-    fused = dict(res_ptr=y, g_ptr=y, yn_ptr=y, ss_ptr=y, ss_in_ptr=y, n_in=0, eps=0.0, acc_ptr=y, cnt_ptr=y)  # unused unless fused
+    # the fused epilogues' arguments, unused (y as a placeholder pointer) unless add_norm / norm_in ask for them
+    fused = dict(res_ptr=y, g_ptr=y, yn_ptr=y, ss_ptr=y, ss_in_ptr=y, n_in=0, eps=0.0, acc_ptr=y, cnt_ptr=y)
     if add_norm:
         residual, g = add_norm
         assert residual.shape == (*x.shape[:-1], n) and g.shape == (n,), "residual [..., N] and norm weight [N] expected"
@@ -850,9 +854,11 @@ def _fake_norm_linear(fmt: str, x: Tensor, w: Tensor, aux: Tensor | None, ss: Te
 def linear_add_norm(fmt: str, x: Tensor, w: Tensor, aux: Tensor | None, residual: Tensor,
                     norm_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """A matmul whose epilogue adds the residual stream and prepares the RMSNorm that follows it, so the norm
-    costs no kernel of its own: x [..., K] and a weight w of format fmt with aux, its scales (int8, fp8) or
-    scales_zeros (int4; the group size is in fmt) or None (plain weights) -> h = x @ W^T + residual [..., N], h * norm_weight [..., N] (both in x's dtype) and h's
-    partial sums of squares [..., N / NORM_SLOT] (float32), what norm_linear needs to finish the norm."""
+    costs no kernel of its own. x [..., K] and a weight w of format fmt with aux: its scales (int8, fp8),
+    scales_zeros (int4; the group size is in fmt) or None (plain weights). Returns h = x @ W^T + residual
+    [..., N] and h * norm_weight [..., N], both in x's dtype, and h's partial sums of squares
+    [..., N / NORM_SLOT] in float32: what norm_linear needs to finish the norm. Shapes whose config splits K
+    add into a float32 buffer, and the last program of each tile finishes it."""
     weights = (w,) if aux is None else (w, aux)
     _check_format(fmt, x, weights, False)
     return _dispatch(fmt, x, weights, add_norm=(residual, norm_weight))

@@ -17,9 +17,10 @@ larger inputs (prefill) take the stock path (cuBLAS on the dequantized or upcast
 prepare_for_device() makes that choice once per module after loading, and also swaps in the decode attention
 kernel (Attention.sdpa) and GluFeedForward (the SwiGLU in w13's kernel). What uses the Triton ops is
 FASTGEN_KERNELS: by default int8, fp8 and int4 matmuls, attention and the SwiGLU epilogue
-("int8,fp8,int4,attn,glu"), what beat the stock paths end to end (README); "all" adds bf16 matmuls and
+("int8,fp8,int4,attn,glu"), what beat the stock paths end to end (README); "all" adds bf16 matmuls,
 "rope" (rotary and the KV cache write inside the attention kernel, RopeAttention: on the H200 faster for 7B
-int4 only), "stock" turns everything off, or list names ("int8,int4,attn").
+int4 only) and "norm" (the RMSNorms inside the matmuls' epilogues, NormFusedBlock and NormFusedTransformer:
+faster for 7B int4, unsettled for int8), "stock" turns everything off, or list names ("int8,int4,attn").
 """
 import argparse
 import itertools
@@ -176,7 +177,8 @@ def kernel_weights(m: nn.Module, x: Tensor) -> tuple[str, Tensor, Tensor | None]
         ok = m.kernel == "triton" and m.padded_in == m.in_features
         return (f"int4g{m.groupsize}", m.weight, m.scales_and_zeros) if ok else None
     if isinstance(m, WeightOnlyInt8Linear):
-        return ("fp8" if isinstance(m, WeightOnlyFp8Linear) else "int8", m.quantized_weight(), m.scales) if m.triton else None
+        fmt = "fp8" if isinstance(m, WeightOnlyFp8Linear) else "int8"
+        return (fmt, m.quantized_weight(), m.scales) if m.triton else None
     if isinstance(m, TritonLinear) and m.weight.dtype == x.dtype:
         return str(m.weight.dtype).removeprefix("torch."), m.weight, None
     return None
@@ -204,14 +206,13 @@ class NormFusedBlock(TransformerBlock):
     (FASTGEN_KERNELS name "norm"); same parameters, same state dict."""
 
     def fusable(self, x: Tensor, across: bool = False) -> bool:
-        # wo and w13 take the fused ops (and wqkv and w2 too, across blocks) for the block's input x
+        # wo and w13 (and wqkv and w2 too, across blocks) take the fused ops for the block's input x
         attn, ffn = self.attention, self.feed_forward
         mods = (attn.wo, ffn.w13) + ((attn.wqkv, ffn.w2) if across else ())
-        dim, hidden = x.shape[-1], ffn.w2.in_features
-        ok = kernels.supported(x, dim, dim) and kernels.supported(x, hidden, dim, glu=True)
-        if across:
-            ok = ok and kernels.supported(x, attn.wqkv.out_features, dim) and kernels.supported(x, dim, hidden)
-        return ok and all(kernel_weights(m, x) is not None for m in mods)
+        tiles = all(m.out_features % 128 == 0 and m.in_features % 128 == 0 for m in mods)  # what the kernels tile
+        tiles = tiles and ffn.w13.out_features % 256 == 0
+        dim = x.shape[-1]
+        return kernels.supported(x, dim, dim) and tiles and all(kernel_weights(m, x) is not None for m in mods)
 
     def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
         if not self.fusable(x):
@@ -224,7 +225,8 @@ class NormFusedBlock(TransformerBlock):
               sin: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
         # x: the block's input [B, S, dim]; xn, ss: its attention norm as linear_add_norm left it (ss None: xn is
         # the norm's output) -> the same three for the next block, whose norm (or the final one) is next_norm
-        qkv = self.attention.wqkv(xn) if ss is None else norm_linear(self.attention.wqkv, xn, ss, self.attention_norm.eps)
+        attn = self.attention
+        qkv = attn.wqkv(xn) if ss is None else norm_linear(attn.wqkv, xn, ss, self.attention_norm.eps)
         h, hn, ss = self.attention_then_norm(x, qkv, input_pos, cos, sin, mask)
         a = norm_linear(self.feed_forward.w13, hn, ss, self.ffn_norm.eps, glu=True)  # silu(gate) * up
         return linear_add_norm(self.feed_forward.w2, a, h, next_norm.weight)
@@ -245,8 +247,8 @@ class NormFusedTransformer(Transformer):
 
     def forward(self, idx: Tensor, input_pos: Tensor) -> Tensor:
         x, cos, sin, full_mask, window_mask = self.embed(idx, input_pos)
-        dim, vocab = self.config.dim, self.config.vocab_size
-        across = kernels.supported(x, vocab, dim) and kernel_weights(self.output, x) is not None
+        out = self.output
+        across = kernels.supported(x, out.out_features, x.shape[-1]) and kernel_weights(out, x) is not None
         if not (across and all(isinstance(b, NormFusedBlock) and b.fusable(x, across=True) for b in self.layers)):
             for layer in self.layers:
                 x = layer(x, input_pos, cos, sin, window_mask if layer.sliding else full_mask)
@@ -254,7 +256,8 @@ class NormFusedTransformer(Transformer):
         xn, ss = self.layers[0].attention_norm(x), None
         for i, layer in enumerate(self.layers):
             next_norm = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm
-            x, xn, ss = layer.fused(x, xn, ss, next_norm, input_pos, cos, sin, window_mask if layer.sliding else full_mask)
+            mask = window_mask if layer.sliding else full_mask
+            x, xn, ss = layer.fused(x, xn, ss, next_norm, input_pos, cos, sin, mask)
         return norm_linear(self.output, xn, ss, self.norm.eps)
 
 
