@@ -5,11 +5,13 @@
     python bench.py --shape 7B --mode int8 --kernels int8 int8,attn int8,attn,glu   # what each kernel adds
     python bench.py --shape 7B --mode int8 fp8 --pdl off on   # programmatic dependent launch off and on
     python bench.py --shape 7B --mode int4 --kernels default int8,fp8,int4,attn,glu,rope   # the fused rotary
-    B=int8,fp8,int4,attn,glu; python bench.py --mode int4 --kernels $B $B,norm $B $B,norm   # interleaved A/B
+    python bench.py --shape 7B --mode int4 --kernels default all --repeat 2   # interleaved A/B: A B A B
 
 Prints one JSON line per configuration: median tok/s over --runs after a first (compiling) call,
 achieved GB/s (non-embedding weight bytes x tok/s), % of the floor set by the copy bandwidth measured in
-the same process, first-call time, peak memory, device and versions.
+the same process, first-call time, peak memory, device and versions. The same configuration built twice in
+one process has differed by 11% on the H200 (README), so compare configurations interleaved: --repeat N runs
+the list N times in turn and ends with one "summary" line per configuration (its N medians and their median).
 """
 import argparse
 import json
@@ -172,7 +174,8 @@ def main(argv=None) -> None:
     p.add_argument("--kernels", nargs="+", default=["default"],
                    help="what uses kernels.py (FASTGEN_KERNELS): default (int8,fp8,int4,attn,glu), all, stock "
                         "(torch's own: cuBLAS, tinygemm, inductor, sdpa), or a list of bf16 int8 fp8 int4 attn glu rope "
-                        "such as int8,attn")
+                        "norm such as int8,attn")
+    p.add_argument("--repeat", type=int, default=1, help="run the list of configurations this many times, interleaved")
     p.add_argument("--pdl", nargs="+", choices=["on", "off"], default=["on"],
                    help="programmatic dependent launch between the decode step's kernels (sm_90+; FASTGEN_PDL)")
     p.add_argument("--breakdown", action="store_true", help="also profile GPU time per token by kind of kernel")
@@ -182,10 +185,18 @@ def main(argv=None) -> None:
         p.error("--breakdown profiles GPU kernels: it needs --device cuda")
     gen.setup_compile(args.compile, args.compile_prefill)
     copy_gbs = copy_bandwidth(args.device)
+    medians: dict[tuple, list[float]] = {}  # (mode, kernels, pdl) -> tok/s of each repeat
     for mode in args.mode:
-        for kernels in args.kernels:
-            for pdl in args.pdl:
-                print(json.dumps(run(args, mode, copy_gbs, kernels, pdl)), flush=True)
+        for _ in range(args.repeat):
+            for kernels in args.kernels:
+                for pdl in args.pdl:
+                    row = run(args, mode, copy_gbs, kernels, pdl)
+                    medians.setdefault((mode, kernels, pdl), []).append(row["tok_s"])
+                    print(json.dumps(row), flush=True)
+    if args.repeat > 1:
+        for (mode, kernels, pdl), speeds in medians.items():
+            summary = {"summary": True, "mode": mode, "kernels": kernels, "pdl": pdl, "tok_s": statistics.median(speeds)}
+            print(json.dumps({**summary, "repeats_tok_s": speeds}), flush=True)
 
 
 if __name__ == "__main__":

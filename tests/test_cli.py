@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -163,3 +164,9 @@ def test_bench_runs_each_configuration(capsys, monkeypatch):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [(r["mode"], r["pdl"]) for r in rows] == [("bf16", False)] * 2 + [("int8", False)] * 2
     assert all(r["tok_s"] > 0 and len(r["runs_tok_s"]) == 1 and r["device"] == "cpu" for r in rows)
+    # --repeat: the list again in the same order, then one summary per configuration
+    bench.main(["--shape", "tiny", "--device", "cpu", "--no_compile", "--runs", "1", "--max_new_tokens", "3",
+                "--mode", "bf16", "--kernels", "default", "stock", "--repeat", "2"])  # fmt: skip
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["kernels"] for r in rows] == ["default", "stock"] * 3 and [r.get("summary") for r in rows[4:]] == [True] * 2
+    assert all(len(r["repeats_tok_s"]) == 2 and r["tok_s"] == statistics.median(r["repeats_tok_s"]) for r in rows[4:])
