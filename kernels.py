@@ -436,8 +436,9 @@ def _attention_kernel(
     # ROPE (decode, S = 1): q points at the qkv matmul's output row of batch row b, [H + 2 HKV, D] (query
     # heads, then keys at element new_k, values at new_v); the queries and the new key are rotated here
     # (cos, sin: [D] at the new position, rotate-half pairs (i, i + D/2)) and rounded to the cache's dtype, the
-    # program whose range holds slot pos (pos_ptr) writes the new key and value there, and every program
-    # takes them from registers for that slot: rotary, the cache write and attention in one kernel.
+    # program whose range holds slot pos (pos_ptr) writes the new key and value there; the loop skips that
+    # slot and the owning program adds it from registers afterwards: rotary, the cache write and attention in
+    # one kernel.
     pid_bh, pid_p = tl.program_id(0), tl.program_id(1)
     b, hk = pid_bh // HKV, pid_bh % HKV
     r, d = tl.arange(0, BLOCK_R), tl.arange(0, D)
@@ -473,11 +474,10 @@ def _attention_kernel(
         t_ok = t < t_end
         m_ptrs = mask_ptr + b * sm_b + s[:, None] * sm_s + t[None, :]
         allowed = tl.load(m_ptrs, mask=row_ok[:, None] & t_ok[None, :], other=0) != 0  # [R, BLOCK_T]
+        if ROPE:  # the new slot's store above may not be visible yet, even in this program: it joins after the loop
+            allowed = allowed & (t != pos)[None, :]
         k = tl.load(k_ptr + b * sk_b + hk * sk_h + t[:, None] * sk_t + d[None, :], mask=t_ok[:, None], other=0.0)
         v = tl.load(v_ptr + b * sv_b + hk * sv_h + t[:, None] * sv_t + d[None, :], mask=t_ok[:, None], other=0.0)
-        if ROPE:  # the new slot from registers: its store above may not be visible yet, even in this program
-            k = tl.where((t == pos)[:, None], k_new[None, :], k)
-            v = tl.where((t == pos)[:, None], v_new[None, :], v)
         scores = _dot_t(q, k, tl.zeros([BLOCK_R, BLOCK_T], dtype=tl.float32), DOT_F32) * qk_scale
         scores = tl.where(allowed, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -486,6 +486,19 @@ def _attention_kernel(
         p = tl.exp2(scores - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = _dot(p, v, acc * alpha[:, None], DOT_F32)
+        m_i = m_new
+    if ROPE:
+        # the new key and value from registers, one more column of the online softmax, in the program whose
+        # range holds the slot (a score of -inf, so no change, in the others)
+        own = (pos >= pid_p * t_len) & (pos < t_end)
+        score = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * qk_scale  # [R]
+        ok = (tl.load(mask_ptr + b * sm_b + s * sm_s + pos, mask=row_ok, other=0) != 0) & own
+        score = tl.where(ok, score, float("-inf"))
+        m_new = tl.maximum(m_i, score)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha, p = tl.exp2(m_i - m_safe), tl.exp2(score - m_safe)
+        l_i = l_i * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)[None, :]
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptrs = o_ptr + b * so_b + h[:, None] * so_h + s[:, None] * so_s + d[None, :]

@@ -304,17 +304,18 @@ def rope_case(b, h, hkv, t, d, dtype, pos, seed=0):
     return qkv, angle.cos().to(dtype), angle.sin().to(dtype), torch.tensor([pos]), caches, mask
 
 
-@pytest.mark.parametrize("b,h,hkv,t,d,dtype,splits", [
-    (2, 4, 2, 70, 64, torch.float32, 1),  # grouped query heads, one pass
-    (1, 4, 4, 200, 32, torch.float32, 3),  # key ranges: only the range holding the slot writes it
-    (2, 8, 2, 130, 128, torch.bfloat16, 2),
+@pytest.mark.parametrize("b,h,hkv,t,d,dtype,splits,pos", [
+    (2, 4, 2, 70, 64, torch.float32, 1, 61),  # grouped query heads, one pass
+    (1, 4, 4, 200, 32, torch.float32, 3, 191),  # key ranges: only the range holding the slot writes it
+    (1, 4, 4, 200, 32, torch.float32, 3, 5),  # the new slot in the first range, the later ones all masked
+    (2, 8, 2, 130, 128, torch.bfloat16, 2, 121),
 ])  # fmt: skip
-def test_rope_attention_is_rotary_then_cache_write_then_attention(b, h, hkv, t, d, dtype, splits):
+def test_rope_attention_is_rotary_then_cache_write_then_attention(b, h, hkv, t, d, dtype, splits, pos):
     # kernels.rope_attention against model.Attention's own steps: apply_rotary (in float32, rounded once, as
     # inductor computes it), index_copy_ into the caches, sdpa over them
     from model import apply_rotary
 
-    qkv, cos, sin, pos, (k_cache, v_cache), mask = rope_case(b, h, hkv, t, d, dtype, pos=t - 9)
+    qkv, cos, sin, pos, (k_cache, v_cache), mask = rope_case(b, h, hkv, t, d, dtype, pos=pos)
     q, k, v = (y.view(b, 1, -1, d).transpose(1, 2) for y in qkv.split([h * d, hkv * d, hkv * d], dim=-1))
     q, k = (apply_rotary(y.float(), cos.float(), sin.float()).to(dtype) for y in (q, k))
     k_ref, v_ref = k_cache.clone().index_copy_(2, pos, k), v_cache.clone().index_copy_(2, pos, v)
