@@ -536,13 +536,18 @@ def _bits(fmt: str) -> int:
     return 4 if fmt.startswith("int4") else 8 if fmt in ("int8", "fp8") else torch.finfo(getattr(torch, fmt)).bits
 
 
+def _group(fmt: str) -> int:
+    # weights per (scale, zero) pair: int4's group size ("int4g32" -> 32), 1 for the other formats
+    return int(fmt[5:]) if fmt.startswith("int4") else 1
+
+
 def act_dtype(fmt: str) -> torch.dtype:
     # activations used when tuning/benchmarking fmt: bf16 for quantized weights, else the weight's dtype
     return getattr(torch, fmt) if fmt in ("bfloat16", "float16", "float32") else torch.bfloat16
 
 
 def valid(cfg: Config, fmt: str, n: int, k: int) -> bool:
-    group = int(fmt[5:]) if fmt.startswith("int4") else 1
+    group = _group(fmt)
     tiles_k = k // cfg.block_k
     return n % cfg.block_n == 0 and k % cfg.block_k == 0 and cfg.block_k % group == 0 and cfg.split_k <= tiles_k
 
@@ -623,8 +628,7 @@ def heuristic(fmt: str, n: int, k: int, m: int, sms: int = 132) -> Config:
     int4_cores = _bits(fmt) == 4 and not dot
     cands = [c for c in candidates(fmt, n, k, m, sms) if c.dot == dot and c.num_warps == (2 if int4_cores else 4)]
     if not cands:  # tiny or odd shapes: the smallest tile that always fits (N, K multiples of 128)
-        group = int(fmt[5:]) if fmt.startswith("int4") else 1
-        return Config(16, max(128, group), 1, 4, 3 if dot else 2, dot)
+        return Config(16, max(128, _group(fmt)), 1, 4, 3 if dot else 2, dot)
     def score(c: Config) -> tuple:
         programs = (n // c.block_n) * c.split_k
         if programs < 2 * sms:
@@ -667,8 +671,9 @@ def plan(fmt: str, m: int, n: int, k: int, device: torch.device, glu: bool = Fal
     # config without split-K (its epilogue needs whole sums)
     cfg = get_config(fmt, 2 * n if glu else n, k, m, device, split=not glu)
     if add_norm and cfg.block_n < NORM_SLOT:  # add_norm writes a sum of squares per NORM_SLOT outputs
-        group = int(fmt[5:]) if fmt.startswith("int4") else 1  # the same tile area, as valid as the tuned one
-        cfg = Config(**{**asdict(cfg), "block_n": NORM_SLOT, "block_k": max(cfg.block_k * cfg.block_n // NORM_SLOT, group)})
+        # the same tile area, as valid as the tuned one
+        block_k = max(cfg.block_k * cfg.block_n // NORM_SLOT, _group(fmt))
+        cfg = Config(**{**asdict(cfg), "block_n": NORM_SLOT, "block_k": block_k})
     return Config(**{**asdict(cfg), "split_k": 1}) if glu else cfg
 
 
@@ -710,8 +715,9 @@ def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | N
     block_m = MAX_M if (m > 1 or cfg.dot) else 1
     atomic = cfg.split_k > 1
     grid = (n // cfg.block_n, cfg.split_k, triton.cdiv(m, block_m))
-    dtype = torch.float32 if atomic and not add_norm else x.dtype if add_norm else out_dtype(fmt, x, n, k, glu)
-    y = torch.zeros(m, n, device=x.device, dtype=dtype) if atomic and not add_norm else x.new_empty(m, n, dtype=dtype)
+    split_sums = atomic and not add_norm  # a plain split-K call returns the float32 buffer its programs add into
+    dtype = x.dtype if add_norm else torch.float32 if atomic else out_dtype(fmt, x, n, k, glu)
+    y = torch.zeros(m, n, device=x.device, dtype=dtype) if split_sums else x.new_empty(m, n, dtype=dtype)
     # the fused epilogues' arguments, unused (y as a placeholder pointer) unless add_norm / norm_in ask for them
     fused = dict(res_ptr=y, g_ptr=y, yn_ptr=y, ss_ptr=y, ss_in_ptr=y, n_in=0, eps=0.0, acc_ptr=y, cnt_ptr=y)
     if add_norm:
@@ -800,7 +806,7 @@ def _check_format(fmt: str, x: Tensor, weights: tuple | list, glu: bool) -> None
     k = w.shape[1] * (8 if fmt.startswith("int4") else 1)
     _check(x, w, k, glu)
     if fmt.startswith("int4"):
-        group, sz = int(fmt[5:]), weights[1]
+        group, sz = _group(fmt), weights[1]
         assert group in (32, 64, 128, 256), f"group size must be 32, 64, 128 or 256, got {group}"
         assert w.dtype == torch.int32, f"packed int4 weight must be int32 from pack_int4, got {w.dtype}"
         assert sz.shape == (w.shape[0], k // group, 2) and sz.is_contiguous(), (
@@ -817,7 +823,7 @@ def _dispatch(fmt: str, x: Tensor, weights: tuple | list, glu: bool = False, cfg
     # fmt's kernel on x (weights as _check_format takes them); fused: _launch's add_norm / norm_in
     n = weights[0].shape[0] // (2 if glu else 1)
     if fmt.startswith("int4"):
-        return _launch(_int4_kernel, fmt, x, tuple(weights[:2]), n, cfg, glu, GROUP=int(fmt[5:]), **fused)
+        return _launch(_int4_kernel, fmt, x, tuple(weights[:2]), n, cfg, glu, GROUP=_group(fmt), **fused)
     per_channel = fmt in ("int8", "fp8")
     w, s = weights[0], weights[1] if per_channel else weights[0]
     return _launch(_linear_kernel, fmt, x, (w, s), n, cfg, glu, HAS_SCALE=per_channel, W_INT8=fmt == "int8", **fused)
@@ -881,7 +887,8 @@ def linear_add_norm(fmt: str, x: Tensor, w: Tensor, aux: Tensor | None, residual
 def norm_linear(fmt: str, x: Tensor, w: Tensor, aux: Tensor | None, ss: Tensor, eps: float, glu: bool = False) -> Tensor:
     """RMSNorm(h) @ W^T from what linear_add_norm returned: x = h * g, ss = h's partial sums of squares;
     y = rsqrt(sum(ss) / K + eps) * (x @ W^T), with glu as in linear (the scale applies before the silu). The
-    same as the model's norm then matmul but for rounding: the norm's output is never rounded to x's dtype."""
+    same as the model's norm then matmul but for rounding: h * g is rounded to x's dtype where the model rounds
+    the normalised h, and the rsqrt is applied in float32 after the sums."""
     weights = (w,) if aux is None else (w, aux)
     _check_format(fmt, x, weights, glu)
     return _dispatch(fmt, x, weights, glu, norm_in=(ss, eps))
