@@ -55,7 +55,7 @@ def int8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class WeightOnlyInt8Linear(nn.Module):
-    kernel_op = "int8_linear"  # the kernels.py op for decode-sized inputs
+    kernel_op, kernel_fmt = "int8_linear", "int8"  # the kernels.py op for decode-sized inputs, its format name
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None):
         super().__init__()
@@ -79,6 +79,10 @@ class WeightOnlyInt8Linear(nn.Module):
 
     def dequantized_weight(self) -> Tensor:
         return self.quantized_weight().float() * self.scales.float()[:, None]  # the reference: [out, in] float32
+
+    def kernel_args(self, x: Tensor) -> tuple[str, Tensor, Tensor] | None:
+        # (format, weight, scales) with which kernels.py's fused ops (linear_add_norm, norm_linear) take x
+        return (self.kernel_fmt, self.quantized_weight(), self.scales) if self.triton and self.bias is None else None
 
     def forward(self, x: Tensor, glu: bool = False) -> Tensor:
         # glu: silu(first half) * second half of the outputs (FeedForward's w13, see GluFeedForward)
@@ -109,7 +113,7 @@ class WeightOnlyFp8Linear(WeightOnlyInt8Linear):
     The weight is held as its uint8 bit pattern: Module.to(dtype) converts every floating-point tensor,
     float8 included, and would silently upcast it; the view back to float8 is free."""
 
-    kernel_op = "fp8_linear"
+    kernel_op, kernel_fmt = "fp8_linear", "fp8"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device, dtype)
@@ -126,6 +130,11 @@ class TritonLinear(nn.Linear):
     """nn.Linear whose decode-sized matmuls use kernels.linear; swapped in by prepare_for_device for
     unquantized layers when FASTGEN_KERNELS names bf16 (on the H100 it streams faster than cuBLAS in
     isolation but was not faster end to end). Same parameters, same state dict."""
+
+    def kernel_args(self, x: Tensor) -> tuple[str, Tensor, None] | None:
+        # as WeightOnlyInt8Linear.kernel_args: the weight's dtype names the format
+        ok = self.bias is None and x.dtype == self.weight.dtype
+        return (str(self.weight.dtype).removeprefix("torch."), self.weight, None) if ok else None
 
     def forward(self, x: Tensor, glu: bool = False) -> Tensor:
         fused = glu and self.bias is None
@@ -170,18 +179,10 @@ class RopeAttention(Attention):
 
 def kernel_weights(m: nn.Module, x: Tensor) -> tuple[str, Tensor, Tensor | None] | None:
     """The format, weight and scales with which module m sends x to kernels.py's ops (linear_add_norm,
-    norm_linear), or None where m's matmul takes another path (stock kernels, a bias, zero-padded int4 inputs)."""
-    if getattr(m, "bias", None) is not None:
-        return None
-    if isinstance(m, WeightOnlyInt4Linear):
-        ok = m.kernel == "triton" and m.padded_in == m.in_features
-        return (f"int4g{m.groupsize}", m.weight, m.scales_and_zeros) if ok else None
-    if isinstance(m, WeightOnlyInt8Linear):
-        fmt = "fp8" if isinstance(m, WeightOnlyFp8Linear) else "int8"
-        return (fmt, m.quantized_weight(), m.scales) if m.triton else None
-    if isinstance(m, TritonLinear) and m.weight.dtype == x.dtype:
-        return str(m.weight.dtype).removeprefix("torch."), m.weight, None
-    return None
+    norm_linear), or None where m's matmul takes another path (a module without kernel_args, stock kernels,
+    a bias, zero-padded int4 inputs)."""
+    kernel_args = getattr(m, "kernel_args", None)
+    return kernel_args(x) if kernel_args is not None else None
 
 
 def linear_add_norm(m: nn.Module, x: Tensor, residual: Tensor, norm_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -370,6 +371,11 @@ class WeightOnlyInt4Linear(nn.Module):
             self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
             self.scales_and_zeros = sz.to(dtype or sz.dtype)  # inductor cannot lower the kernel with a cast feeding it
         self.kernel = kernel
+
+    def kernel_args(self, x: Tensor) -> tuple[str, Tensor, Tensor] | None:
+        # as WeightOnlyInt8Linear.kernel_args; zero-padded inputs (--pad) are not for the fused ops
+        ok = self.kernel == "triton" and self.padded_in == self.in_features and self.bias is None
+        return (f"int4g{self.groupsize}", self.weight, self.scales_and_zeros) if ok else None
 
     def forward(self, x: Tensor, glu: bool = False) -> Tensor:
         # x: [..., in_features] -> [..., out_features] (glu: [..., out_features / 2], as in the int8 module)
