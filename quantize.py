@@ -16,11 +16,11 @@ Kernels: on a GPU, decode-sized matmuls (at most kernels.MAX_M rows) go to the T
 larger inputs (prefill) take the stock path (cuBLAS on the dequantized or upcast weight, or tinygemm for int4).
 prepare_for_device() makes that choice once per module after loading, and also swaps in the decode attention
 kernel (Attention.sdpa) and GluFeedForward (the SwiGLU in w13's kernel). What uses the Triton ops is
-FASTGEN_KERNELS: by default int8, fp8 and int4 matmuls, attention and the SwiGLU epilogue
-("int8,fp8,int4,attn,glu"), what beat the stock paths end to end (README); "all" adds bf16 matmuls,
-"rope" (rotary and the KV cache write inside the attention kernel, RopeAttention: on the H200 faster for 7B
-int4 only) and "norm" (the RMSNorms inside the matmuls' epilogues, NormFusedBlock and NormFusedTransformer:
-faster for 7B int4, unsettled for int8), "stock" turns everything off, or list names ("int8,int4,attn").
+FASTGEN_KERNELS: by default int8, fp8 and int4 matmuls, attention, the SwiGLU epilogue and the RMSNorms inside
+the matmuls' epilogues (NormFusedBlock, NormFusedTransformer): "int8,fp8,int4,attn,glu,norm", what beat or
+matched the stock paths end to end (README); "all" adds bf16 matmuls and "rope" (rotary and the KV cache
+write inside the attention kernel, RopeAttention: on the H200 faster for 7B fp8, even for int4 and int8,
+slower for bf16), "stock" turns everything off, or list names ("int8,int4,attn").
 """
 import argparse
 import itertools
@@ -485,7 +485,7 @@ def load_kernels() -> None:
         kernels = k
 
 
-TRITON_BY_DEFAULT = "int8,fp8,int4,attn,glu"  # cuBLAS (bf16) was faster end to end on the H100 and the H200
+TRITON_BY_DEFAULT = "int8,fp8,int4,attn,glu,norm"  # cuBLAS (bf16) was faster end to end on the H100 and the H200
 
 
 def use_triton(device: torch.device, fmt: str) -> bool:

@@ -157,8 +157,8 @@ def test_glu_call_of_each_module_is_silu_of_gate_times_up(mode, rows, monkeypatc
     assert (m(x, glu=True).double() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
-@pytest.mark.parametrize("setting,formats", [(None, {"int8", "fp8", "int4", "attn", "glu"}),
-                                             ("all", {"bf16", "int8", "fp8", "int4", "attn", "glu", "rope"}),
+@pytest.mark.parametrize("setting,formats", [(None, {"int8", "fp8", "int4", "attn", "glu", "norm"}),
+                                             ("all", {"bf16", "int8", "fp8", "int4", "attn", "glu", "rope", "norm"}),
                                              ("stock", set()), ("int8,int4", {"int8", "int4"})])  # fmt: skip
 def test_which_formats_use_the_triton_kernels(setting, formats, monkeypatch):
     # FASTGEN_KERNELS picks the formats (and attention); by default those that beat the stock path end to
@@ -167,7 +167,7 @@ def test_which_formats_use_the_triton_kernels(setting, formats, monkeypatch):
         monkeypatch.delenv("FASTGEN_KERNELS", raising=False)
     else:
         monkeypatch.setenv("FASTGEN_KERNELS", setting)
-    names = ("bf16", "int8", "fp8", "int4", "attn", "glu", "rope")
+    names = ("bf16", "int8", "fp8", "int4", "attn", "glu", "rope", "norm")
     assert {f for f in names if Q.use_triton(torch.device("cuda"), f)} == formats
     assert not any(Q.use_triton(torch.device("cpu"), f) for f in names)
 
