@@ -10,6 +10,7 @@ copies of the weight to overflow L2, so no weight is read from cache. GB/s count
 """
 import argparse
 import concurrent.futures
+import itertools
 import json
 import math
 import multiprocessing
@@ -54,16 +55,18 @@ def make_weights(fmt: str, n: int, k: int, device, dtype=torch.bfloat16, seed: i
     return ((torch.randn(n, k, generator=g, device=device) * 0.02).to(getattr(torch, fmt)),)
 
 
-def norm_pair(fmt: str, m: int, dim: int, hidden: int, k: int, device, dtype=torch.bfloat16, seed: int = 0):
-    """A linear_add_norm call feeding a norm_linear one, as NormFusedBlock makes them (wo [dim, k], then w13
-    [2 hidden, dim] with the SwiGLU), run, with float64 references: (h, y), (h_ref, y_ref). The reference
-    norm starts from h rounded to dtype, as the kernel's does. Also used by tests/test_kernels.py."""
+def norm_pair(fmt: str, m: int, dim: int, hidden: int, k: int, device, dtype=torch.bfloat16, seed: int = 0,
+              scratch: torch.Tensor | None = None):  # fmt: skip
+    """A linear_add_norm call feeding a norm_linear one, as NormFusedBlock makes them (wo [dim, k] or w2 with
+    k = hidden, then w13 [2 hidden, dim] with the SwiGLU), run, with float64 references: (h, y), (h_ref, y_ref).
+    The reference norm starts from h rounded to dtype, as the kernel's does. scratch: the zeroed buffer of
+    split-K calls (NormFusedBlock.norm_scratch), or None for a fresh one. Also used by tests/test_kernels.py."""
     g = torch.Generator(device=device).manual_seed(seed)
     wo, w13 = make_weights(fmt, dim, k, device, dtype, seed), make_weights(fmt, 2 * hidden, dim, device, dtype, seed + 1)
     x, residual = (torch.randn(m, n, generator=g, device=device).to(dtype) for n in (k, dim))
     norm_weight, eps = (torch.rand(dim, generator=g, device=device) + 0.5).to(dtype), 1e-5
     kernel_args = [(w[0], w[1] if len(w) > 1 else None) for w in (wo, w13)]  # int4's group size is in fmt
-    h, hn, ss = kernels.linear_add_norm(fmt, x, *kernel_args[0], residual, norm_weight)
+    h, hn, ss = kernels.linear_add_norm(fmt, x, *kernel_args[0], residual, norm_weight, scratch)
     y = kernels.norm_linear(fmt, hn, *kernel_args[1], ss, eps, True)
     h_ref = x.double() @ kernels.dequantize(fmt, *wo).double().T + residual.double()
     hr = h_ref.to(dtype).double()
@@ -145,14 +148,17 @@ def check(formats: list[str], trials: int) -> None:
         print(f"check {fmt:9s} glu epilogue worst relative error {worst[fmt + ' glu']:.2e}")
 
     # a matmul adding the residual and preparing the RMSNorm (linear_add_norm), then the matmul finishing it
-    # (norm_linear with the SwiGLU): NormFusedBlock's wo and w13, on the 7B shapes and a random smaller one
+    # (norm_linear with the SwiGLU): NormFusedBlock's wo or w2, then w13, on the 7B shapes and a random smaller
+    # one, all of a dim sharing one scratch as the blocks do, which each split-K call must leave zeroed
     for fmt in formats:
-        for m in (1, 3):
-            for dim, hidden in ((4096, 11008), (1024 * int(torch.randint(1, 8, (1,), generator=gen)), 1536)):
-                (h, y), (h_ref, y_ref) = norm_pair(fmt, m, dim, hidden, dim, "cuda", seed=3000 + m)
+        for dim, hidden in ((4096, 11008), (1024 * int(torch.randint(1, 8, (1,), generator=gen)), 1536)):
+            scratch = torch.zeros(kernels.scratch_numel(kernels.MAX_M, dim), device="cuda", dtype=torch.int32)
+            for m, k in itertools.product((1, 3), (dim, hidden)):
+                (h, y), (h_ref, y_ref) = norm_pair(fmt, m, dim, hidden, k, "cuda", seed=3000 + m, scratch=scratch)
                 err = max(rel_err(h, h_ref), rel_err(y, y_ref))
                 # twice the matmul bound: h * g is rounded to bf16 before w13 (as the model rounds its norm's output)
-                assert err < 2 * BOUND[torch.bfloat16], f"{fmt} add_norm M={m} dim={dim}: relative error {err:.2e}"
+                assert err < 2 * BOUND[torch.bfloat16], f"{fmt} add_norm M={m} {dim}x{k}: relative error {err:.2e}"
+                assert not scratch.any(), f"{fmt} add_norm M={m} {dim}x{k} left its scratch dirty"
                 worst[fmt + " norm"] = max(worst.get(fmt + " norm", 0.0), err)
         print(f"check {fmt:9s} linear_add_norm + norm_linear worst relative error {worst[fmt + ' norm']:.2e}")
 

@@ -142,16 +142,19 @@ def _epilogue(out, out_up, y_ptr, rm, rn, M, N, K, res_ptr, g_ptr, yn_ptr, ss_pt
         out = out * tl.sigmoid(out) * out_up
     if ADD_NORM and ATOMIC:
         # split K: the programs of a tile add into a zeroed float32 buffer acc [M, N] and count themselves in
-        # cnt [tiles]; the last to arrive reads the whole sums back (from L2) and finishes the tile. The barrier
-        # and the counter's acquire-release order every thread's additions before the count, and the count
-        # before the last program's loads.
+        # cnt [tiles]; the last to arrive reads the whole sums back (from L2), zeroes what the tile used (so a
+        # caller can keep the buffer for the next call) and finishes the tile. The barrier and the counter's
+        # acquire-release order every thread's additions before the count, and the count before the last
+        # program's loads; each thread zeroes the addresses it loaded.
         offs = rm[:, None] * N + rn[None, :]
         tl.atomic_add(acc_ptr + offs, out, mask=row_ok, sem="relaxed")
         tl.debug_barrier()
         tile = tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
         if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == tl.num_programs(1) - 1:
-            _add_norm_store(tl.load(acc_ptr + offs, mask=row_ok, other=0.0, cache_modifier=".cg"), y_ptr, rm, rn,
-                            M, N, res_ptr, g_ptr, yn_ptr, ss_ptr)  # fmt: skip
+            sums = tl.load(acc_ptr + offs, mask=row_ok, other=0.0, cache_modifier=".cg")
+            tl.store(acc_ptr + offs, tl.zeros_like(sums), mask=row_ok, cache_modifier=".cg")
+            tl.store(cnt_ptr + tile, 0)
+            _add_norm_store(sums, y_ptr, rm, rn, M, N, res_ptr, g_ptr, yn_ptr, ss_ptr)
     elif ADD_NORM:
         _add_norm_store(out, y_ptr, rm, rn, M, N, res_ptr, g_ptr, yn_ptr, ss_ptr)
     else:
@@ -697,10 +700,10 @@ def prefetch_bytes(device: torch.device) -> int:
 
 
 def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | None = None, glu: bool = False,
-            add_norm: tuple[Tensor, Tensor] | None = None, norm_in: tuple[Tensor, float] | None = None,
+            add_norm: tuple[Tensor, Tensor, Tensor | None] | None = None, norm_in: tuple[Tensor, float] | None = None,
             **constexprs) -> Tensor | tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     # x: [..., K] -> y [..., n] in out_dtype (x's dtype, or float32 where the shape's decode config splits K)
-    # add_norm (residual, g): y = x @ W^T + residual, returned with y * g and y's partial sums of squares
+    # add_norm (residual, g, scratch): y = x @ W^T + residual, returned with y * g and y's partial sums of squares
     # [..., n / NORM_SLOT] (linear_add_norm); norm_in (ss, eps): y scaled by rsqrt(sum(ss) / K + eps) (norm_linear)
     k = x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()  # [M, K]
@@ -721,13 +724,16 @@ def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | N
     # the fused epilogues' arguments, unused (y as a placeholder pointer) unless add_norm / norm_in ask for them
     fused = dict(res_ptr=y, g_ptr=y, yn_ptr=y, ss_ptr=y, ss_in_ptr=y, n_in=0, eps=0.0, acc_ptr=y, cnt_ptr=y)
     if add_norm:
-        residual, g = add_norm
+        residual, g, scratch = add_norm
         assert residual.shape == (*x.shape[:-1], n) and g.shape == (n,), "residual [..., N] and norm weight [N] expected"
         yn, ss = torch.empty_like(y), y.new_empty(m, n // NORM_SLOT, dtype=torch.float32)
         fused.update(res_ptr=residual.reshape(m, n).contiguous(), g_ptr=g.contiguous(), yn_ptr=yn, ss_ptr=ss)
-        if atomic:  # the sums and a counter per tile (see _epilogue), zeroed by one fill
-            ws = torch.zeros(m * n + grid[0] * grid[2], device=x.device, dtype=torch.float32)
-            fused.update(acc_ptr=ws[: m * n], cnt_ptr=ws[m * n :].view(torch.int32))
+        assert scratch is None or (scratch.dtype in (torch.int32, torch.float32) and scratch.is_contiguous()
+            and scratch.numel() >= scratch_numel(m, n) and scratch.device == x.device), \
+            f"scratch must be {scratch_numel(m, n)} zeroed int32 or float32 on x's device"  # fmt: skip
+        if atomic:  # the sums and a counter per tile (see _epilogue): the caller's zeroed scratch, or a zero fill
+            ws = torch.zeros(scratch_numel(m, n), device=x.device, dtype=torch.int32) if scratch is None else scratch
+            fused.update(acc_ptr=ws[: m * n].view(torch.float32), cnt_ptr=ws[m * n :].view(torch.int32))
         constexprs.update(ADD_NORM=True)
     if norm_in:
         ss_in, eps = norm_in
@@ -859,7 +865,8 @@ def int4_linear(x: Tensor, w: Tensor, scales_zeros: Tensor, group_size: int, glu
     return _dispatch(fmt, x, (w, scales_zeros), glu)
 
 
-def _fake_add_norm(fmt: str, x: Tensor, w: Tensor, aux: Tensor | None, residual: Tensor, norm_weight: Tensor):
+def _fake_add_norm(fmt: str, x: Tensor, w: Tensor, aux: Tensor | None, residual: Tensor, norm_weight: Tensor,
+                   scratch: Tensor | None = None):  # fmt: skip
     n = w.shape[0]
     return x.new_empty(*x.shape[:-1], n), x.new_empty(*x.shape[:-1], n), \
         x.new_empty(*x.shape[:-1], n // NORM_SLOT, dtype=torch.float32)  # fmt: skip
@@ -869,18 +876,26 @@ def _fake_norm_linear(fmt: str, x: Tensor, w: Tensor, aux: Tensor | None, ss: Te
     return _fake_y(fmt, x, w, glu)
 
 
-@_op("linear_add_norm", _fake_add_norm)
-def linear_add_norm(fmt: str, x: Tensor, w: Tensor, aux: Tensor | None, residual: Tensor,
-                    norm_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+def scratch_numel(m: int, n: int) -> int:
+    """Elements (4 bytes each) of the scratch a split-K linear_add_norm call with m rows and n outputs uses:
+    float32 sums [m, n] and a counter per tile (at most one per NORM_SLOT outputs and row)."""
+    return m * n + m * (n // NORM_SLOT)
+
+
+@_op("linear_add_norm", _fake_add_norm, mutates=("scratch",))
+def linear_add_norm(fmt: str, x: Tensor, w: Tensor, aux: Tensor | None, residual: Tensor, norm_weight: Tensor,
+                    scratch: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """A matmul whose epilogue adds the residual stream and prepares the RMSNorm that follows it, so the norm
     costs no kernel of its own. x [..., K] and a weight w of format fmt with aux: its scales (int8, fp8),
     scales_zeros (int4; the group size is in fmt) or None (plain weights). Returns h = x @ W^T + residual
     [..., N] and h * norm_weight [..., N], both in x's dtype, and h's partial sums of squares
     [..., N / NORM_SLOT] in float32: what norm_linear needs to finish the norm. Shapes whose config splits K
-    add into a float32 buffer, and the last program of each tile finishes it."""
+    add into a float32 buffer, and the last program of each tile finishes it. That buffer is scratch where
+    given: at least scratch_numel(M, N) int32 or float32 zeros, which the call leaves zeroed, so one scratch
+    kept by the caller serves every call and saves a zero fill each; None: a fresh one per call."""
     weights = (w,) if aux is None else (w, aux)
     _check_format(fmt, x, weights, False)
-    return _dispatch(fmt, x, weights, add_norm=(residual, norm_weight))
+    return _dispatch(fmt, x, weights, add_norm=(residual, norm_weight, scratch))
 
 
 @_op("norm_linear", _fake_norm_linear)

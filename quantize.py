@@ -185,10 +185,11 @@ def kernel_weights(m: nn.Module, x: Tensor) -> tuple[str, Tensor, Tensor | None]
     return kernel_args(x) if kernel_args is not None else None
 
 
-def linear_add_norm(m: nn.Module, x: Tensor, residual: Tensor, norm_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def linear_add_norm(m: nn.Module, x: Tensor, residual: Tensor, norm_weight: Tensor,
+                    scratch: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     # module m's matmul through kernels.linear_add_norm: h = residual + m(x), h * norm_weight, h's sums of squares
     fmt, w, aux = kernel_weights(m, x)
-    return kernels.linear_add_norm(fmt, x, w, aux, residual, norm_weight)
+    return kernels.linear_add_norm(fmt, x, w, aux, residual, norm_weight, scratch)
 
 
 def norm_linear(m: nn.Module, x: Tensor, ss: Tensor, eps: float, glu: bool = False) -> Tensor:
@@ -204,7 +205,10 @@ class NormFusedBlock(TransformerBlock):
     (kernels.norm_linear). Across blocks (fused, called by NormFusedTransformer): w2's kernel does the same
     for the next block's attention norm, which that block's wqkv kernel finishes. Where the modules or the
     input do not suit the kernels it runs TransformerBlock's forward. Swapped in by prepare_for_device
-    (FASTGEN_KERNELS name "norm"); same parameters, same state dict."""
+    (FASTGEN_KERNELS name "norm"), which also gives it norm_scratch, the zeroed int32 buffer (not in the state
+    dict; shared by the blocks) that wo's and w2's split-K calls add into and leave zeroed."""
+
+    norm_scratch: Tensor
 
     def fusable(self, x: Tensor, across: bool = False) -> bool:
         # wo and w13 (and wqkv and w2 too, across blocks) take the fused ops for the block's input x
@@ -230,13 +234,13 @@ class NormFusedBlock(TransformerBlock):
         qkv = attn.wqkv(xn) if ss is None else norm_linear(attn.wqkv, xn, ss, self.attention_norm.eps)
         h, hn, ss = self.attention_then_norm(x, qkv, input_pos, cos, sin, mask)
         a = norm_linear(self.feed_forward.w13, hn, ss, self.ffn_norm.eps, glu=True)  # silu(gate) * up
-        return linear_add_norm(self.feed_forward.w2, a, h, next_norm.weight)
+        return linear_add_norm(self.feed_forward.w2, a, h, next_norm.weight, self.norm_scratch)
 
     def attention_then_norm(self, x: Tensor, qkv: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor,
                             mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
         # h = x + wo(attention), with the feed-forward norm's h * g and sums of squares
         y = self.attention.attend(qkv.to(x.dtype), input_pos, cos, sin, mask)  # [B, S, H * D]
-        return linear_add_norm(self.attention.wo, y, x, self.ffn_norm.weight)
+        return linear_add_norm(self.attention.wo, y, x, self.ffn_norm.weight, self.norm_scratch)
 
 
 class NormFusedTransformer(Transformer):
@@ -526,9 +530,14 @@ def prepare_for_device(model: nn.Module, kernel: str | None = None) -> nn.Module
     device = next(itertools.chain(model.parameters(), model.buffers())).device
     names = ("attn", "glu", "rope", "norm")
     attention, glu, rope, norm = (kernel == "triton",) * 4 if kernel else (use_triton(device, name) for name in names)
+    scratch = {}  # dim -> the blocks' shared norm_scratch
     for m in model.modules():
         if type(m) is TransformerBlock and norm and not (m.attention._forward_hooks or m.feed_forward._forward_hooks):
             m.__class__ = NormFusedBlock  # (tp.py's all-reduce hooks need the unfused forward)
+            dim = m.attention.wo.out_features
+            if dim not in scratch:
+                scratch[dim] = torch.zeros(kernels.scratch_numel(kernels.MAX_M, dim), dtype=torch.int32, device=device)
+            m.register_buffer("norm_scratch", scratch[dim], persistent=False)
         elif type(m) is Transformer and norm:
             m.__class__ = NormFusedTransformer
         if type(m) is FeedForward and glu and isinstance(m.w13, (TritonLinear, WeightOnlyInt8Linear, WeightOnlyInt4Linear)):

@@ -250,17 +250,25 @@ def test_add_norm_outputs_and_its_plan(monkeypatch):
 @pytest.mark.parametrize("m", [1, 3])
 def test_split_k_add_norm_is_finished_by_the_last_program_of_each_tile(fmt, m, monkeypatch):
     # programs along K add into a float32 buffer and count themselves; the last of a tile adds the residual
-    # and writes h, h * g and the sums of squares, as a whole-K call does
+    # and writes h, h * g and the sums of squares, as a whole-K call does. The buffer is the caller's scratch
+    # where given, left zeroed, so the next call (here with another x) can use it as it is
     act = torch.bfloat16
     x, weights, _ = case(fmt, m, 256, 384, act, seed=m)
     w, aux = weights[0], weights[1] if len(weights) > 1 else None
     residual, g = torch.randn(m, 256).to(act), (torch.rand(256) + 0.5).to(act)
+    scratch = torch.zeros(kernels.scratch_numel(kernels.MAX_M, 256), dtype=torch.int32)
     outs = {}
-    for split in (1, 3):
+    for split, xs, ws in ((1, x, None), (3, x, None), (3, x.flip(0), scratch), (3, x, scratch), (1, x.flip(0), None)):
         monkeypatch.setattr(kernels, "get_config", lambda *a, s=split, **kw: kernels.Config(16, 128, split_k=s))
-        outs[split] = kernels.linear_add_norm(fmt, x, w, aux, residual, g)
-    for whole, split in zip(outs[1], outs[3]):
-        assert whole.dtype == split.dtype and rel_err(split, whole.double()) < 1e-2
+        outs[split, ws is None, xs is x] = kernels.linear_add_norm(fmt, xs, w, aux, residual, g, ws)
+        assert not scratch.any()
+    for fresh in (True, False):
+        for whole, split in zip(outs[1, True, True], outs[3, fresh, True]):
+            assert whole.dtype == split.dtype and rel_err(split, whole.double()) < 1e-2
+    for whole, split in zip(outs[1, True, False], outs[3, False, False]):
+        assert rel_err(split, whole.double()) < 1e-2
+    with pytest.raises(AssertionError, match="scratch must be"):
+        kernels.linear_add_norm(fmt, x, w, aux, residual, g, scratch[:100])
 
 
 # ----------------------------------------------------------------------------- decode attention
@@ -358,6 +366,8 @@ def test_fake_implementations_agree_with_the_kernels():
         residual, g = torch.randn(3, 256, dtype=torch.bfloat16), torch.rand(256, dtype=torch.bfloat16)
         h, hn, ss = kernels.linear_add_norm(fmt, x, w, aux, residual, g)
         torch.library.opcheck(kernels.linear_add_norm, (fmt, x, w, aux, residual, g))
+        scratch = torch.zeros(kernels.scratch_numel(3, 256), dtype=torch.int32)
+        torch.library.opcheck(kernels.linear_add_norm, (fmt, x, w, aux, residual, g, scratch))  # (mutates scratch)
         torch.library.opcheck(kernels.norm_linear, (fmt, hn, w, aux, ss, 1e-5, True))
 
 

@@ -209,6 +209,10 @@ def test_decode_through_every_triton_kernel_matches_the_stock_path(mode, monkeyp
     fused = []  # the norms' halves: linear_add_norm (wo, w2) and norm_linear (wqkv but the first, w13, output)
     for name in ("linear_add_norm", "norm_linear"):
         monkeypatch.setattr(kernels, name, lambda *a, _f=getattr(kernels, name), _n=name: fused.append(_n) or _f(*a))
+    # w2 (K = 256) splits K as on the GPU: its programs add into the blocks' shared scratch, which stays zeroed
+    plan = kernels.plan
+    monkeypatch.setattr(kernels, "plan", lambda fmt, m, n, k, device, glu=False, add_norm=False: kernels.Config(
+        16, 128, split_k=2) if add_norm and k == 256 else plan(fmt, m, n, k, device, glu, add_norm))  # fmt: skip
     for model in (stock, fast):
         model.setup_caches(1, 32)
     tokens = torch.randint(0, 256, (1, 6))
@@ -220,6 +224,9 @@ def test_decode_through_every_triton_kernel_matches_the_stock_path(mode, monkeyp
     assert launches == [False] * args.n_layer + [True] * 3 * args.n_layer  # prefill, then three decode steps
     per_step = 2 * args.n_layer * ["linear_add_norm"] + 2 * args.n_layer * ["norm_linear"]  # (n - 1) + n + 1
     assert sorted(fused) == sorted(4 * per_step)  # prefill (6 rows) and the decode steps: one norm kernel each
+    scratch = fast.layers[0].norm_scratch
+    assert all(layer.norm_scratch is scratch for layer in fast.layers) and not scratch.any()
+    assert not any("scratch" in name for name in fast.state_dict())
     for fast_layer, stock_layer in zip(fast.layers, stock.layers):  # the caches the kernel wrote
         assert_close(fast_layer.attention.kv_cache.k_cache, stock_layer.attention.kv_cache.k_cache, atol=1e-5, rtol=1e-5)
         assert_close(fast_layer.attention.kv_cache.v_cache, stock_layer.attention.kv_cache.v_cache, atol=1e-5, rtol=1e-5)
