@@ -145,13 +145,14 @@ def _epilogue(out, out_up, y_ptr, rm, rn, M, N, K, res_ptr, g_ptr, yn_ptr, ss_pt
         # cnt [tiles]; the last to arrive reads the whole sums back (from L2), zeroes what the tile used (so a
         # caller can keep the buffer for the next call) and finishes the tile. The barrier and the counter's
         # acquire-release order every thread's additions before the count, and the count before the last
-        # program's loads; each thread zeroes the addresses it loaded.
+        # program's loads; a second barrier orders every load before the zeroing stores.
         offs = rm[:, None] * N + rn[None, :]
         tl.atomic_add(acc_ptr + offs, out, mask=row_ok, sem="relaxed")
         tl.debug_barrier()
         tile = tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
         if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == tl.num_programs(1) - 1:
             sums = tl.load(acc_ptr + offs, mask=row_ok, other=0.0, cache_modifier=".cg")
+            tl.debug_barrier()  # the loads may be laid out over other threads than the stores: all load first
             tl.store(acc_ptr + offs, tl.zeros_like(sums), mask=row_ok, cache_modifier=".cg")
             tl.store(cnt_ptr + tile, 0)
             _add_norm_store(sums, y_ptr, rm, rn, M, N, res_ptr, g_ptr, yn_ptr, ss_ptr)

@@ -446,19 +446,26 @@ def build(fn, sig, consts):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
 
 ints = {"M": "i32", "N": "i32", "K": "i32", "k_len": "i32", "KW": "i32", "KW_LEN": "i32"}
+def zeroes_after_loading(ptx):
+    # split-K add_norm: the last program of a tile loads the sums (.cg) in one layout and zeroes them in another,
+    # so a barrier must keep every thread's loads before any zeroing store (without it a GPU check failed)
+    first_zero = ptx.index("st.global.cg")
+    assert "bar.sync" in ptx[ptx.rindex("ld.global.cg", 0, first_zero):first_zero]
 def fused(x):  # the residual / norm arguments (linear_add_norm, norm_linear)
     return {"res_ptr": x, "g_ptr": x, "yn_ptr": x, "ss_ptr": "*fp32", "ss_in_ptr": "*fp32", "n_in": "i32", "eps": "fp32",
             "acc_ptr": "*fp32", "cnt_ptr": "*i32"}
 for w, x, bm, atomic, glu, norm in [("*i8", "*bf16", 1, True, False, ""), ("*i8", "*fp16", 1, False, True, "in"),
                                     ("*i8", "*bf16", 16, False, False, "add"), ("*fp8e4nv", "*bf16", 16, False, True, ""),
                                     ("*bf16", "*bf16", 1, False, True, ""), ("*fp8e4nv", "*bf16", 1, False, False, "add"),
-                                    ("*i8", "*bf16", 1, True, False, "add")]:
+                                    ("*i8", "*bf16", 1, True, False, "add"), ("*i8", "*bf16", 16, True, False, "add")]:
     # both paths, both stores, the GLU epilogue, the norm's two halves
     sig = {"x_ptr": x, "w_ptr": w, "s_ptr": x, "y_ptr": "*fp32" if atomic and norm != "add" else x, **ints, **fused(x)}
     consts = dict(HAS_SCALE=w != "*bf16", W_INT8=w == "*i8", X16=True, X_BF16=x == "*bf16", GLU=glu, ATOMIC=atomic,
                   DOT_F32=False, BLOCK_M=bm, BLOCK_N=32, BLOCK_K=256, PDL=glu, PREFETCH=65536 * glu,
                   ADD_NORM=norm == "add", NORM_IN=norm == "in", PARTS_IN=512)
     ptx = build(kernels._linear_kernel, sig, consts).asm["ptx"]
+    if atomic and norm == "add":
+        zeroes_after_loading(ptx)
     assert ("griddepcontrol.wait" in ptx) == glu  # the grid-dependency wait, and the L2 prefetch of both halves
     assert ptx.count("cp.async.bulk.prefetch.L2") == 2 * glu
     # int8 at M = 1 multiplies denormal floats (the masked bytes) too
@@ -468,6 +475,8 @@ for bm, glu, norm, atomic in ((1, False, "add", True), (16, False, "", False), (
     ptx = build(kernels._int4_kernel, sig, dict(GROUP=32, GLU=glu, ATOMIC=atomic, DOT_F32=False, BLOCK_M=bm,
                                                 BLOCK_N=32, BLOCK_K=512, PDL=glu, PREFETCH=16384 * glu,
                                                 ADD_NORM=norm == "add", NORM_IN=norm == "in", PARTS_IN=512)).asm["ptx"]
+    if atomic and norm == "add":
+        zeroes_after_loading(ptx)
     assert ptx.count("cp.async.bulk.prefetch.L2") == 2 * glu
     # M = 1 multiplies denormal floats (the masked nibbles): flush-to-zero products would zero the weights
     assert not re.search(r"(fma|mul)[.a-z]*[.]ftz", ptx), f"flush-to-zero arithmetic in the int4 kernel (M={bm})"
