@@ -1,7 +1,7 @@
 """Decode-speed benchmark on random weights of a named shape (../shared/BENCHMARKS.md workload).
 
     python bench.py --shape 7B --mode bf16 int8 int4 fp8 --runs 3
-    python bench.py --shape 7B --mode int8 int4 --kernels all stock   # kernels.py vs torch's own kernels
+    python bench.py --shape 7B --mode int8 int4 --kernels all stock   # triton_ops.py vs torch's own kernels
     python bench.py --shape 7B --mode int8 --kernels int8 int8,attn int8,attn,glu   # what each kernel adds
     python bench.py --shape 7B --mode int8 fp8 --pdl off on   # programmatic dependent launch off and on
     python bench.py --shape 7B --mode int4 --kernels default int8,fp8,int4,attn,glu,norm,rope   # the fused rotary
@@ -75,7 +75,7 @@ def copy_bandwidth(device) -> float:
 def run(args, mode: str, copy_gbs: float, kernels: str, pdl: str) -> dict:
     device = args.device
     os.environ["FASTGEN_KERNELS"] = quantize.TRITON_BY_DEFAULT if kernels == "default" else kernels  # read at prepare
-    os.environ["FASTGEN_PDL"] = "1" if pdl == "on" else "0"  # read at each kernels.py launch
+    os.environ["FASTGEN_PDL"] = "1" if pdl == "on" else "0"  # read at each triton_ops.py launch
     gen.set_inductor_pdl(pdl == "on")  # read when the decode step compiles (after the reset below)
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -142,11 +142,11 @@ def profile_step(model: Transformer, prompt: list[int], sampling: dict, tokens: 
 
 
 def pdl_used(device: str) -> bool:
-    # what kernels.py decided under the FASTGEN_PDL that run() set (it needs sm_90+)
+    # what triton_ops.py decided under the FASTGEN_PDL that run() set (it needs sm_90+)
     if not device.startswith("cuda"):
         return False
     quantize.load_kernels()
-    return quantize.kernels.uses_pdl(torch.device(device))
+    return quantize.triton_ops.uses_pdl(torch.device(device))
 
 
 def versions() -> dict:
@@ -172,7 +172,7 @@ def main(argv=None) -> None:
     p.add_argument("--no_compile", dest="compile", action="store_false")
     p.add_argument("--compile_prefill", action="store_true")
     p.add_argument("--kernels", nargs="+", default=["default"],
-                   help="what uses kernels.py (FASTGEN_KERNELS): default (int8,fp8,int4,attn,glu,norm), all, stock "
+                   help="what uses triton_ops.py (FASTGEN_KERNELS): default (int8,fp8,int4,attn,glu,norm), all, stock "
                         "(torch's own: cuBLAS, tinygemm, inductor, sdpa), or a list of bf16 int8 fp8 int4 attn glu rope "
                         "norm such as int8,attn")
     p.add_argument("--repeat", type=int, default=1, help="run the list of configurations this many times, interleaved")

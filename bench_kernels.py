@@ -1,4 +1,4 @@
-"""Check, tune and benchmark the Triton decode kernels of kernels.py on one GPU.
+"""Check, tune and benchmark the Triton decode kernels of triton_ops.py on one GPU.
 
     python bench_kernels.py --check          # every op vs its dequantized float32 reference, and compiled capture
     python bench_kernels.py --tune           # time candidate configs on the 7B shapes, write kernel_configs.json
@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-import kernels
+import triton_ops
 from model import apply_rotary
 
 # Llama-2-7B and Llama-3-8B layer matmuls (N outputs, K inputs): fused qkv, wo, fused gate|up, down; and the
@@ -37,8 +37,8 @@ BOUND = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # rela
 
 
 def make_weights(fmt: str, n: int, k: int, device, dtype=torch.bfloat16, seed: int = 0) -> tuple:
-    """Random weights in fmt's layout, as kernels.call(fmt, x, *weights) takes them (scales in dtype); drawn
-    on the device itself, so 7B-sized ones take milliseconds. Also used by tests/test_kernels.py."""
+    """Random weights in fmt's layout, as triton_ops.call(fmt, x, *weights) takes them (scales in dtype); drawn
+    on the device itself, so 7B-sized ones take milliseconds. Also used by tests/test_triton_ops.py."""
     g = torch.Generator(device=device).manual_seed(seed)
     rand = lambda *shape: torch.rand(*shape, generator=g, device=device)  # noqa: E731
     if fmt == "int8":
@@ -51,7 +51,7 @@ def make_weights(fmt: str, n: int, k: int, device, dtype=torch.bfloat16, seed: i
         group = int(fmt[5:])
         q = torch.randint(0, 16, (n, k), generator=g, device=device, dtype=torch.uint8)
         scales, zeros = rand(n, k // group) * 0.02 + 0.001, (rand(n, k // group) - 0.5) * 0.04
-        return kernels.pack_int4(q, group), kernels.pack_scales_zeros(scales, zeros).to(dtype), group
+        return triton_ops.pack_int4(q, group), triton_ops.pack_scales_zeros(scales, zeros).to(dtype), group
     return ((torch.randn(n, k, generator=g, device=device) * 0.02).to(getattr(torch, fmt)),)
 
 
@@ -60,18 +60,18 @@ def norm_pair(fmt: str, m: int, dim: int, hidden: int, k: int, device, dtype=tor
     """A linear_add_norm call feeding a norm_linear one, as NormFusedBlock makes them (wo [dim, k] or w2 with
     k = hidden, then w13 [2 hidden, dim] with the SwiGLU), run, with float64 references: (h, y), (h_ref, y_ref).
     The reference norm starts from h rounded to dtype, as the kernel's does. scratch: the zeroed buffer of
-    split-K calls (NormFusedBlock.norm_scratch), or None for a fresh one. Also used by tests/test_kernels.py."""
+    split-K calls (NormFusedBlock.norm_scratch), or None for a fresh one. Also used by tests/test_triton_ops.py."""
     g = torch.Generator(device=device).manual_seed(seed)
     wo, w13 = make_weights(fmt, dim, k, device, dtype, seed), make_weights(fmt, 2 * hidden, dim, device, dtype, seed + 1)
     x, residual = (torch.randn(m, n, generator=g, device=device).to(dtype) for n in (k, dim))
     norm_weight, eps = (torch.rand(dim, generator=g, device=device) + 0.5).to(dtype), 1e-5
     kernel_args = [(w[0], w[1] if len(w) > 1 else None) for w in (wo, w13)]  # int4's group size is in fmt
-    h, hn, ss = kernels.linear_add_norm(fmt, x, *kernel_args[0], residual, norm_weight, scratch)
-    y = kernels.norm_linear(fmt, hn, *kernel_args[1], ss, eps, True)
-    h_ref = x.double() @ kernels.dequantize(fmt, *wo).double().T + residual.double()
+    h, hn, ss = triton_ops.linear_add_norm(fmt, x, *kernel_args[0], residual, norm_weight, scratch)
+    y = triton_ops.norm_linear(fmt, hn, *kernel_args[1], ss, eps, True)
+    h_ref = x.double() @ triton_ops.dequantize(fmt, *wo).double().T + residual.double()
     hr = h_ref.to(dtype).double()
     xn = hr * torch.rsqrt(hr.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.double()
-    gate, up = (xn @ kernels.dequantize(fmt, *w13).double().T).chunk(2, dim=-1)
+    gate, up = (xn @ triton_ops.dequantize(fmt, *w13).double().T).chunk(2, dim=-1)
     return (h, y), (h_ref, F.silu(gate) * up)
 
 
@@ -106,9 +106,9 @@ def attention_inputs(b: int, h: int, hkv: int, s: int, t: int, d: int = 128):
 def check(formats: list[str], trials: int) -> None:
     gen = torch.Generator().manual_seed(0)
     paths = {  # the code paths, forced, on top of the configured one
-        "gemv": lambda: kernels.Config(32, 256),
-        "gemv_split": lambda: kernels.Config(16, 256, split_k=3),
-        "dot_m1": lambda: kernels.Config(32, 256, dot=True),
+        "gemv": lambda: triton_ops.Config(32, 256),
+        "gemv_split": lambda: triton_ops.Config(16, 256, split_k=3),
+        "dot_m1": lambda: triton_ops.Config(32, 256, dot=True),
     }
     worst = {}
     for fmt in formats + ["float16", "int4g64"]:
@@ -119,11 +119,11 @@ def check(formats: list[str], trials: int) -> None:
             m = [1, 1, 2, 5, 16, 24][t % 6]
             weights = make_weights(fmt, n, k, "cuda", act, seed=1000 + t)
             x = torch.randn(m, k, device="cuda", dtype=act)
-            ref = x.double() @ kernels.dequantize(fmt, *weights).double().T
-            runs = {"config": lambda: kernels.call(fmt, x, *weights)}
+            ref = x.double() @ triton_ops.dequantize(fmt, *weights).double().T
+            runs = {"config": lambda: triton_ops.call(fmt, x, *weights)}
             for name, cfg in paths.items():
-                if m == 1 and kernels.valid(cfg(), fmt, n, k):
-                    runs[name] = lambda cfg=cfg: kernels.run_with(fmt, x, weights, cfg())
+                if m == 1 and triton_ops.valid(cfg(), fmt, n, k):
+                    runs[name] = lambda cfg=cfg: triton_ops.run_with(fmt, x, weights, cfg())
             for name, run in runs.items():
                 poison(((m, n), act), ((m, n), torch.float32))
                 y = run()
@@ -142,7 +142,7 @@ def check(formats: list[str], trials: int) -> None:
             n, k = 256 * int(torch.randint(1, 48, (1,), generator=gen)), 256 * int(torch.randint(1, 24, (1,), generator=gen))
             weights = make_weights(fmt, 2 * n, k, "cuda", seed=2000 + m)
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            err = rel_err(kernels.call(fmt, x, *weights, glu=True), kernels.glu_reference(fmt, x, *weights))
+            err = rel_err(triton_ops.call(fmt, x, *weights, glu=True), triton_ops.glu_reference(fmt, x, *weights))
             assert err < BOUND[torch.bfloat16], f"{fmt} glu M={m} N={n} K={k}: relative error {err:.2e}"
             worst[fmt + " glu"] = max(worst.get(fmt + " glu", 0.0), err)
         print(f"check {fmt:9s} glu epilogue worst relative error {worst[fmt + ' glu']:.2e}")
@@ -152,7 +152,7 @@ def check(formats: list[str], trials: int) -> None:
     # one, all of a dim sharing one scratch as the blocks do, which each split-K call must leave zeroed
     for fmt in formats:
         for dim, hidden in ((4096, 11008), (1024 * int(torch.randint(1, 8, (1,), generator=gen)), 1536)):
-            scratch = torch.zeros(kernels.scratch_numel(kernels.MAX_M, dim), device="cuda", dtype=torch.int32)
+            scratch = torch.zeros(triton_ops.scratch_numel(triton_ops.MAX_M, dim), device="cuda", dtype=torch.int32)
             for m, k in itertools.product((1, 3), (dim, hidden)):
                 (h, y), (h_ref, y_ref) = norm_pair(fmt, m, dim, hidden, k, "cuda", seed=3000 + m, scratch=scratch)
                 err = max(rel_err(h, h_ref), rel_err(y, y_ref))
@@ -166,9 +166,9 @@ def check(formats: list[str], trials: int) -> None:
     for b, h, hkv, s, t in ATTENTION_SHAPES + [(2, 32, 8, 5, 777)]:
         q, k, v, mask = attention_inputs(b, h, hkv, s, t)
         ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=True)
-        y = kernels.sdpa(q, k, v, attn_mask=mask, enable_gqa=True)
+        y = triton_ops.sdpa(q, k, v, attn_mask=mask, enable_gqa=True)
         err = (y.double() - ref).abs().max().item()
-        splits = kernels.attention_splits(b, hkv, t, q.device)
+        splits = triton_ops.attention_splits(b, hkv, t, q.device)
         print(f"check attention B={b} H={h} Hkv={hkv} S={s} T={t} ({splits} key ranges): max abs error {err:.1e}")
         assert err < 2e-2
 
@@ -184,8 +184,8 @@ def check(formats: list[str], trials: int) -> None:
         q, k = (apply_rotary(y.float(), cos.float(), sin.float()).bfloat16() for y in (q, k))
         k_ref, v_ref = k_cache.clone().index_copy_(2, slot, k), v_cache.clone().index_copy_(2, slot, v)
         ref = F.scaled_dot_product_attention(q.double(), k_ref.double(), v_ref.double(), attn_mask=mask, enable_gqa=True)
-        splits = kernels.attention_splits(b, hkv, t, qkv.device)
-        y = kernels.rope_attention_with_splits(qkv, cos, sin, slot, k_cache, v_cache, mask, h, splits)
+        splits = triton_ops.attention_splits(b, hkv, t, qkv.device)
+        y = triton_ops.rope_attention_with_splits(qkv, cos, sin, slot, k_cache, v_cache, mask, h, splits)
         err = (y.double() - ref).abs().max().item()
         cache_err = (k_cache.float() - k_ref.float()).abs().max().item()
         print(f"check rope_attention B={b} H={h} Hkv={hkv} T={t} ({splits} key ranges): max abs error {err:.1e}, "
@@ -197,7 +197,7 @@ def check(formats: list[str], trials: int) -> None:
         w, sz, _ = make_weights(f"int4g{group}", 4096, 4096, "cuda", seed=7)
         x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
         stock = int4_stock(w, sz, group)
-        err = rel_err(kernels.int4_linear(x, w, sz, group), stock(x))
+        err = rel_err(triton_ops.int4_linear(x, w, sz, group), stock(x))
         print(f"check int4g{group} vs torch._weight_int4pack_mm relative difference {err:.2e}")
         assert err < 1e-2
 
@@ -208,7 +208,7 @@ def check(formats: list[str], trials: int) -> None:
         x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
 
         def step(x, weights=weights, fmt=fmt):
-            return F.silu(kernels.call(fmt, x, *weights)) * 2
+            return F.silu(triton_ops.call(fmt, x, *weights)) * 2
 
         explained = torch._dynamo.explain(step)(x)
         assert explained.graph_break_count == 0, f"{fmt}: {explained.break_reasons}"
@@ -223,18 +223,18 @@ def check(formats: list[str], trials: int) -> None:
 # ----------------------------------------------------------------------------- tuning
 
 
-def _compile(work: list[tuple[str, int, kernels.Config, bool]]) -> int:
+def _compile(work: list[tuple[str, int, triton_ops.Config, bool]]) -> int:
     # one worker: launch each config once on a tiny problem with the same Triton specialisation as the real
     # one (dtypes, M == 1 or not, GLU or not, ints divisible by 16), which leaves the binary in Triton's disk cache
     for fmt, m, cfg, glu in work:
         n, k = max(cfg.block_n, 128) * (2 if glu else 1), cfg.block_k * cfg.split_k
-        x = torch.randn(m, k, device="cuda", dtype=kernels.act_dtype(fmt))
-        kernels.run_with(fmt, x, make_weights(fmt, n, k, "cuda"), cfg, glu)
+        x = torch.randn(m, k, device="cuda", dtype=triton_ops.act_dtype(fmt))
+        triton_ops.run_with(fmt, x, make_weights(fmt, n, k, "cuda"), cfg, glu)
     torch.cuda.synchronize()
     return len(work)
 
 
-def precompile(work: list[tuple[str, int, kernels.Config, bool]], jobs: int) -> None:
+def precompile(work: list[tuple[str, int, triton_ops.Config, bool]], jobs: int) -> None:
     """Triton compiles a kernel on its first launch, one at a time: compile them in parallel processes first."""
     work = sorted(set(work), key=str)
     chunks = [work[i::jobs] for i in range(jobs) if work[i::jobs]]
@@ -254,7 +254,7 @@ def weight_copies(fmt: str, n: int, k: int, seed: int = 0) -> list[tuple]:
 
 
 def tune(cases: list[tuple[str, int, int, int]], jobs: int, glu_shapes: set[tuple[int, int]] = frozenset()) -> None:
-    """Time kernels.candidates(...) for each (fmt, N, K, M) and store the fastest in kernel_configs.json under
+    """Time triton_ops.candidates(...) for each (fmt, N, K, M) and store the fastest in kernel_configs.json under
     this GPU's name. Each candidate is timed as the benchmark times it: replayed from a CUDA graph (no launch
     overhead: a decode step is one graph) over weight copies that overflow L2. (N, K) in glu_shapes (the
     feed-forward's gate|up weight) are also timed as GLU calls, whole-K configs only, stored under ":glu".
@@ -262,27 +262,27 @@ def tune(cases: list[tuple[str, int, int, int]], jobs: int, glu_shapes: set[tupl
     device = torch.device("cuda", torch.cuda.current_device())
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     if jobs > 1:
-        work = [(f, m, c, False) for f, n, k, m in cases for c in kernels.candidates(f, n, k, m, sms)]
+        work = [(f, m, c, False) for f, n, k, m in cases for c in triton_ops.candidates(f, n, k, m, sms)]
         work += [(f, m, c, True) for f, n, k, m in cases if (n, k) in glu_shapes
-                 for c in kernels.candidates(f, n, k, m, sms) if c.split_k == 1]  # fmt: skip
+                 for c in triton_ops.candidates(f, n, k, m, sms) if c.split_k == 1]  # fmt: skip
         precompile(work, jobs)
     best = {}
     for fmt, n, k, m in cases:
         copies = weight_copies(fmt, n, k)
-        x = torch.randn(m, k, device=device, dtype=kernels.act_dtype(fmt))
-        ref = x.double() @ kernels.dequantize(fmt, *copies[0]).double().T
-        key, size = kernels.config_key(fmt, n, k, m), nbytes(copies[0])
+        x = torch.randn(m, k, device=device, dtype=triton_ops.act_dtype(fmt))
+        ref = x.double() @ triton_ops.dequantize(fmt, *copies[0]).double().T
+        key, size = triton_ops.config_key(fmt, n, k, m), nbytes(copies[0])
         for glu in (False, True) if (n, k) in glu_shapes else (False,):
             if glu:
                 ref = F.silu(ref[:, : n // 2]) * ref[:, n // 2 :]
             timed = []
-            for cfg in kernels.candidates(fmt, n, k, m, sms):
+            for cfg in triton_ops.candidates(fmt, n, k, m, sms):
                 if glu and cfg.split_k > 1:
                     continue
                 try:
-                    err = rel_err(kernels.run_with(fmt, x, copies[0], cfg, glu), ref)
+                    err = rel_err(triton_ops.run_with(fmt, x, copies[0], cfg, glu), ref)
                     assert err < BOUND[x.dtype], f"relative error {err:.2e}"
-                    calls = [lambda w=w, cfg=cfg: kernels.run_with(fmt, x, w, cfg, glu) for w in copies]
+                    calls = [lambda w=w, cfg=cfg: triton_ops.run_with(fmt, x, w, cfg, glu) for w in copies]
                     timed.append((graph_time(calls, reps=10, rounds=2), cfg))
                 except Exception as e:  # a config this GPU or Triton version cannot build: skip it, and say so
                     print(f"  skip {cfg}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}")
@@ -295,12 +295,12 @@ def tune(cases: list[tuple[str, int, int, int]], jobs: int, glu_shapes: set[tupl
                 whole = [tc for tc in timed if tc[1].split_k == 1]
                 if whole:
                     best[key + ":k1"] = min(whole, key=lambda t: t[0])[1]
-            default = kernels.heuristic(fmt, n, k, m, sms)
+            default = triton_ops.heuristic(fmt, n, k, m, sms)
             t_default = next((t for t, c in timed if c == default), float("nan"))
             print(f"{name:32s} {t * 1e6:7.1f} us {size / t / 1e9:6.0f} GB/s (heuristic {t_default * 1e6:7.1f} us)  "
                   f"{best[name]}")  # fmt: skip
         del copies
-    kernels.store_configs(best, device)
+    triton_ops.store_configs(best, device)
 
 
 # ----------------------------------------------------------------------------- stock paths
@@ -308,7 +308,7 @@ def tune(cases: list[tuple[str, int, int, int]], jobs: int, glu_shapes: set[tupl
 
 def int4_stock(w: torch.Tensor, sz: torch.Tensor, group: int):
     # the same int4 weight for torch's tinygemm: uint8 [N, K/2] (even k in the high nibble) -> its tiled layout
-    q = kernels.unpack_int4(w, group)
+    q = triton_ops.unpack_int4(w, group)
     packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).contiguous(), 8)
     sz_t = sz.transpose(0, 1).contiguous().to(torch.bfloat16)  # [K/group, N, 2]
     return lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, group, sz_t)
@@ -385,10 +385,10 @@ def nbytes(weights: tuple) -> int:
 def bench(formats: list[str], shape_sets: list[str], ms: list[int]) -> None:
     props = torch.cuda.get_device_properties(0)
     copy, read = copy_gbps(), read_gbps()
-    print(f"device {props.name}, torch {torch.__version__}, triton {kernels.triton.__version__}, "
+    print(f"device {props.name}, torch {torch.__version__}, triton {triton_ops.triton.__version__}, "
           f"copy {copy:.0f} GB/s (read + write), read stream {read:.0f} GB/s")  # fmt: skip
     print(json.dumps({"prim": "copy", "gbps": round(copy, 1), "read_gbps": round(read, 1), "device": props.name,
-                      "torch": torch.__version__, "triton": kernels.triton.__version__}))  # fmt: skip
+                      "torch": torch.__version__, "triton": triton_ops.triton.__version__}))  # fmt: skip
     header = ("shape", "M", "format", "ours us", "GB/s", "%copy", "stock us", "GB/s")
     print("{:12s} {:>3s} {:9s} {:>8s} {:>6s} {:>6s} {:>9s} {:>6s}".format(*header))
     for set_name in shape_sets:
@@ -399,7 +399,7 @@ def bench(formats: list[str], shape_sets: list[str], ms: list[int]) -> None:
                 size = nbytes(copies[0])
                 for m in ms:
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                    ours = graph_time([lambda w=w: kernels.call(fmt, x, *w) for w in copies])
+                    ours = graph_time([lambda w=w: triton_ops.call(fmt, x, *w) for w in copies])
                     stocks = [stock_fn(fmt, w, m) for w in copies]
                     theirs = graph_time([lambda s=s: s(x) for s in stocks])
                     del stocks
@@ -428,11 +428,11 @@ def bench(formats: list[str], shape_sets: list[str], ms: list[int]) -> None:
 
 def bench_attention() -> None:
     # one decode step's attention, in a CUDA graph, ours vs torch's sdpa with the same bool mask (what model.py
-    # calls without kernels.py); per layer, so x 32 layers per token
+    # calls without triton_ops.py); per layer, so x 32 layers per token
     for b, h, hkv, s, t in ATTENTION_SHAPES:
         kv_bytes = 2 * b * hkv * t * 128 * 2
         copies = [attention_inputs(b, h, hkv, s, t) for _ in range(max(1, -(-(96 << 20) // kv_bytes)))]  # past L2
-        ours = graph_time([lambda a=a: kernels.sdpa(*a[:3], attn_mask=a[3], enable_gqa=True) for a in copies])
+        ours = graph_time([lambda a=a: triton_ops.sdpa(*a[:3], attn_mask=a[3], enable_gqa=True) for a in copies])
         stock = graph_time([lambda a=a: F.scaled_dot_product_attention(*a[:3], attn_mask=a[3], enable_gqa=True)
                             for a in copies])  # fmt: skip
         print(f"attention B={b} H={h} Hkv={hkv} T={t}: {ours * 1e6:.1f} us (torch sdpa {stock * 1e6:.1f} us) per layer")
@@ -453,11 +453,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1), help="compile processes (--tune)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("error: bench_kernels.py needs a CUDA GPU (CPU tests: python -m pytest tests/test_kernels.py)")
+        sys.exit("error: bench_kernels.py needs a CUDA GPU (CPU tests: python -m pytest tests/test_triton_ops.py)")
     unknown = [f for f in args.formats if f not in FORMATS + ["float16", "int4g64", "int4g256"]]
     if unknown:
         sys.exit(f"error: unknown format(s) {unknown}; known: {FORMATS + ['float16', 'int4g64', 'int4g256']}")
-    formats = [f for f in args.formats if f != "fp8" or kernels.fp8_ok(torch.device("cuda"))]
+    formats = [f for f in args.formats if f != "fp8" or triton_ops.fp8_ok(torch.device("cuda"))]
     if len(formats) < len(args.formats):
         print("fp8 skipped: this GPU has no e4m3 support (needs sm_89 or newer)")
     t0 = time.time()
@@ -468,7 +468,7 @@ def main() -> None:
         t1 = time.time()
         cases = [(f, n, k, m) for s in args.shapes for _, n, k in SHAPES[s] for f in formats for m in args.tune_m]
         tune(cases, args.jobs, {(n, k) for s in args.shapes for name, n, k in SHAPES[s] if name == "w13"})
-        print(f"tuned {len(cases)} cases in {time.time() - t1:.0f} s -> {kernels.CONFIG_FILE}")
+        print(f"tuned {len(cases)} cases in {time.time() - t1:.0f} s -> {triton_ops.CONFIG_FILE}")
     if args.bench or not (args.check or args.tune):
         t1 = time.time()
         bench(formats, args.shapes, args.m)

@@ -295,7 +295,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def set_inductor_pdl(on: bool) -> None:
-    # programmatic dependent launch for inductor's kernels on sm_90+ (inductor checks the GPU), as kernels.py
+    # programmatic dependent launch for inductor's kernels on sm_90+ (inductor checks the GPU), as triton_ops.py
     # does for its own; read when a graph compiles. torch versions without the option are left alone.
     import torch._inductor.config as inductor_config
 

@@ -12,7 +12,7 @@ when it has its own weight. The embedding stays in high precision, so a tied out
 stays unquantized too. The scheme is saved in the checkpoint as the entry "_quantization" and read back by
 prepare_quantized(); file names are only a convention. model.py never sees any of this.
 
-Kernels: on a GPU, decode-sized matmuls (at most kernels.MAX_M rows) go to the Triton ops of kernels.py;
+Kernels: on a GPU, decode-sized matmuls (at most triton_ops.MAX_M rows) go to the Triton ops of triton_ops.py;
 larger inputs (prefill) take the stock path (cuBLAS on the dequantized or upcast weight, or tinygemm for int4).
 prepare_for_device() makes that choice once per module after loading, and also swaps in the decode attention
 kernel (Attention.sdpa) and GluFeedForward (the SwiGLU in w13's kernel). What uses the Triton ops is
@@ -55,7 +55,7 @@ def int8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class WeightOnlyInt8Linear(nn.Module):
-    kernel_op, kernel_fmt = "int8_linear", "int8"  # the kernels.py op for decode-sized inputs, its format name
+    kernel_op, kernel_fmt = "int8_linear", "int8"  # the triton_ops.py op for decode-sized inputs, its format name
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None):
         super().__init__()
@@ -81,14 +81,14 @@ class WeightOnlyInt8Linear(nn.Module):
         return self.quantized_weight().float() * self.scales.float()[:, None]  # the reference: [out, in] float32
 
     def kernel_args(self, x: Tensor) -> tuple[str, Tensor, Tensor] | None:
-        # (format, weight, scales) with which kernels.py's fused ops (linear_add_norm, norm_linear) take x
+        # (format, weight, scales) with which triton_ops.py's fused ops (linear_add_norm, norm_linear) take x
         return (self.kernel_fmt, self.quantized_weight(), self.scales) if self.triton and self.bias is None else None
 
     def forward(self, x: Tensor, glu: bool = False) -> Tensor:
         # glu: silu(first half) * second half of the outputs (FeedForward's w13, see GluFeedForward)
         w = self.quantized_weight()
-        if self.triton and kernels.supported(x, self.out_features, self.in_features, glu and self.bias is None):
-            y = getattr(kernels, self.kernel_op)(x, w, self.scales, glu).to(x.dtype)
+        if self.triton and triton_ops.supported(x, self.out_features, self.in_features, glu and self.bias is None):
+            y = getattr(triton_ops, self.kernel_op)(x, w, self.scales, glu).to(x.dtype)
             return y if self.bias is None else y + self.bias  # (no bias when glu)
         # the scale is per output channel, so it multiplies after the matmul
         y = F.linear(x, w.to(x.dtype)) * self.scales.to(x.dtype)
@@ -127,7 +127,7 @@ class WeightOnlyFp8Linear(WeightOnlyInt8Linear):
 
 
 class TritonLinear(nn.Linear):
-    """nn.Linear whose decode-sized matmuls use kernels.linear; swapped in by prepare_for_device for
+    """nn.Linear whose decode-sized matmuls use triton_ops.linear; swapped in by prepare_for_device for
     unquantized layers when FASTGEN_KERNELS names bf16 (on the H100 it streams faster than cuBLAS in
     isolation but was not faster end to end). Same parameters, same state dict."""
 
@@ -138,8 +138,8 @@ class TritonLinear(nn.Linear):
 
     def forward(self, x: Tensor, glu: bool = False) -> Tensor:
         fused = glu and self.bias is None
-        if kernels.supported(x, self.out_features, self.in_features, fused) and x.dtype == self.weight.dtype:
-            y = kernels.linear(x, self.weight, fused).to(x.dtype)
+        if triton_ops.supported(x, self.out_features, self.in_features, fused) and x.dtype == self.weight.dtype:
+            y = triton_ops.linear(x, self.weight, fused).to(x.dtype)
             return y if self.bias is None else y + self.bias
         return apply_glu(F.linear(x, self.weight, self.bias), glu)
 
@@ -162,23 +162,23 @@ class GluFeedForward(FeedForward):
 
 
 class RopeAttention(Attention):
-    """Attention whose decode steps (one new position, on a GPU) take kernels.rope_attention: rotary, the KV
+    """Attention whose decode steps (one new position, on a GPU) take triton_ops.rope_attention: rotary, the KV
     cache write and attention in one kernel after the qkv matmul, where model.Attention runs three or four
     (rotary and cache writes, then attention). Prefill and verify steps run model.Attention's forward.
     Swapped in by prepare_for_device for attention without q/k norms; same parameters, same state dict."""
 
     def attend(self, qkv: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
         cache = self.kv_cache
-        if not kernels.rope_attention_supported(qkv, cache.k_cache, mask, self.n_head):
+        if not triton_ops.rope_attention_supported(qkv, cache.k_cache, mask, self.n_head):
             return super().attend(qkv, input_pos, cos, sin, mask)
-        splits = kernels.attention_splits(qkv.shape[0], self.n_local_heads, cache.k_cache.shape[2], qkv.device)
-        y = kernels.rope_attention_with_splits(qkv, cos, sin, input_pos, cache.k_cache, cache.v_cache, mask,
+        splits = triton_ops.attention_splits(qkv.shape[0], self.n_local_heads, cache.k_cache.shape[2], qkv.device)
+        y = triton_ops.rope_attention_with_splits(qkv, cos, sin, input_pos, cache.k_cache, cache.v_cache, mask,
                                                self.n_head, splits)  # [B, H, 1, D]  # fmt: skip
         return y.view(qkv.shape[0], 1, self.n_head * self.head_dim)
 
 
 def kernel_weights(m: nn.Module, x: Tensor) -> tuple[str, Tensor, Tensor | None] | None:
-    """The format, weight and scales with which module m sends x to kernels.py's ops (linear_add_norm,
+    """The format, weight and scales with which module m sends x to triton_ops.py's ops (linear_add_norm,
     norm_linear), or None where m's matmul takes another path (a module without kernel_args, stock kernels,
     a bias, zero-padded int4 inputs)."""
     kernel_args = getattr(m, "kernel_args", None)
@@ -187,22 +187,22 @@ def kernel_weights(m: nn.Module, x: Tensor) -> tuple[str, Tensor, Tensor | None]
 
 def linear_add_norm(m: nn.Module, x: Tensor, residual: Tensor, norm_weight: Tensor,
                     scratch: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    # module m's matmul through kernels.linear_add_norm: h = residual + m(x), h * norm_weight, h's sums of squares
+    # module m's matmul through triton_ops.linear_add_norm: h = residual + m(x), h * norm_weight, h's sums of squares
     fmt, w, aux = kernel_weights(m, x)
-    return kernels.linear_add_norm(fmt, x, w, aux, residual, norm_weight, scratch)
+    return triton_ops.linear_add_norm(fmt, x, w, aux, residual, norm_weight, scratch)
 
 
 def norm_linear(m: nn.Module, x: Tensor, ss: Tensor, eps: float, glu: bool = False) -> Tensor:
     # module m applied to the RMSNorm that linear_add_norm prepared (x = h * g, ss), in x's dtype
     fmt, w, aux = kernel_weights(m, x)
-    return kernels.norm_linear(fmt, x, w, aux, ss, eps, glu).to(x.dtype)
+    return triton_ops.norm_linear(fmt, x, w, aux, ss, eps, glu).to(x.dtype)
 
 
 class NormFusedBlock(TransformerBlock):
     """TransformerBlock whose norms cost no kernels of their own in decode steps on a GPU. Within the block
     (forward): wo's kernel adds the residual and writes h * g with h's partial sums of squares
-    (kernels.linear_add_norm), and w13's kernel scales its sums by the norm's rsqrt before the SwiGLU
-    (kernels.norm_linear). Across blocks (fused, called by NormFusedTransformer): w2's kernel does the same
+    (triton_ops.linear_add_norm), and w13's kernel scales its sums by the norm's rsqrt before the SwiGLU
+    (triton_ops.norm_linear). Across blocks (fused, called by NormFusedTransformer): w2's kernel does the same
     for the next block's attention norm, which that block's wqkv kernel finishes. Where the modules or the
     input do not suit the kernels it runs TransformerBlock's forward. Swapped in by prepare_for_device
     (FASTGEN_KERNELS name "norm"), which also gives it norm_scratch, the zeroed int32 buffer (not in the state
@@ -217,7 +217,7 @@ class NormFusedBlock(TransformerBlock):
         tiles = all(m.out_features % 128 == 0 and m.in_features % 128 == 0 for m in mods)  # what the kernels tile
         tiles = tiles and ffn.w13.out_features % 256 == 0
         dim = x.shape[-1]
-        return kernels.supported(x, dim, dim) and tiles and all(kernel_weights(m, x) is not None for m in mods)
+        return triton_ops.supported(x, dim, dim) and tiles and all(kernel_weights(m, x) is not None for m in mods)
 
     def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
         if not self.fusable(x):
@@ -246,14 +246,14 @@ class NormFusedBlock(TransformerBlock):
 class NormFusedTransformer(Transformer):
     """Transformer whose decode steps on a GPU run one norm kernel (the first block's) where it ran two per
     block and a final one: each NormFusedBlock's w2 kernel prepares the next block's attention norm, and the
-    last one the final norm, which the output projection's kernel finishes (kernels.norm_linear). Where a
+    last one the final norm, which the output projection's kernel finishes (triton_ops.norm_linear). Where a
     module or the input does not suit the kernels, the blocks run their own forward. Swapped in by
     prepare_for_device with NormFusedBlock; same parameters, same state dict."""
 
     def forward(self, idx: Tensor, input_pos: Tensor) -> Tensor:
         x, cos, sin, full_mask, window_mask = self.embed(idx, input_pos)
         out = self.output
-        across = kernels.supported(x, out.out_features, x.shape[-1]) and kernel_weights(out, x) is not None
+        across = triton_ops.supported(x, out.out_features, x.shape[-1]) and kernel_weights(out, x) is not None
         if not (across and all(isinstance(b, NormFusedBlock) and b.fusable(x, across=True) for b in self.layers)):
             for layer in self.layers:
                 x = layer(x, input_pos, cos, sin, window_mask if layer.sliding else full_mask)
@@ -359,9 +359,9 @@ class WeightOnlyInt4Linear(nn.Module):
             raise ValueError(f"int4 weight holds {self.padded_in} input features for {self.in_features}: "
                              "a zero-padded (--pad) layer cannot be split across ranks")  # fmt: skip
         kernel = kernel or default_int4_kernel(self.weight.device, self.out_features, self.padded_in)
-        if kernel == "triton":  # kernels.py's layout: int32 [out, in / 8] and scales_and_zeros as saved
+        if kernel == "triton":  # triton_ops.py's layout: int32 [out, in / 8] and scales_and_zeros as saved
             load_kernels()
-            self.weight = kernels.pack_int4(unpack_nibbles(self.weight), self.groupsize)
+            self.weight = triton_ops.pack_int4(unpack_nibbles(self.weight), self.groupsize)
             self.kernel = kernel
             return
         # both torch kernels (tinygemm's layout) read scales and zeros as [in / groupsize, out, 2]
@@ -386,11 +386,11 @@ class WeightOnlyInt4Linear(nn.Module):
         if self.padded_in != self.in_features:
             x = F.pad(x, (0, self.padded_in - self.in_features))
         if self.kernel == "triton":  # decode: the Triton kernel; prefill: cuBLAS on the dequantized weight
-            if kernels.supported(x, self.out_features, self.padded_in, glu and self.bias is None):
-                y = kernels.int4_linear(x, self.weight, self.scales_and_zeros, self.groupsize, glu).to(x.dtype)
+            if triton_ops.supported(x, self.out_features, self.padded_in, glu and self.bias is None):
+                y = triton_ops.int4_linear(x, self.weight, self.scales_and_zeros, self.groupsize, glu).to(x.dtype)
                 return y if self.bias is None else y + self.bias  # (no bias when glu)
             else:
-                w = kernels.dequantize_int4(self.weight, self.scales_and_zeros, self.groupsize)
+                w = triton_ops.dequantize_int4(self.weight, self.scales_and_zeros, self.groupsize)
                 y = F.linear(x, w.to(x.dtype))
         elif self.kernel == "cuda":  # tinygemm: bf16 activations, [M, K] contiguous
             x2 = x.reshape(-1, self.padded_in).to(torch.bfloat16).contiguous()
@@ -478,15 +478,15 @@ def prepare_quantized(model: Transformer, meta: dict) -> None:
         set_module(model, name, new)
 
 
-kernels = None  # kernels.py, imported by load_kernels() once a module wants it (it needs triton)
+triton_ops = None  # triton_ops.py, imported by load_kernels() once a module wants it (it needs triton)
 
 
 def load_kernels() -> None:
-    global kernels
-    if kernels is None:
-        import kernels as k
+    global triton_ops
+    if triton_ops is None:
+        import triton_ops as k
 
-        kernels = k
+        triton_ops = k
 
 
 TRITON_BY_DEFAULT = "int8,fp8,int4,attn,glu,norm"  # cuBLAS (bf16) was faster end to end on the H100 and the H200
@@ -509,7 +509,7 @@ def prepare_for_device(model: nn.Module, kernel: str | None = None) -> nn.Module
     """Choose each linear module's kernel for the device it now lives on. Call after the model's final .to().
     int4 modules get the layout of their kernel; on a GPU, modules of the formats use_triton() names call
     the Triton ops for decode-sized inputs (unquantized linears become TritonLinear). kernel: force (tests):
-    "triton" (the Triton path wherever kernels.supported() says so), or "cuda" / "cpu" / "reference" for int4."""
+    "triton" (the Triton path wherever triton_ops.supported() says so), or "cuda" / "cpu" / "reference" for int4."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)  # the compute dtype
     for m in model.modules():
         if not isinstance(m, (nn.Linear, WeightOnlyInt8Linear, WeightOnlyInt4Linear)):
@@ -522,7 +522,7 @@ def prepare_for_device(model: nn.Module, kernel: str | None = None) -> nn.Module
         if isinstance(m, WeightOnlyInt4Linear):
             m.pack(dtype, kernel)
         elif isinstance(m, WeightOnlyFp8Linear):
-            m.triton = triton and (kernel == "triton" or kernels.fp8_ok(m.weight.device))
+            m.triton = triton and (kernel == "triton" or triton_ops.fp8_ok(m.weight.device))
         elif isinstance(m, WeightOnlyInt8Linear):
             m.triton = triton
         elif type(m) is nn.Linear and triton:
@@ -536,14 +536,14 @@ def prepare_for_device(model: nn.Module, kernel: str | None = None) -> nn.Module
             m.__class__ = NormFusedBlock  # (tp.py's all-reduce hooks need the unfused forward)
             dim = m.attention.wo.out_features
             if dim not in scratch:
-                scratch[dim] = torch.zeros(kernels.scratch_numel(kernels.MAX_M, dim), dtype=torch.int32, device=device)
+                scratch[dim] = torch.zeros(triton_ops.scratch_numel(triton_ops.MAX_M, dim), dtype=torch.int32, device=device)
             m.register_buffer("norm_scratch", scratch[dim], persistent=False)
         elif type(m) is Transformer and norm:
             m.__class__ = NormFusedTransformer
         if type(m) is FeedForward and glu and isinstance(m.w13, (TritonLinear, WeightOnlyInt8Linear, WeightOnlyInt4Linear)):
             m.__class__ = GluFeedForward  # w13 applies the SwiGLU itself (in the Triton kernel's epilogue)
         elif isinstance(m, Attention) and attention:
-            m.sdpa = kernels.sdpa
+            m.sdpa = triton_ops.sdpa
             if rope and type(m) is Attention and isinstance(m.q_norm, nn.Identity):
                 m.__class__ = RopeAttention
     return model
@@ -786,7 +786,7 @@ def self_check(device: str, shapes: list[tuple[int, int]] | None = None, compile
     cuda = torch.device(device).type == "cuda"
     if cuda:
         load_kernels()
-    fp8 = not cuda or kernels.fp8_ok(torch.device(device))
+    fp8 = not cuda or triton_ops.fp8_ok(torch.device(device))
     # kernel choices: forced by the caller, else on a GPU the default path and the Triton kernel of each format
     choices = [kernel] if kernel else [None, "triton"] if cuda else [None]
     int4_choices = [kernel] if kernel else ["cuda", "triton"] if cuda else [None]
@@ -795,7 +795,7 @@ def self_check(device: str, shapes: list[tuple[int, int]] | None = None, compile
         cases = [(mode, None, c) for mode in ("plain", "int8") + ("fp8",) * fp8 for c in choices]
         cases += [("int4", g, c) for g in GROUP_SIZES if in_f % g == 0 for c in int4_choices]
         for mode, g, forced in cases:
-            if forced == "triton" and (out_f % 128 or in_f % 128):  # shapes kernels.py does not tile
+            if forced == "triton" and (out_f % 128 or in_f % 128):  # shapes triton_ops.py does not tile
                 continue
             lin = nn.Linear(in_f, out_f, bias=True, device=device, dtype=dtype)
             m = lin if mode == "plain" else quantize_linear(lin, mode, g)

@@ -118,9 +118,9 @@ def test_fp8_weight_survives_a_dtype_change():
 def module_on_triton_path(mode: str, lin: nn.Linear, monkeypatch) -> tuple[nn.Module, torch.Tensor]:
     # lin as a module of `mode` ("plain" keeps it) with the GPU's kernel choices, its decode-sized inputs
     # widened to CPU tensors (Triton's interpreter); and its reference weight in float64
-    import kernels
+    import triton_ops
 
-    monkeypatch.setattr(kernels, "supported", lambda x, n, k, glu=False: x.numel() // k <= kernels.MAX_M)
+    monkeypatch.setattr(triton_ops, "supported", lambda x, n, k, glu=False: x.numel() // k <= triton_ops.MAX_M)
     m = lin if mode == "plain" else Q.quantize_linear(lin, *Q.parse_mode(mode))
     ref_w = (m.weight if mode == "plain" else m.dequantized_weight()).detach().double()
     return Q.prepare_for_device(m, "triton"), ref_w
@@ -129,20 +129,20 @@ def module_on_triton_path(mode: str, lin: nn.Linear, monkeypatch) -> tuple[nn.Mo
 @pytest.mark.parametrize("mode", ["plain", "int8", "fp8", "int4-g32", "int4-g128"])
 @pytest.mark.parametrize("rows", [1, 3, 40])  # decode (one row; several, as in a verify step) and prefill
 def test_triton_path_of_each_module_matches_its_reference(mode, rows, monkeypatch):
-    # On a GPU prepare_for_device() sends decode-sized inputs to kernels.py; here the same modules run
-    # the same kernels in Triton's interpreter (kernels.supported() is widened to CPU tensors)
-    import kernels
+    # On a GPU prepare_for_device() sends decode-sized inputs to triton_ops.py; here the same modules run
+    # the same kernels in Triton's interpreter (triton_ops.supported() is widened to CPU tensors)
+    import triton_ops
 
     m, ref_w = module_on_triton_path(mode, nn.Linear(256, 128, bias=True), monkeypatch)
     assert type(m) is Q.TritonLinear if mode == "plain" else getattr(m, "kernel", None) == "triton" or m.triton
     calls = []
     for name in ("linear", "int8_linear", "fp8_linear", "int4_linear"):
-        op = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, _op=op: calls.append(1) or _op(*a))
+        op = getattr(triton_ops, name)
+        monkeypatch.setattr(triton_ops, name, lambda *a, _op=op: calls.append(1) or _op(*a))
     x = torch.randn(rows, 256)
     ref = x.double() @ ref_w.t() + m.bias.double()
     assert (m(x).double() - ref).abs().max() <= 1e-5 * ref.abs().max()
-    assert len(calls) == (rows <= kernels.MAX_M)  # the kernel for decode, the stock path for prefill
+    assert len(calls) == (rows <= triton_ops.MAX_M)  # the kernel for decode, the stock path for prefill
 
 
 @pytest.mark.parametrize("mode", ["plain", "int8", "fp8", "int4-g32"])
@@ -173,20 +173,20 @@ def test_which_formats_use_the_triton_kernels(setting, formats, monkeypatch):
 
 
 def kernels_on_cpu(monkeypatch) -> None:
-    # kernels.py's GPU choices (matmuls, attention, rope_attention) widened to CPU tensors: Triton's interpreter
-    import kernels
+    # triton_ops.py's GPU choices (matmuls, attention, rope_attention) widened to CPU tensors: Triton's interpreter
+    import triton_ops
 
-    monkeypatch.setattr(kernels, "supported", lambda x, n, k, glu=False: x.numel() // k <= kernels.MAX_M
+    monkeypatch.setattr(triton_ops, "supported", lambda x, n, k, glu=False: x.numel() // k <= triton_ops.MAX_M
                         and n % (256 if glu else 128) == 0)  # fmt: skip
-    monkeypatch.setattr(kernels, "attention_supported", kernels.attention_shapes_ok)
-    monkeypatch.setattr(kernels, "rope_attention_supported", kernels.rope_attention_shapes_ok)
+    monkeypatch.setattr(triton_ops, "attention_supported", triton_ops.attention_shapes_ok)
+    monkeypatch.setattr(triton_ops, "rope_attention_supported", triton_ops.rope_attention_shapes_ok)
 
 
 @pytest.mark.parametrize("mode", ["plain", "int8", "int4-g32"])
 def test_decode_through_every_triton_kernel_matches_the_stock_path(mode, monkeypatch):
     # A whole model with the GPU's kernel choices (Triton matmuls with the SwiGLU epilogue, Triton attention),
     # run here in Triton's interpreter, against the same weights on the stock path: prefill, then decode steps
-    import kernels
+    import triton_ops
 
     torch.manual_seed(0)
     with torch.device("meta"):
@@ -201,17 +201,17 @@ def test_decode_through_every_triton_kernel_matches_the_stock_path(mode, monkeyp
     Q.prepare_for_device(fast, "triton")
     Q.prepare_for_device(stock)
     assert all(type(layer.feed_forward) is Q.GluFeedForward for layer in fast.layers)
-    assert all(type(layer.attention) is Q.RopeAttention and layer.attention.sdpa is kernels.sdpa for layer in fast.layers)
+    assert all(type(layer.attention) is Q.RopeAttention and layer.attention.sdpa is triton_ops.sdpa for layer in fast.layers)
     assert type(fast) is Q.NormFusedTransformer and all(type(layer) is Q.NormFusedBlock for layer in fast.layers)
     launches = []  # True where the kernel did rotary and the cache write itself
-    monkeypatch.setattr(kernels, "_attention_launch",
-                        lambda *a, _f=kernels._attention_launch: launches.append(len(a) > 6) or _f(*a))  # fmt: skip
+    monkeypatch.setattr(triton_ops, "_attention_launch",
+                        lambda *a, _f=triton_ops._attention_launch: launches.append(len(a) > 6) or _f(*a))  # fmt: skip
     fused = []  # the norms' halves: linear_add_norm (wo, w2) and norm_linear (wqkv but the first, w13, output)
     for name in ("linear_add_norm", "norm_linear"):
-        monkeypatch.setattr(kernels, name, lambda *a, _f=getattr(kernels, name), _n=name: fused.append(_n) or _f(*a))
+        monkeypatch.setattr(triton_ops, name, lambda *a, _f=getattr(triton_ops, name), _n=name: fused.append(_n) or _f(*a))
     # w2 (K = 256) splits K as on the GPU: its programs add into the blocks' shared scratch, which stays zeroed
-    plan = kernels.plan
-    monkeypatch.setattr(kernels, "plan", lambda fmt, m, n, k, device, glu=False, add_norm=False: kernels.Config(
+    plan = triton_ops.plan
+    monkeypatch.setattr(triton_ops, "plan", lambda fmt, m, n, k, device, glu=False, add_norm=False: triton_ops.Config(
         16, 128, split_k=2) if add_norm and k == 256 else plan(fmt, m, n, k, device, glu, add_norm))  # fmt: skip
     for model in (stock, fast):
         model.setup_caches(1, 32)

@@ -1,6 +1,6 @@
-"""The Triton decode kernels of kernels.py, each against its dequantized float32 reference.
+"""The Triton decode kernels of triton_ops.py, each against its dequantized float32 reference.
 
-Without a GPU, kernels.py builds its kernels for Triton's interpreter (numpy), so these tests run the very
+Without a GPU, triton_ops.py builds its kernels for Triton's interpreter (numpy), so these tests run the very
 kernel code on the CPU; shapes stay small. bench_kernels.py --check repeats the comparison on a GPU.
 """
 import json
@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-import kernels
+import triton_ops
 from bench_kernels import make_weights, norm_pair
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +26,7 @@ BOUND = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 def case(fmt: str, m: int, n: int, k: int, act: torch.dtype, seed: int = 0):
     weights = make_weights(fmt, n, k, DEVICE, dtype=act, seed=seed)  # scales in the activations' dtype
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, act)
-    ref = x.double() @ kernels.dequantize(fmt, *weights).double().T  # [M, N]
+    ref = x.double() @ triton_ops.dequantize(fmt, *weights).double().T  # [M, N]
     return x, weights, ref
 
 
@@ -40,7 +40,7 @@ def test_op_matches_dequantized_reference(fmt, m):
     # the public op with its default config; M = 20 takes two row blocks (the kernels stay correct past MAX_M)
     act = torch.float32 if fmt == "float32" else torch.float16 if fmt == "float16" else torch.bfloat16
     x, weights, ref = case(fmt, m, 256, 384, act, seed=m)
-    y = kernels.call(fmt, x, *weights)
+    y = triton_ops.call(fmt, x, *weights)
     assert y.shape == (m, 256) and y.dtype == act
     assert rel_err(y, ref) < BOUND[act]
 
@@ -52,15 +52,17 @@ def test_fp32_activations_are_exact_up_to_accumulation(fmt):
     x, weights, ref = case(fmt, 2, 256, 512, torch.float32)
     weights = (weights[0].float(),) if fmt == "bfloat16" else weights
     fmt = "float32" if fmt == "bfloat16" else fmt
-    assert rel_err(kernels.call(fmt, x, *weights), ref) < 2e-5
+    assert rel_err(triton_ops.call(fmt, x, *weights), ref) < 2e-5
 
 
 CONFIGS = {  # every code path: CUDA-core matrix-vector, tensor cores at M = 1, split-K (ragged: 5 tiles / 3 or 4)
-    "gemv": (1, kernels.Config(block_n=64, block_k=128)),
-    "gemv_split_ragged": (1, kernels.Config(block_n=128, block_k=128, split_k=3)),
-    "gemv_split_uneven": (1, kernels.Config(block_n=128, block_k=128, split_k=4)),  # 2 + 2 + 1 + 0 tiles
-    "dot_m1": (1, kernels.Config(block_n=128, block_k=128, dot=True)),
-    "dot_split": (5, kernels.Config(block_n=64, block_k=128, split_k=2, dot=True)),
+    "gemv": (1, triton_ops.Config(block_n=64, block_k=128)),
+    "gemv_split_ragged": (1, triton_ops.Config(block_n=128, block_k=128, split_k=3)),
+    "gemv_split_uneven": (1, triton_ops.Config(block_n=128, block_k=128, split_k=4)),  # 2 + 2 + 1 + 0 tiles
+    "gemv_tail": (1, triton_ops.Config(block_n=64, block_k=256)),  # K = 2.5 tiles: the last one masked
+    "gemv_split_tail": (1, triton_ops.Config(block_n=128, block_k=512, split_k=2)),  # 512 + 128 inputs
+    "dot_m1": (1, triton_ops.Config(block_n=128, block_k=128, dot=True)),
+    "dot_split": (5, triton_ops.Config(block_n=64, block_k=128, split_k=2, dot=True)),
 }
 
 
@@ -70,8 +72,8 @@ def test_every_code_path(fmt, path):
     m, cfg = CONFIGS[path]
     act = torch.bfloat16 if fmt != "float32" else torch.float32
     x, weights, ref = case(fmt, m, 128, 640, act)
-    assert kernels.valid(cfg, fmt, 128, 640)
-    assert rel_err(kernels.run_with(fmt, x, weights, cfg), ref) < BOUND[act]
+    assert triton_ops.valid(cfg, fmt, 128, 640)
+    assert rel_err(triton_ops.run_with(fmt, x, weights, cfg), ref) < BOUND[act]
 
 
 @pytest.mark.parametrize("group", [32, 128])
@@ -79,31 +81,51 @@ def test_int4_matrix_vector_tiles_from_wide_to_short(group):
     # the int4 M = 1 tiles the tuner tries beyond the common ones: all of K in one step, two rows, 1-8 warps;
     # plain, split-K and GLU
     x, weights, ref = case(f"int4g{group}", 1, 256, 4096, torch.bfloat16)
-    glu_ref = kernels.glu_reference(f"int4g{group}", x, *weights)
-    for cfg in (kernels.Config(block_n=8, block_k=4096, num_warps=4), kernels.Config(block_n=2, block_k=2048, num_warps=2),
-                kernels.Config(block_n=4, block_k=1024, split_k=2, num_warps=8)):  # fmt: skip
-        assert rel_err(kernels.run_with(f"int4g{group}", x, weights, cfg), ref) < BOUND[torch.bfloat16], cfg
+    glu_ref = triton_ops.glu_reference(f"int4g{group}", x, *weights)
+    for cfg in (triton_ops.Config(block_n=8, block_k=4096, num_warps=4), triton_ops.Config(block_n=2, block_k=2048, num_warps=2),
+                triton_ops.Config(block_n=4, block_k=1024, split_k=2, num_warps=8)):  # fmt: skip
+        assert rel_err(triton_ops.run_with(f"int4g{group}", x, weights, cfg), ref) < BOUND[torch.bfloat16], cfg
         if cfg.split_k == 1:
-            glu = kernels.run_with(f"int4g{group}", x, weights, cfg, glu=True)
+            glu = triton_ops.run_with(f"int4g{group}", x, weights, cfg, glu=True)
             assert rel_err(glu, glu_ref) < BOUND[torch.bfloat16], cfg
+
+
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "float16", "int8", "fp8", "int4g32", "int4g128"])
+def test_matrix_vector_tiles_may_run_past_k(fmt):
+    # K = 1408 = 11 x 128 (as 11008 = 43 x 256 for Llama-2-7B's w2): on CUDA cores the last tile along K is
+    # masked, so wide tiles serve such K too; plain, split-K (the tail in the last split) and GLU. Tensor-core
+    # configs keep whole tiles.
+    act = torch.float32 if fmt == "float32" else torch.float16 if fmt == "float16" else torch.bfloat16
+    x, weights, ref = case(fmt, 1, 256, 1408, act)
+    glu_ref = triton_ops.glu_reference(fmt, x, *weights)
+    bits = 4 if fmt.startswith("int4") else 8
+    wide = 2048 if bits == 4 else 512
+    for cfg in (triton_ops.Config(block_n=8, block_k=wide, num_warps=2 if bits == 4 else 4),
+                triton_ops.Config(block_n=16, block_k=512, split_k=2), triton_ops.Config(block_n=16, block_k=256, split_k=4)):
+        assert triton_ops.valid(cfg, fmt, 256, 1408) and 1408 % cfg.block_k
+        assert rel_err(triton_ops.run_with(fmt, x, weights, cfg), ref) < BOUND[act], cfg
+        if cfg.split_k == 1:
+            assert rel_err(triton_ops.run_with(fmt, x, weights, cfg, glu=True), glu_ref) < BOUND[act], cfg
+    assert not triton_ops.valid(triton_ops.Config(block_n=16, block_k=512, dot=True), fmt, 256, 1408)
+    assert any(1408 % c.block_k for c in triton_ops.candidates(fmt, 256, 1408, 1))
 
 
 def test_int4_layout():
     # pack_int4: in each group, word j holds q[i * group/8 + j] in bits 4i..4i+3
     g = torch.Generator().manual_seed(0)
     q = torch.randint(0, 16, (128, 256), generator=g, dtype=torch.uint8)
-    w = kernels.pack_int4(q, 64)
+    w = triton_ops.pack_int4(q, 64)
     assert w.shape == (128, 32) and w.dtype == torch.int32
     word = int(w[5, 8 + 3]) & 0xFFFFFFFF  # row 5, group 1 (8 words per group of 64), word 3
     assert [(word >> (4 * i)) & 0xF for i in range(8)] == [int(q[5, 64 + i * 8 + 3]) for i in range(8)]
-    assert torch.equal(kernels.unpack_int4(w, 64), q)
+    assert torch.equal(triton_ops.unpack_int4(w, 64), q)
 
 
 def test_int4_formula_matches_tinygemm_convention():
     # W = (q - 8) * scale + zero, with scales and zeros interleaved per group: [N, K/group, 2]
     q = torch.tensor([[0, 15] * 16 + [8] * 32])  # [1, 64]: two groups of 32
-    sz = kernels.pack_scales_zeros(torch.tensor([[0.5, 2.0]]), torch.tensor([[1.0, -3.0]]))
-    w = kernels.dequantize_int4(kernels.pack_int4(q, 32), sz, 32)
+    sz = triton_ops.pack_scales_zeros(torch.tensor([[0.5, 2.0]]), torch.tensor([[1.0, -3.0]]))
+    w = triton_ops.dequantize_int4(triton_ops.pack_int4(q, 32), sz, 32)
     assert w[0, :2].tolist() == [-3.0, 4.5] and w[0, 32:].unique().tolist() == [-3.0]
 
 
@@ -111,8 +133,8 @@ def test_int4_formula_matches_tinygemm_convention():
 def test_custom_op_registration(fmt):
     # schema, fake (meta) implementation and functionalization, as torch.compile needs them
     x, weights, _ = case(fmt, 2, 128, 256, torch.bfloat16)
-    ops = {"int8": kernels.int8_linear, "fp8": kernels.fp8_linear, "int4g32": kernels.int4_linear}
-    op = ops.get(fmt, kernels.linear)
+    ops = {"int8": triton_ops.int8_linear, "fp8": triton_ops.fp8_linear, "int4g32": triton_ops.int4_linear}
+    op = ops.get(fmt, triton_ops.linear)
     checks = ("test_faketensor", "test_aot_dispatch_static")
     if fmt != "fp8":  # test_schema multiplies the inputs, which CPU torch cannot do in fp8
         checks += ("test_schema",)
@@ -124,7 +146,7 @@ def test_compiles_with_fullgraph_and_no_graph_break():
     x8, (w8, s8), ref8 = case("int8", 1, 128, 256, torch.bfloat16)
 
     def step(x, x8):  # a decode-step-like mix: two custom ops and pointwise work between them
-        return torch.nn.functional.silu(kernels.int4_linear(x, w, sz, group)) + kernels.int8_linear(x8, w8, s8)
+        return torch.nn.functional.silu(triton_ops.int4_linear(x, w, sz, group)) + triton_ops.int8_linear(x8, w8, s8)
 
     explained = torch._dynamo.explain(step)(x, x8)
     assert explained.graph_break_count == 0 and explained.graph_count == 1
@@ -138,56 +160,56 @@ def test_compiles_with_a_symbolic_row_count(monkeypatch):
     x, (w8, s8), _ = case("int8", 3, 256, 512, torch.bfloat16)
     for split in (False, True):  # the configured path, then a forced split-K
         if split:
-            monkeypatch.setattr(kernels, "get_config", lambda *a, **kw: kernels.Config(64, 128, split_k=2))
+            monkeypatch.setattr(triton_ops, "get_config", lambda *a, **kw: triton_ops.Config(64, 128, split_k=2))
         torch._dynamo.reset()
-        step = torch.compile(lambda x: kernels.int8_linear(x, w8, s8).to(x.dtype) * 2, fullgraph=True, dynamic=True,
+        step = torch.compile(lambda x: triton_ops.int8_linear(x, w8, s8).to(x.dtype) * 2, fullgraph=True, dynamic=True,
                              backend="aot_eager")  # fmt: skip
         for rows in (3, 5):
             xr = torch.randn(rows, 512).to(torch.bfloat16)
-            torch.testing.assert_close(step(xr), kernels.int8_linear(xr, w8, s8).to(xr.dtype) * 2)
+            torch.testing.assert_close(step(xr), triton_ops.int8_linear(xr, w8, s8).to(xr.dtype) * 2)
 
 
 def test_supported_routes_only_decode_sized_gpu_inputs():
     x = torch.randn(1, 4096, device="cpu")
-    assert not kernels.supported(x, 4096, 4096)  # CPU: the stock path
-    assert not kernels.supported(torch.randn(1, 100), 128, 100)  # K not a multiple of 128
+    assert not triton_ops.supported(x, 4096, 4096)  # CPU: the stock path
+    assert not triton_ops.supported(torch.randn(1, 100), 128, 100)  # K not a multiple of 128
     if DEVICE == "cuda":
-        assert kernels.supported(x.cuda().bfloat16(), 4096, 4096)
-        assert not kernels.supported(torch.randn(17, 4096, device="cuda"), 4096, 4096)  # prefill
+        assert triton_ops.supported(x.cuda().bfloat16(), 4096, 4096)
+        assert not triton_ops.supported(torch.randn(17, 4096, device="cuda"), 4096, 4096)  # prefill
 
 
 def test_tuned_table_overrides_the_heuristic(monkeypatch):
-    key = kernels.config_key("int8", 4096, 4096, 1)
-    tuned = kernels.Config(block_n=64, block_k=256, split_k=2, num_warps=8)
+    key = triton_ops.config_key("int8", 4096, 4096, 1)
+    tuned = triton_ops.Config(block_n=64, block_k=256, split_k=2, num_warps=8)
     device = torch.device(DEVICE)
     entry = json.loads(json.dumps(tuned.__dict__))  # as read back from kernel_configs.json
-    monkeypatch.setattr(kernels, "_TABLE", {kernels._device_name(device): {key: entry}})
-    assert kernels.get_config("int8", 4096, 4096, 1, device) == tuned
-    default = kernels.heuristic("int8", 4096, 11008, 1, kernels._sm_count(device))
-    assert kernels.get_config("int8", 4096, 11008, 1, device) == default
-    assert kernels.get_config("int8", 4096, 4096, 5, device).dot  # M > 1 always takes the tensor-core path
+    monkeypatch.setattr(triton_ops, "_TABLE", {triton_ops._device_name(device): {key: entry}})
+    assert triton_ops.get_config("int8", 4096, 4096, 1, device) == tuned
+    default = triton_ops.heuristic("int8", 4096, 11008, 1, triton_ops._sm_count(device))
+    assert triton_ops.get_config("int8", 4096, 11008, 1, device) == default
+    assert triton_ops.get_config("int8", 4096, 4096, 5, device).dot  # M > 1 always takes the tensor-core path
     # a GLU call cannot split K: the shape's entry without its split, or the tuner's best whole-K config
-    assert kernels.plan("int8", 1, 2048, 4096, device, glu=True) == kernels.Config(64, 256, 1, num_warps=8)
-    whole = kernels.Config(block_n=16, block_k=1024, num_warps=4)
-    kernels._TABLE[kernels._device_name(device)][key + ":k1"] = json.loads(json.dumps(whole.__dict__))
-    assert kernels.plan("int8", 1, 2048, 4096, device, glu=True) == whole
-    assert kernels.get_config("int8", 4096, 4096, 1, device) == tuned  # calls that may split keep theirs
+    assert triton_ops.plan("int8", 1, 2048, 4096, device, glu=True) == triton_ops.Config(64, 256, 1, num_warps=8)
+    whole = triton_ops.Config(block_n=16, block_k=1024, num_warps=4)
+    triton_ops._TABLE[triton_ops._device_name(device)][key + ":k1"] = json.loads(json.dumps(whole.__dict__))
+    assert triton_ops.plan("int8", 1, 2048, 4096, device, glu=True) == whole
+    assert triton_ops.get_config("int8", 4096, 4096, 1, device) == tuned  # calls that may split keep theirs
 
 
 def test_heuristic_tiles_every_shape():
     for fmt in ["bfloat16", "int8", "fp8", "int4g32", "int4g128"]:
         for n, k in [(128, 128), (384, 640), (12288, 4096), (4096, 11008), (128256, 4096), (4096, 14336)]:
             for m in (1, 4, 16):
-                cfg = kernels.heuristic(fmt, n, k, m)
-                assert kernels.valid(cfg, fmt, n, k), (fmt, n, k, m, cfg)
+                cfg = triton_ops.heuristic(fmt, n, k, m)
+                assert triton_ops.valid(cfg, fmt, n, k), (fmt, n, k, m, cfg)
 
 
 def test_bad_shapes_are_clear_errors():
     x, (w, s), _ = case("int8", 1, 128, 256, torch.bfloat16)
     with pytest.raises(AssertionError, match="multiples of 128"):
-        kernels.int8_linear(x[:, :200], w[:, :200].contiguous(), s)
+        triton_ops.int8_linear(x[:, :200], w[:, :200].contiguous(), s)
     with pytest.raises(AssertionError, match="features"):
-        kernels.int8_linear(torch.randn(1, 128, dtype=torch.bfloat16), w, s)
+        triton_ops.int8_linear(torch.randn(1, 128, dtype=torch.bfloat16), w, s)
 
 
 # ----------------------------------------------------------------------------- GLU epilogue, split-K output
@@ -199,12 +221,12 @@ def test_glu_epilogue_is_silu_of_gate_times_up(fmt, m):
     # glu=True: the weight's first half of rows is the gate, the second the up projection; one kernel
     act = torch.float32 if fmt == "float32" else torch.bfloat16
     x, weights, _ = case(fmt, m, 512, 512, act, seed=m)
-    ref = kernels.glu_reference(fmt, x, *weights)
-    y = kernels.call(fmt, x, *weights, glu=True)
+    ref = triton_ops.glu_reference(fmt, x, *weights)
+    y = triton_ops.call(fmt, x, *weights, glu=True)
     assert y.shape == (m, 256) and y.dtype == act
     assert rel_err(y, ref) < BOUND[act]
     # and over several tiles along K, gate and up halves alike
-    y = kernels.run_with(fmt, x, weights, kernels.Config(block_n=64, block_k=128), glu=True)
+    y = triton_ops.run_with(fmt, x, weights, triton_ops.Config(block_n=64, block_k=128), glu=True)
     assert rel_err(y, ref) < BOUND[act]
 
 
@@ -213,11 +235,11 @@ def test_split_k_returns_its_float32_buffer(monkeypatch):
     # kernel); a call without split-K returns x's dtype; out_dtype() tells which, for the fake implementation
     x, weights, ref = case("int8", 1, 256, 512, torch.bfloat16)
     for split, dtype in ((2, torch.float32), (1, torch.bfloat16)):
-        monkeypatch.setattr(kernels, "get_config", lambda *a, s=split, **kw: kernels.Config(64, 128, split_k=s))
-        y = kernels.int8_linear(x, *weights)
-        assert y.dtype == dtype == kernels.out_dtype("int8", x, 256, 512)
+        monkeypatch.setattr(triton_ops, "get_config", lambda *a, s=split, **kw: triton_ops.Config(64, 128, split_k=s))
+        y = triton_ops.int8_linear(x, *weights)
+        assert y.dtype == dtype == triton_ops.out_dtype("int8", x, 256, 512)
         assert rel_err(y, ref) < BOUND[dtype]
-    assert kernels.plan("int8", 1, 128, 512, x.device, glu=True).split_k == 1  # GLU never splits K
+    assert triton_ops.plan("int8", 1, 128, 512, x.device, glu=True).split_k == 1  # GLU never splits K
 
 
 @pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8", "fp8", "int4g32", "int4g128"])
@@ -238,12 +260,12 @@ def test_add_norm_outputs_and_its_plan(monkeypatch):
     # than a slot is replaced by one of the same tile area
     x, (w, scale), _ = case("int8", 2, 256, 512, torch.float32)
     residual, g = torch.randn(2, 256), torch.rand(256) + 0.5
-    h, hn, ss = kernels.linear_add_norm("int8", x, w, scale, residual, g)
-    assert hn.dtype == h.dtype == torch.float32 and ss.shape == (2, 256 // kernels.NORM_SLOT)
+    h, hn, ss = triton_ops.linear_add_norm("int8", x, w, scale, residual, g)
+    assert hn.dtype == h.dtype == torch.float32 and ss.shape == (2, 256 // triton_ops.NORM_SLOT)
     assert_close(hn, h * g)
-    assert_close(ss, h.view(2, -1, kernels.NORM_SLOT).pow(2).sum(-1))
-    monkeypatch.setattr(kernels, "get_config", lambda *a, **kw: kernels.Config(4, 256, split_k=2))
-    assert kernels.plan("int8", 1, 256, 512, x.device, add_norm=True) == kernels.Config(8, 128, split_k=2)
+    assert_close(ss, h.view(2, -1, triton_ops.NORM_SLOT).pow(2).sum(-1))
+    monkeypatch.setattr(triton_ops, "get_config", lambda *a, **kw: triton_ops.Config(4, 256, split_k=2))
+    assert triton_ops.plan("int8", 1, 256, 512, x.device, add_norm=True) == triton_ops.Config(8, 128, split_k=2)
 
 
 @pytest.mark.parametrize("fmt", ["bfloat16", "int8", "int4g32"])
@@ -256,19 +278,24 @@ def test_split_k_add_norm_is_finished_by_the_last_program_of_each_tile(fmt, m, m
     x, weights, _ = case(fmt, m, 256, 384, act, seed=m)
     w, aux = weights[0], weights[1] if len(weights) > 1 else None
     residual, g = torch.randn(m, 256).to(act), (torch.rand(256) + 0.5).to(act)
-    scratch = torch.zeros(kernels.scratch_numel(kernels.MAX_M, 256), dtype=torch.int32)
+    scratch = torch.zeros(triton_ops.scratch_numel(triton_ops.MAX_M, 256), dtype=torch.int32)
     outs = {}
     for split, xs, ws in ((1, x, None), (3, x, None), (3, x.flip(0), scratch), (3, x, scratch), (1, x.flip(0), None)):
-        monkeypatch.setattr(kernels, "get_config", lambda *a, s=split, **kw: kernels.Config(16, 128, split_k=s))
-        outs[split, ws is None, xs is x] = kernels.linear_add_norm(fmt, xs, w, aux, residual, g, ws)
+        monkeypatch.setattr(triton_ops, "get_config", lambda *a, s=split, **kw: triton_ops.Config(16, 128, split_k=s))
+        outs[split, ws is None, xs is x] = triton_ops.linear_add_norm(fmt, xs, w, aux, residual, g, ws)
         assert not scratch.any()
     for fresh in (True, False):
         for whole, split in zip(outs[1, True, True], outs[3, fresh, True]):
             assert whole.dtype == split.dtype and rel_err(split, whole.double()) < 1e-2
     for whole, split in zip(outs[1, True, False], outs[3, False, False]):
         assert rel_err(split, whole.double()) < 1e-2
+    if m == 1:  # M = 1: tiles past K too (256 + a masked 128 in the second split)
+        monkeypatch.setattr(triton_ops, "get_config", lambda *a, **kw: triton_ops.Config(16, 256, split_k=2))
+        for whole, split in zip(outs[1, True, True], triton_ops.linear_add_norm(fmt, x, w, aux, residual, g, scratch)):
+            assert rel_err(split, whole.double()) < 1e-2
+        assert not scratch.any()
     with pytest.raises(AssertionError, match="scratch must be"):
-        kernels.linear_add_norm(fmt, x, w, aux, residual, g, scratch[:100])
+        triton_ops.linear_add_norm(fmt, x, w, aux, residual, g, scratch[:100])
 
 
 # ----------------------------------------------------------------------------- decode attention
@@ -295,7 +322,7 @@ def test_attention_matches_torch_sdpa(b, h, hkv, s, t, d, dtype, splits):
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=True
     )  # fmt: skip
-    out = kernels.attention_with_splits(q, k, v, mask, splits)
+    out = triton_ops.attention_with_splits(q, k, v, mask, splits)
     assert out.shape == q.shape and out.dtype == dtype
     assert (out.double() - ref).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
 
@@ -319,7 +346,7 @@ def rope_case(b, h, hkv, t, d, dtype, pos, seed=0):
     (2, 8, 2, 130, 128, torch.bfloat16, 2, 121),
 ])  # fmt: skip
 def test_rope_attention_is_rotary_then_cache_write_then_attention(b, h, hkv, t, d, dtype, splits, pos):
-    # kernels.rope_attention against model.Attention's own steps: apply_rotary (in float32, rounded once, as
+    # triton_ops.rope_attention against model.Attention's own steps: apply_rotary (in float32, rounded once, as
     # inductor computes it), index_copy_ into the caches, sdpa over them
     from model import apply_rotary
 
@@ -330,7 +357,7 @@ def test_rope_attention_is_rotary_then_cache_write_then_attention(b, h, hkv, t, 
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.double(), k_ref.double(), v_ref.double(), attn_mask=mask, enable_gqa=True
     )  # fmt: skip
-    out = kernels.rope_attention_with_splits(qkv, cos, sin, pos, k_cache, v_cache, mask, h, splits)
+    out = triton_ops.rope_attention_with_splits(qkv, cos, sin, pos, k_cache, v_cache, mask, h, splits)
     assert out.shape == (b, h, 1, d) and out.dtype == dtype
     assert (out.double() - ref).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
     ulp = 1e-6 if dtype == torch.float32 else 2e-2  # bf16: FMA contraction may move the rounding by one step
@@ -341,11 +368,11 @@ def test_rope_attention_is_rotary_then_cache_write_then_attention(b, h, hkv, t, 
 def test_masked_keys_do_not_count():
     # keys past the position (cache slots not written yet) and padding slots change nothing, whatever they hold
     q, k, v, mask = attention_case(2, 2, 2, 1, 256, 64, torch.float32, pos=70)
-    ref = kernels.attention_with_splits(q, k, v, mask, 2)
+    ref = triton_ops.attention_with_splits(q, k, v, mask, 2)
     k[:, :, 71:], v[:, :, 71:] = k[:, :, 71:] * 100, torch.randn_like(v[:, :, 71:]) * 100
     k[0, :, :3], v[0, :, :3] = -k[0, :, :3] * 100, v[0, :, :3] * 100
-    assert_close(kernels.attention_with_splits(q, k, v, mask, 2), ref, atol=1e-6, rtol=1e-6)
-    assert_close(kernels.attention_with_splits(q, k, v, mask, 1), ref, atol=1e-6, rtol=1e-6)
+    assert_close(triton_ops.attention_with_splits(q, k, v, mask, 2), ref, atol=1e-6, rtol=1e-6)
+    assert_close(triton_ops.attention_with_splits(q, k, v, mask, 1), ref, atol=1e-6, rtol=1e-6)
 
 
 def test_fake_implementations_agree_with_the_kernels():
@@ -353,32 +380,32 @@ def test_fake_implementations_agree_with_the_kernels():
     # dtype and strides, also for a transposed query view with several positions (a verify step)
     q, k, v, mask = attention_case(1, 4, 2, 3, 64, 32, torch.float32, pos=20)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, H, S, D] view of [B, S, H, D], as in model.py
-    torch.library.opcheck(kernels.attention, (q, k, v, mask))
-    torch.library.opcheck(kernels.attention_partial, (q, k, v, mask, 2))
+    torch.library.opcheck(triton_ops.attention, (q, k, v, mask))
+    torch.library.opcheck(triton_ops.attention_partial, (q, k, v, mask, 2))
     qkv, cos, sin, pos, (k_cache, v_cache), mask = rope_case(1, 4, 2, 64, 32, torch.float32, pos=20)
-    torch.library.opcheck(kernels.rope_attention, (qkv, cos, sin, pos, k_cache, v_cache, mask, 4))  # mutates the caches
-    torch.library.opcheck(kernels.rope_attention_partial, (qkv, cos, sin, pos, k_cache, v_cache, mask, 4, 2))
-    for fmt, op in (("bfloat16", kernels.linear), ("int8", kernels.int8_linear), ("int4g32", kernels.int4_linear)):
+    torch.library.opcheck(triton_ops.rope_attention, (qkv, cos, sin, pos, k_cache, v_cache, mask, 4))  # mutates the caches
+    torch.library.opcheck(triton_ops.rope_attention_partial, (qkv, cos, sin, pos, k_cache, v_cache, mask, 4, 2))
+    for fmt, op in (("bfloat16", triton_ops.linear), ("int8", triton_ops.int8_linear), ("int4g32", triton_ops.int4_linear)):
         x, weights, _ = case(fmt, 3, 256, 256, torch.bfloat16)
         for glu in (False, True):
             torch.library.opcheck(op, (x, *weights, glu))
         w, aux = weights[0], weights[1] if len(weights) > 1 else None
         residual, g = torch.randn(3, 256, dtype=torch.bfloat16), torch.rand(256, dtype=torch.bfloat16)
-        h, hn, ss = kernels.linear_add_norm(fmt, x, w, aux, residual, g)
-        torch.library.opcheck(kernels.linear_add_norm, (fmt, x, w, aux, residual, g))
-        scratch = torch.zeros(kernels.scratch_numel(3, 256), dtype=torch.int32)
-        torch.library.opcheck(kernels.linear_add_norm, (fmt, x, w, aux, residual, g, scratch))  # (mutates scratch)
-        torch.library.opcheck(kernels.norm_linear, (fmt, hn, w, aux, ss, 1e-5, True))
+        h, hn, ss = triton_ops.linear_add_norm(fmt, x, w, aux, residual, g)
+        torch.library.opcheck(triton_ops.linear_add_norm, (fmt, x, w, aux, residual, g))
+        scratch = torch.zeros(triton_ops.scratch_numel(3, 256), dtype=torch.int32)
+        torch.library.opcheck(triton_ops.linear_add_norm, (fmt, x, w, aux, residual, g, scratch))  # (mutates scratch)
+        torch.library.opcheck(triton_ops.norm_linear, (fmt, hn, w, aux, ss, 1e-5, True))
 
 
 def test_sdpa_sends_only_decode_sized_gpu_inputs_to_the_kernel():
     q, k, v, mask = attention_case(1, 4, 2, 1, 64, 64, torch.float32, pos=10)
-    assert not kernels.attention_supported(q, k, v, mask)  # CPU tensors: torch's sdpa
-    assert torch.equal(kernels.sdpa(q, k, v, attn_mask=mask, enable_gqa=True),
+    assert not triton_ops.attention_supported(q, k, v, mask)  # CPU tensors: torch's sdpa
+    assert torch.equal(triton_ops.sdpa(q, k, v, attn_mask=mask, enable_gqa=True),
                        torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
     meta = lambda *shape, dtype=torch.bfloat16: torch.empty(*shape, device="meta", dtype=dtype)  # noqa: E731
     # what the kernel takes, device aside: a bool [B, 1, S, T] mask, few query rows per program, power-of-two D
-    shapes_ok = kernels.attention_shapes_ok
+    shapes_ok = triton_ops.attention_shapes_ok
     assert shapes_ok(meta(1, 32, 1, 128), meta(1, 8, 64, 128), meta(1, 8, 64, 128), meta(1, 1, 1, 64, dtype=torch.bool))
     assert not shapes_ok(meta(1, 32, 1, 128), meta(1, 8, 64, 128), meta(1, 8, 64, 128), None)
     assert not shapes_ok(meta(1, 32, 1, 96), meta(1, 8, 64, 96), meta(1, 8, 64, 96), meta(1, 1, 1, 64, dtype=torch.bool))
@@ -394,9 +421,9 @@ def test_int4_matrix_vector_over_the_range_of_x():
     x[:, ::3] = 0.0
     for mag in (2.0**-50, 1e-6, 1.0, 1e6, 2.0**50):
         xm = x * mag
-        ref = xm.double() @ kernels.dequantize("int4g32", *weights).double().T
-        for cfg in (kernels.Config(block_n=64, block_k=128), kernels.Config(block_n=128, block_k=128, split_k=2)):
-            assert rel_err(kernels.run_with("int4g32", xm, weights, cfg), ref) < 2e-5, (mag, cfg)
+        ref = xm.double() @ triton_ops.dequantize("int4g32", *weights).double().T
+        for cfg in (triton_ops.Config(block_n=64, block_k=128), triton_ops.Config(block_n=128, block_k=128, split_k=2)):
+            assert rel_err(triton_ops.run_with("int4g32", xm, weights, cfg), ref) < 2e-5, (mag, cfg)
 
 
 @pytest.mark.parametrize("act", [torch.bfloat16, torch.float16])
@@ -409,12 +436,12 @@ def test_int8_matrix_vector_over_the_range_of_x(act):
     mags = (2.0**-50, 1e-6, 1.0, 1e6, 2.0**50) if act == torch.bfloat16 else (2.0**-10, 1.0)
     for mag in mags:
         xm = (x * mag).to(act)
-        ref = xm.double() @ kernels.dequantize("int8", *weights).double().T
-        for cfg in (kernels.Config(block_n=64, block_k=128), kernels.Config(block_n=128, block_k=128, split_k=2)):
-            assert rel_err(kernels.run_with("int8", xm, weights, cfg), ref) < BOUND[act], (mag, cfg)
+        ref = xm.double() @ triton_ops.dequantize("int8", *weights).double().T
+        for cfg in (triton_ops.Config(block_n=64, block_k=128), triton_ops.Config(block_n=128, block_k=128, split_k=2)):
+            assert rel_err(triton_ops.run_with("int8", xm, weights, cfg), ref) < BOUND[act], (mag, cfg)
         if mag <= 1:  # (larger x saturates the sigmoid: numpy warns of exp overflow in the interpreter)
-            glu = kernels.run_with("int8", xm, w_glu, kernels.Config(block_n=32, block_k=128), glu=True)
-            assert rel_err(glu, kernels.glu_reference("int8", xm, *w_glu)) < BOUND[act], mag
+            glu = triton_ops.run_with("int8", xm, w_glu, triton_ops.Config(block_n=32, block_k=128), glu=True)
+            assert rel_err(glu, triton_ops.glu_reference("int8", xm, *w_glu)) < BOUND[act], mag
 
 
 def test_weight_at_an_odd_address():
@@ -425,8 +452,8 @@ def test_weight_at_an_odd_address():
     odd = buf[1:].view(w.shape)
     odd.copy_(w)
     assert odd.is_contiguous() and odd.data_ptr() % 2 == 1
-    for cfg in (kernels.Config(block_n=64, block_k=128), kernels.Config(block_n=128, block_k=128, split_k=2)):
-        assert rel_err(kernels.run_with("int8", x, (odd, s), cfg), ref) < BOUND[torch.bfloat16]
+    for cfg in (triton_ops.Config(block_n=64, block_k=128), triton_ops.Config(block_n=128, block_k=128, split_k=2)):
+        assert rel_err(triton_ops.run_with("int8", x, (odd, s), cfg), ref) < BOUND[torch.bfloat16]
 
 
 GPU_COMPILE = r"""
@@ -436,7 +463,7 @@ sys.path.insert(0, sys.argv[1])
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import kernels
+import triton_ops
 
 def build(fn, sig, consts):
     # pointers and the K-sized ints are 16-divisible, as the JIT would specialise them at a real launch
@@ -462,8 +489,8 @@ for w, x, bm, atomic, glu, norm in [("*i8", "*bf16", 1, True, False, ""), ("*i8"
     sig = {"x_ptr": x, "w_ptr": w, "s_ptr": x, "y_ptr": "*fp32" if atomic and norm != "add" else x, **ints, **fused(x)}
     consts = dict(HAS_SCALE=w != "*bf16", W_INT8=w == "*i8", X16=True, X_BF16=x == "*bf16", GLU=glu, ATOMIC=atomic,
                   DOT_F32=False, BLOCK_M=bm, BLOCK_N=32, BLOCK_K=256, PDL=glu, PREFETCH=65536 * glu,
-                  ADD_NORM=norm == "add", NORM_IN=norm == "in", PARTS_IN=512)
-    ptx = build(kernels._linear_kernel, sig, consts).asm["ptx"]
+                  ADD_NORM=norm == "add", NORM_IN=norm == "in", PARTS_IN=512, TAIL=False)
+    ptx = build(triton_ops._linear_kernel, sig, consts).asm["ptx"]
     if atomic and norm == "add":
         zeroes_after_loading(ptx)
     assert ("griddepcontrol.wait" in ptx) == glu  # the grid-dependency wait, and the L2 prefetch of both halves
@@ -472,21 +499,30 @@ for w, x, bm, atomic, glu, norm in [("*i8", "*bf16", 1, True, False, ""), ("*i8"
     assert not re.search(r"(fma|mul)[.a-z]*[.]ftz", ptx), f"flush-to-zero arithmetic in the linear kernel ({w}, M={bm})"
 for bm, glu, norm, atomic in ((1, False, "add", True), (16, False, "", False), (1, True, "in", False), (16, True, "", False)):
     sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "sz_ptr": "*bf16", "y_ptr": "*bf16", **ints, **fused("*bf16")}
-    ptx = build(kernels._int4_kernel, sig, dict(GROUP=32, GLU=glu, ATOMIC=atomic, DOT_F32=False, BLOCK_M=bm,
+    ptx = build(triton_ops._int4_kernel, sig, dict(GROUP=32, GLU=glu, ATOMIC=atomic, DOT_F32=False, BLOCK_M=bm,
                                                 BLOCK_N=32, BLOCK_K=512, PDL=glu, PREFETCH=16384 * glu,
-                                                ADD_NORM=norm == "add", NORM_IN=norm == "in", PARTS_IN=512)).asm["ptx"]
+                                                ADD_NORM=norm == "add", NORM_IN=norm == "in", PARTS_IN=512, TAIL=False)).asm["ptx"]
     if atomic and norm == "add":
         zeroes_after_loading(ptx)
     assert ptx.count("cp.async.bulk.prefetch.L2") == 2 * glu
     # M = 1 multiplies denormal floats (the masked nibbles): flush-to-zero products would zero the weights
     assert not re.search(r"(fma|mul)[.a-z]*[.]ftz", ptx), f"flush-to-zero arithmetic in the int4 kernel (M={bm})"
+# M = 1 tiles that run past K (TAIL): int8 words, fp8 elements and int4 words, masked loads
+for fn, w, extra in ((triton_ops._linear_kernel, "*i8", dict(HAS_SCALE=True, W_INT8=True, X16=True, X_BF16=True)),
+                     (triton_ops._linear_kernel, "*fp8e4nv", dict(HAS_SCALE=True, W_INT8=False, X16=True, X_BF16=True)),
+                     (triton_ops._int4_kernel, "*i32", dict(GROUP=32))):
+    sig = {"x_ptr": "*bf16", "w_ptr": w, "sz_ptr" if w == "*i32" else "s_ptr": "*bf16", "y_ptr": "*bf16", **ints,
+           **fused("*bf16")}
+    ptx = build(fn, sig, dict(**extra, GLU=True, ATOMIC=False, DOT_F32=False, BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024,
+                              PDL=False, PREFETCH=0, ADD_NORM=False, NORM_IN=False, PARTS_IN=1, TAIL=True)).asm["ptx"]
+    assert re.search(r"@%p[0-9]+ ld[.]global", ptx), f"no masked loads in the TAIL kernel ({w})"
 # M = 1, a tile of 8 rows by 4096: each thread holds 8 rows of one group; x is loaded once for all of them
 # (8 nibble positions x 8 bytes), the words and (scale, zero) pairs once per row, and the layout needs no
 # shared-memory round trips but the final reduction's
 sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "sz_ptr": "*bf16", "y_ptr": "*bf16", **ints, **fused("*bf16")}
-ptx = build(kernels._int4_kernel, sig, dict(GROUP=32, GLU=False, ATOMIC=False, DOT_F32=False, BLOCK_M=1, BLOCK_N=8,
+ptx = build(triton_ops._int4_kernel, sig, dict(GROUP=32, GLU=False, ATOMIC=False, DOT_F32=False, BLOCK_M=1, BLOCK_N=8,
                                             BLOCK_K=4096, PDL=False, PREFETCH=0, ADD_NORM=False, NORM_IN=False,
-                                            PARTS_IN=1)).asm["ptx"]
+                                            PARTS_IN=1, TAIL=False)).asm["ptx"]
 loads = re.findall(r"ld[.]global[.a-z0-9]*", ptx)
 assert (loads.count("ld.global.v2.b32"), loads.count("ld.global.v4.b32"), loads.count("ld.global.b32")) == (8, 8, 8), loads
 assert ptx.count("bar.sync") <= 4
@@ -498,7 +534,7 @@ for g, partial, rope in ((1, False, False), (4, True, False), (1, False, True), 
     sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*u8", "o_ptr": "*fp32" if partial else "*bf16",
            "lse_ptr": "*fp32", **strides, "HKV": "i32", "S": "i32", "T": "i32", "t_len": "i32", "qk_scale": "fp32",
            "cos_ptr": "*bf16", "sin_ptr": "*bf16", "pos_ptr": "*i64", "new_k": "i32", "new_v": "i32"}
-    ptx = build(kernels._attention_kernel, sig, dict(G=g, D=128, BLOCK_R=16, BLOCK_T=64, PARTIAL=partial,
+    ptx = build(triton_ops._attention_kernel, sig, dict(G=g, D=128, BLOCK_R=16, BLOCK_T=64, PARTIAL=partial,
                                                      DOT_F32=False, ROPE=rope, PDL=partial)).asm["ptx"]
     stores[partial, rope] = ptx.count("st.global")
 assert all(stores[partial, True] > stores[partial, False] for partial in (False, True))  # the cache writes

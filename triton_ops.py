@@ -99,6 +99,16 @@ def _prefetch_l2(w_ptr, n0, ld, k0, k_len, PREFETCH: tl.constexpr, ROWS: tl.cons
 
 
 @triton.jit
+def _in_k(offs, rest, TAIL: tl.constexpr):
+    # the mask of a tile's loads along K: offs < rest (the inputs left before the end of the program's range)
+    # where tiles may run past K (TAIL), else all true, which the compiler folds into plain loads
+    ok = tl.full(offs.shape, True, tl.int1)
+    if TAIL:
+        ok = offs < rest
+    return ok
+
+
+@triton.jit
 def _int8_to_f32(q):
     # int8 -> float32 without the (quarter-rate) I2F instruction: put 128 + q in the low mantissa bits of
     # 2^23 and subtract 2^23 + 128; both steps are exact
@@ -220,11 +230,14 @@ def _linear_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
     ADD_NORM: tl.constexpr = False, NORM_IN: tl.constexpr = False, PARTS_IN: tl.constexpr = 1,
+    TAIL: tl.constexpr = False,
 ):  # fmt: skip
     # x: [M, K], w: [N, K] (float, int8 or fp8), s: [N] per-output-channel scale, y: [M, N]
     # GLU: w is [2N, K], gate rows then up rows, and y = silu(x @ gate^T) * (x @ up^T) (no split-K)
     # grid: (N / BLOCK_N, split-K, cdiv(M, BLOCK_M)); this program: BLOCK_N outputs over inputs
-    # [pid_k * k_len, (pid_k + 1) * k_len) cut at K; k_len is a multiple of BLOCK_K, so no masks along K
+    # [pid_k * k_len, (pid_k + 1) * k_len) cut at K; k_len is a multiple of BLOCK_K. TAIL (M = 1 on CUDA
+    # cores only): BLOCK_K does not divide K, so the last tile's loads are masked (zeros add nothing);
+    # otherwise no masks along K
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -246,11 +259,12 @@ def _linear_kernel(
         acc_up = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.float32)
         xs = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.float32)
         for k in range(0, k_end, BLOCK_K):
-            x0, x1, x2, x3 = _x_lanes(tl.load(x_ptrs + k // 4), X_BF16)
-            acc = _int8_gemv_step(acc, tl.load(q_ptrs + k // 4), x0, x1, x2, x3)
+            ok = _in_k(tl.arange(0, BLOCK_K // 4)[None, :], (k_end - k) // 4, TAIL)
+            x0, x1, x2, x3 = _x_lanes(tl.load(x_ptrs + k // 4, mask=ok, other=0), X_BF16)
+            acc = _int8_gemv_step(acc, tl.load(q_ptrs + k // 4, mask=ok, other=0), x0, x1, x2, x3)
             xs += (x0 + x1) + (x2 + x3)
             if GLU:
-                acc_up = _int8_gemv_step(acc_up, tl.load(q_up + k // 4), x0, x1, x2, x3)
+                acc_up = _int8_gemv_step(acc_up, tl.load(q_up + k // 4, mask=ok, other=0), x0, x1, x2, x3)
         # sum q x = sum (q + 128) x - 128 sum x
         x_sum = tl.sum(xs, axis=1)[None, :]
         out = tl.sum(acc, axis=1)[None, :] * 2.0 ** (149 - X_EXP) - 128.0 * x_sum
@@ -263,12 +277,13 @@ def _linear_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k in range(0, k_end, BLOCK_K):
-            xk = tl.load(x_ptrs + k).to(tl.float32)
-            w = tl.load(w_ptrs + k)
-            acc += (_int8_to_f32(w) if W_INT8 else w.to(tl.float32)) * xk
+            ok = _in_k(tl.arange(0, BLOCK_K)[None, :], k_end - k, TAIL)
+            xk = tl.load(x_ptrs + k, mask=ok, other=0.0).to(tl.float32)
+            w = tl.load(w_ptrs + k, mask=ok)  # (no other=: fp8 has no literal zero; masked weights are zeroed)
+            acc += tl.where(ok, _int8_to_f32(w) if W_INT8 else w.to(tl.float32), 0.0) * xk
             if GLU:
-                w = tl.load(up_ptrs + k)
-                acc_up += (_int8_to_f32(w) if W_INT8 else w.to(tl.float32)) * xk
+                w = tl.load(up_ptrs + k, mask=ok)
+                acc_up += tl.where(ok, _int8_to_f32(w) if W_INT8 else w.to(tl.float32), 0.0) * xk
         out, out_up = tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :]  # [1, BLOCK_N]
     else:
         # up to 16 rows: tensor cores on x[16, BLOCK_K] @ w^T; int8 and fp8 are exact in bf16/fp16
@@ -303,13 +318,14 @@ def _nibble_pair(q, p: tl.constexpr):
 
 
 @triton.jit
-def _int4_gemv_step(q, sz, x_ptrs, WG: tl.constexpr):
+def _int4_gemv_step(q, sz, x_ptrs, x_ok, WG: tl.constexpr):
     # one tile for M == 1: q [BLOCK_N, G, WG] words, sz [BLOCK_N, G, 2] (scale, zero), x_ptrs [1, G, WG]
-    # at the tile's first word column -> sum over the tile of W * x per row and group: [BLOCK_N, G]
+    # at the tile's first word column, x_ok [1, G, 1] its groups before K -> sum over the tile of W * x per
+    # row and group: [BLOCK_N, G]
     # A nibble masked in place, q & (15 << b), read as a float is the denormal q * 2^(b - 149): one LOP3 per
     # weight, and a shift only for nibbles 5..7 (one per word). Its x is prescaled by 2^(X_EXP - b), so every
     # product is q * x * 2^(X_EXP - 149), a normal float for 2^-52 < |x| < 2^52 (FFMA keeps denormal inputs;
-    # the kernels are compiled without flush-to-zero, which tests/test_kernels.py checks).
+    # the kernels are compiled without flush-to-zero, which tests/test_triton_ops.py checks).
     # The x work (loads, conversions, scaling, sums) does not depend on the row: x has one row, broadcast to
     # the tile, so a thread holding several rows does it once for all of them.
     scale, zero = tl.split(sz.to(tl.float32))
@@ -318,7 +334,7 @@ def _int4_gemv_step(q, sz, x_ptrs, WG: tl.constexpr):
     xs = tl.zeros([1, q.shape[1], q.shape[2]], dtype=tl.float32)  # sum of x
     for i in tl.static_range(8):  # nibble i sits at bit b = 4i - 12 (i // 5) once masked
         f = ((q if i < 5 else q_hi) & (15 << (4 * i - 12 * (i // 5)))).to(tl.float32, bitcast=True)
-        x = tl.load(x_ptrs + i * WG).to(tl.float32)
+        x = tl.load(x_ptrs + i * WG, mask=x_ok, other=0.0).to(tl.float32)
         fx += f * (x * 2.0 ** (X_EXP - 4 * i + 12 * (i // 5)))
         xs += x
     # per group: sum_k ((q - 8) * scale + zero) * x = scale * sum q x + (zero - 8 * scale) * sum x
@@ -353,6 +369,7 @@ def _int4_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
     ADD_NORM: tl.constexpr = False, NORM_IN: tl.constexpr = False, PARTS_IN: tl.constexpr = 1,
+    TAIL: tl.constexpr = False,
 ):  # fmt: skip
     # x: [M, K]; w: [N, K/8] int32 from pack_int4; sz: [N, K/GROUP, 2] (scale, zero); KW = K / 8 and
     # KW_LEN = k_len / 8 are passed as arguments so Triton sees they are multiples of 16 (16-byte word loads)
@@ -361,6 +378,7 @@ def _int4_kernel(
     # 1 + q/256 for even i, so W = 16 * scale * f + (zero - 24 * scale), or 256 * scale * f + (zero - 264 * scale);
     # M = 1 multiplies the nibbles as denormal floats instead (_int4_gemv_step).
     # GLU: w, sz hold 2N rows (gate, then up) and y = silu(x @ gate^T) * (x @ up^T), as in _linear_kernel.
+    # TAIL (M = 1 only): the last tile runs past K, its loads masked by group, as in _linear_kernel.
     G: tl.constexpr = BLOCK_K // GROUP  # groups per tile
     WG: tl.constexpr = GROUP // 8  # words per group
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -386,13 +404,17 @@ def _int4_kernel(
         acc = tl.zeros([BLOCK_N, G], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, G], dtype=tl.float32)
         for k in range(0, k_end, BLOCK_K):
-            q = tl.reshape(tl.load(q_ptrs + k // 8), [BLOCK_N, G, WG])
-            sz = tl.reshape(tl.load(s_ptrs + k // GROUP * 2), [BLOCK_N, G, 2])
-            acc += _int4_gemv_step(q, sz, x_ptrs + k, WG)
+            groups = (k_end - k) // GROUP  # left in the range: whole groups (K is a multiple of GROUP)
+            q_ok = _in_k(tl.arange(0, G * WG)[None, :] // WG, groups, TAIL)
+            s_ok = _in_k(tl.arange(0, 2 * G)[None, :] // 2, groups, TAIL)
+            x_ok = _in_k(rg[None, :, None], groups, TAIL)
+            q = tl.reshape(tl.load(q_ptrs + k // 8, mask=q_ok, other=0), [BLOCK_N, G, WG])
+            sz = tl.reshape(tl.load(s_ptrs + k // GROUP * 2, mask=s_ok, other=0.0), [BLOCK_N, G, 2])
+            acc += _int4_gemv_step(q, sz, x_ptrs + k, x_ok, WG)
             if GLU:
-                q = tl.reshape(tl.load(q_ptrs + up_w + k // 8), [BLOCK_N, G, WG])
-                sz = tl.reshape(tl.load(s_ptrs + up_sz + k // GROUP * 2), [BLOCK_N, G, 2])
-                acc_up += _int4_gemv_step(q, sz, x_ptrs + k, WG)
+                q = tl.reshape(tl.load(q_ptrs + up_w + k // 8, mask=q_ok, other=0), [BLOCK_N, G, WG])
+                sz = tl.reshape(tl.load(s_ptrs + up_sz + k // GROUP * 2, mask=s_ok, other=0.0), [BLOCK_N, G, 2])
+                acc_up += _int4_gemv_step(q, sz, x_ptrs + k, x_ok, WG)
         out, out_up = tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :]  # [1, BLOCK_N]
     else:
         w_ptrs = w_ptr + rn[:, None, None].to(tl.int64) * KW + pid_k * KW_LEN + rg[None, :, None] * WG + rw[None, None, :]
@@ -551,9 +573,11 @@ def act_dtype(fmt: str) -> torch.dtype:
 
 
 def valid(cfg: Config, fmt: str, n: int, k: int) -> bool:
+    # the last tile along K may run past K (masked: TAIL) on CUDA cores, not on tensor cores
     group = _group(fmt)
-    tiles_k = k // cfg.block_k
-    return n % cfg.block_n == 0 and k % cfg.block_k == 0 and cfg.block_k % group == 0 and cfg.split_k <= tiles_k
+    tiles_k = -(-k // cfg.block_k)
+    whole_k = k % cfg.block_k == 0 or not cfg.dot
+    return n % cfg.block_n == 0 and whole_k and k % group == 0 and cfg.block_k % group == 0 and cfg.split_k <= tiles_k
 
 
 def _load_table() -> dict:
@@ -605,7 +629,7 @@ def _warps(tile_bytes: int, bits: int, dot: bool) -> tuple[int, ...]:
 def candidates(fmt: str, n: int, k: int, m: int, sms: int = 132) -> list[Config]:
     """The configs bench_kernels.py --tune tries: weight tiles of 4-16 KB per loop step (int4 on CUDA cores
     2-32 KB, as wide as BLOCK_K = 4096 and as short as 2 rows: see _int4_kernel), shaped from wide (BLOCK_K up to
-    1024) to tall (BLOCK_N up to 128, for K like 11008 = 2^8 * 43 that only tiles by 256), 2-8 warps (_warps),
+    1024) to tall (BLOCK_N up to 128; on CUDA cores a K like 11008 = 2^8 * 43 ends in a masked tile), 2-8 warps (_warps),
     split-K 1-8 (while that leaves < 8 programs per SM); for M == 1 also the tensor-core path."""
     bits, out = _bits(fmt), []
     for dot in (False, True) if m == 1 else (True,):
@@ -741,7 +765,9 @@ def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | N
         ss_in = ss_in.reshape(m, -1).contiguous()
         fused.update(ss_in_ptr=ss_in, n_in=ss_in.shape[1], eps=float(eps))
         constexprs.update(NORM_IN=True, PARTS_IN=triton.next_power_of_2(ss_in.shape[1]))
-    k_len = triton.cdiv(k // cfg.block_k, cfg.split_k) * cfg.block_k  # inputs per split, whole tiles
+    k_len = triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split_k) * cfg.block_k  # inputs per split, whole tiles
+    if k % cfg.block_k:  # the last tile runs past K (M = 1 on CUDA cores: see valid)
+        constexprs.update(TAIL=True)
     words = 8 if kernel is _int4_kernel else 4  # weights per int32 word (int4, int8; unused for the others)
     constexprs.update(KW=k // words, KW_LEN=k_len // words)  # plain ints, not constexprs (see the kernels)
     w_aligned = weights[0].data_ptr() % 16 == 0  # for int8's int32-word loop and for bulk prefetches
@@ -916,7 +942,7 @@ ATTN_MAX_ROWS = 128  # query heads per key/value head x query positions, per pro
 
 
 def attention_supported(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
-    """Whether kernels.sdpa should use the Triton kernel: GPU tensors that attention_shapes_ok() accepts."""
+    """Whether triton_ops.sdpa should use the Triton kernel: GPU tensors that attention_shapes_ok() accepts."""
     return q.is_cuda and attention_shapes_ok(q, k, v, mask)
 
 
