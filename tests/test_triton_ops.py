@@ -542,7 +542,7 @@ print("ok")
 """
 
 
-def test_kernels_compile_for_h100():
+def test_triton_ops_compile_for_h100():
     # The interpreter accepts code the GPU compiler may reject: compile every kernel variant for sm_90 with
     # Triton's bundled ptxas (no GPU needed), in a process where TRITON_INTERPRET is off.
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
