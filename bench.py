@@ -6,6 +6,7 @@
     python bench.py --shape 7B --mode int8 fp8 --pdl off on   # programmatic dependent launch off and on
     python bench.py --shape 7B --mode int4 --kernels default int8,fp8,int4,attn,glu,norm,rope   # the fused rotary
     python bench.py --shape 7B --mode int4 --kernels default all --repeat 2   # interleaved A/B: A B A B
+    python bench.py --shape 7B --mode int8 --configs kernel_configs.json old.json --repeat 2   # two tunings
 
 Prints one JSON line per configuration: median tok/s over --runs after a first (compiling) call,
 achieved GB/s (non-embedding weight bytes x tok/s), % of the floor set by the copy bandwidth measured in
@@ -14,6 +15,7 @@ one process has differed by 11% on the H200 (README), so compare configurations 
 the list N times in turn and ends with one "summary" line per configuration (its N medians and their median).
 """
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -72,8 +74,12 @@ def copy_bandwidth(device) -> float:
     return 2 * n * 2 / statistics.median(times) / 1e9
 
 
-def run(args, mode: str, copy_gbs: float, kernels: str, pdl: str) -> dict:
+def run(args, mode: str, copy_gbs: float, kernels: str, pdl: str, configs: str | None = None) -> dict:
+    # configs: a kernel_configs.json-style file of block sizes for triton_ops.py, None: the shipped one
     device = args.device
+    if configs or quantize.triton_ops:  # the shipped table again after another configuration's
+        quantize.load_kernels()
+        quantize.triton_ops.load_configs(configs or quantize.triton_ops.CONFIG_FILE)
     os.environ["FASTGEN_KERNELS"] = quantize.TRITON_BY_DEFAULT if kernels == "default" else kernels  # read at prepare
     os.environ["FASTGEN_PDL"] = "1" if pdl == "on" else "0"  # read at each triton_ops.py launch
     gen.set_inductor_pdl(pdl == "on")  # read when the decode step compiles (after the reset below)
@@ -100,7 +106,7 @@ def run(args, mode: str, copy_gbs: float, kernels: str, pdl: str) -> dict:
     gbs = nbytes * tok_s / 1e9
     peak = torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else None
     return {
-        "shape": args.shape, "mode": mode, "kernels": kernels, "pdl": pdl_used(device),
+        "shape": args.shape, "mode": mode, "kernels": kernels, "configs": configs or "default", "pdl": pdl_used(device),
         "prefetch_kib": os.environ.get("FASTGEN_PREFETCH", "0"), "compile": args.compile,
         "tok_s": round(tok_s, 2),
         "runs_tok_s": [round(s, 2) for s in speeds], "weight_gb": round(nbytes / 1e9, 3), "gb_s": round(gbs, 1),
@@ -178,24 +184,31 @@ def main(argv=None) -> None:
     p.add_argument("--repeat", type=int, default=1, help="run the list of configurations this many times, interleaved")
     p.add_argument("--pdl", nargs="+", choices=["on", "off"], default=["on"],
                    help="programmatic dependent launch between the decode step's kernels (sm_90+; FASTGEN_PDL)")
+    p.add_argument("--configs", nargs="+", default=[None], metavar="JSON",
+                   help="files of tuned block sizes to compare (kernel_configs.json's format; default: that file)")
     p.add_argument("--breakdown", action="store_true", help="also profile GPU time per token by kind of kernel")
     p.add_argument("--device", default=gen.default_device())
     args = p.parse_args(argv)
     if args.breakdown and not args.device.startswith("cuda"):
         p.error("--breakdown profiles GPU kernels: it needs --device cuda")
+    for path in filter(None, args.configs):
+        try:
+            json.loads(open(path).read())
+        except (OSError, ValueError) as e:
+            p.error(f"--configs {path}: not a readable JSON file ({type(e).__name__})")
     gen.setup_compile(args.compile, args.compile_prefill)
     copy_gbs = copy_bandwidth(args.device)
-    medians: dict[tuple, list[float]] = {}  # (mode, kernels, pdl) -> tok/s of each repeat
+    medians: dict[tuple, list[float]] = {}  # (mode, kernels, pdl, configs) -> tok/s of each repeat
     for mode in args.mode:
         for _ in range(args.repeat):
-            for kernels in args.kernels:
-                for pdl in args.pdl:
-                    row = run(args, mode, copy_gbs, kernels, pdl)
-                    medians.setdefault((mode, kernels, pdl), []).append(row["tok_s"])
-                    print(json.dumps(row), flush=True)
+            for kernels, pdl, configs in itertools.product(args.kernels, args.pdl, args.configs):
+                row = run(args, mode, copy_gbs, kernels, pdl, configs)
+                medians.setdefault((mode, kernels, pdl, configs), []).append(row["tok_s"])
+                print(json.dumps(row), flush=True)
     if args.repeat > 1:
-        for (mode, kernels, pdl), speeds in medians.items():
-            summary = {"summary": True, "mode": mode, "kernels": kernels, "pdl": pdl, "tok_s": statistics.median(speeds)}
+        for (mode, kernels, pdl, configs), speeds in medians.items():
+            summary = {"summary": True, "mode": mode, "kernels": kernels, "pdl": pdl, "configs": configs or "default",
+                       "tok_s": statistics.median(speeds)}  # fmt: skip
             print(json.dumps({**summary, "repeats_tok_s": speeds}), flush=True)
 
 

@@ -580,14 +580,20 @@ def valid(cfg: Config, fmt: str, n: int, k: int) -> bool:
     return n % cfg.block_n == 0 and whole_k and k % group == 0 and cfg.block_k % group == 0 and cfg.split_k <= tiles_k
 
 
-def _load_table() -> dict:
-    # {gpu name: {config_key: Config fields}}, written by store_configs (bench_kernels.py --tune); read at import
-    if not CONFIG_FILE.exists():
-        return {}
-    return json.loads(CONFIG_FILE.read_text())
+_TABLE: dict[str, dict[str, dict]] = {}  # {gpu name: {config_key: Config fields}}, from store_configs
 
 
-_TABLE = _load_table()
+def load_configs(path: Path = CONFIG_FILE) -> None:
+    """Use the tuned block sizes of path (a file bench_kernels.py --tune wrote): kernel_configs.json at import,
+    another to compare two tunings in one process (bench.py --configs). Launches and compiles from then on
+    read it; a decode step compiled before keeps the configs it captured."""
+    table = json.loads(Path(path).read_text())
+    _TABLE.clear()
+    _TABLE.update(table)
+
+
+if CONFIG_FILE.exists():
+    load_configs()
 _GPUS: dict[int, tuple[str, int, int]] = {}  # device index -> (name, SM count, compute capability major)
 
 

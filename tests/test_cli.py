@@ -170,3 +170,33 @@ def test_bench_runs_each_configuration(capsys, monkeypatch):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [r["kernels"] for r in rows] == ["default", "stock"] * 3 and [r.get("summary") for r in rows[4:]] == [True] * 2
     assert all(len(r["repeats_tok_s"]) == 2 and r["tok_s"] == statistics.median(r["repeats_tok_s"]) for r in rows[4:])
+
+
+def test_bench_compares_tuned_config_files(tmp_path, capsys, monkeypatch):
+    # --configs: each file's block sizes are in force for its configuration (interleaved with --repeat), and
+    # the shipped table again afterwards; a file that is not JSON is a one-line error
+    import bench
+    import triton_ops
+
+    monkeypatch.setenv("FASTGEN_KERNELS", "")
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps({"cpu": {"int8:128x128:m1": {"block_n": 64, "block_k": 128, "split_k": 1,
+                                                            "num_warps": 4, "num_stages": 2, "dot": False}}}))  # fmt: skip
+    seen, load = [], triton_ops.load_configs  # (file, the int8 128 x 128 tile's block_n in force after it)
+
+    def spy(path=triton_ops.CONFIG_FILE):
+        load(path)
+        seen.append((str(path), triton_ops.get_config("int8", 128, 128, 1, torch.device("cpu")).block_n))
+
+    monkeypatch.setattr(triton_ops, "load_configs", spy)
+    bench.main(["--shape", "tiny", "--device", "cpu", "--no_compile", "--runs", "1", "--max_new_tokens", "3",
+                "--mode", "int8", "--configs", str(mine), str(triton_ops.CONFIG_FILE), "--repeat", "2"])  # fmt: skip
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["configs"] for r in rows] == [str(mine), str(triton_ops.CONFIG_FILE)] * 3
+    heuristic = triton_ops.heuristic("int8", 128, 128, 1, 1).block_n
+    assert heuristic != 64 and seen == [(str(mine), 64), (str(triton_ops.CONFIG_FILE), heuristic)] * 2
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(SystemExit):
+        bench.main(["--shape", "tiny", "--device", "cpu", "--configs", str(bad)])
+    assert "not a readable JSON file" in capsys.readouterr().err
