@@ -49,7 +49,7 @@ from torch import Tensor
 
 if not torch.cuda.is_available():
     # No GPU: @triton.jit must build interpreted kernels. Set before the decorators below run (triton reads
-    # the variable at decoration time), so it holds whichever module imported kernels first.
+    # the variable at decoration time), so it holds whichever module imported triton_ops first.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import triton  # noqa: E402
@@ -772,7 +772,8 @@ def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | N
         fused.update(ss_in_ptr=ss_in, n_in=ss_in.shape[1], eps=float(eps))
         constexprs.update(NORM_IN=True, PARTS_IN=triton.next_power_of_2(ss_in.shape[1]))
     k_len = triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split_k) * cfg.block_k  # inputs per split, whole tiles
-    if k % cfg.block_k:  # the last tile runs past K (M = 1 on CUDA cores: see valid)
+    if k % cfg.block_k:  # the last tile runs past K, masked on the M = 1 CUDA-core paths only (see valid)
+        assert block_m == 1, f"config {cfg} runs past K = {k}: only M = 1 off the tensor cores masks that"
         constexprs.update(TAIL=True)
     words = 8 if kernel is _int4_kernel else 4  # weights per int32 word (int4, int8; unused for the others)
     constexprs.update(KW=k // words, KW_LEN=k_len // words)  # plain ints, not constexprs (see the kernels)

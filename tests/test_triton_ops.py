@@ -107,6 +107,8 @@ def test_matrix_vector_tiles_may_run_past_k(fmt):
         if cfg.split_k == 1:
             assert rel_err(triton_ops.run_with(fmt, x, weights, cfg, glu=True), glu_ref) < BOUND[act], cfg
     assert not triton_ops.valid(triton_ops.Config(block_n=16, block_k=512, dot=True), fmt, 256, 1408)
+    with pytest.raises(AssertionError, match="runs past K"):  # rows > 1 take the tensor-core loop, unmasked
+        triton_ops.run_with(fmt, x.expand(2, -1), weights, triton_ops.Config(block_n=16, block_k=512))
     assert any(1408 % c.block_k for c in triton_ops.candidates(fmt, 256, 1408, 1))
 
 
