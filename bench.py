@@ -20,6 +20,7 @@ import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -193,7 +194,7 @@ def main(argv=None) -> None:
         p.error("--breakdown profiles GPU kernels: it needs --device cuda")
     for path in filter(None, args.configs):
         try:
-            json.loads(open(path).read())
+            json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
             p.error(f"--configs {path}: not a readable JSON file ({type(e).__name__})")
     gen.setup_compile(args.compile, args.compile_prefill)

@@ -575,7 +575,7 @@ def act_dtype(fmt: str) -> torch.dtype:
 def valid(cfg: Config, fmt: str, n: int, k: int) -> bool:
     # the last tile along K may run past K (masked: TAIL) on CUDA cores, not on tensor cores
     group = _group(fmt)
-    tiles_k = -(-k // cfg.block_k)
+    tiles_k = triton.cdiv(k, cfg.block_k)
     whole_k = k % cfg.block_k == 0 or not cfg.dot
     return n % cfg.block_n == 0 and whole_k and k % group == 0 and cfg.block_k % group == 0 and cfg.split_k <= tiles_k
 
