@@ -185,7 +185,9 @@ def check(formats: list[str], trials: int) -> None:
         k_ref, v_ref = k_cache.clone().index_copy_(2, slot, k), v_cache.clone().index_copy_(2, slot, v)
         ref = F.scaled_dot_product_attention(q.double(), k_ref.double(), v_ref.double(), attn_mask=mask, enable_gqa=True)
         splits = triton_ops.attention_splits(b, hkv, t, qkv.device)
-        y = triton_ops.rope_attention_with_splits(qkv, cos, sin, slot, k_cache, v_cache, mask, h, splits)
+        counters = torch.zeros(b * hkv, device="cuda", dtype=torch.int32)
+        y = triton_ops.rope_attention(qkv, cos, sin, slot, k_cache, v_cache, mask, h, counters, splits)
+        assert not counters.any(), "rope_attention left its counters dirty"
         err = (y.double() - ref).abs().max().item()
         cache_err = (k_cache.float() - k_ref.float()).abs().max().item()
         print(f"check rope_attention B={b} H={h} Hkv={hkv} T={t} ({splits} key ranges): max abs error {err:.1e}, "
@@ -426,18 +428,27 @@ def bench(formats: list[str], shape_sets: list[str], ms: list[int]) -> None:
                               "gbps": round(size / t / 1e9, 1), "cap_tok_s": round(cap, 1)}))  # fmt: skip
 
 
-def bench_attention() -> None:
-    # one decode step's attention, in a CUDA graph, ours vs torch's sdpa with the same bool mask (what model.py
-    # calls without triton_ops.py); per layer, so x 32 layers per token
+def bench_attention(sweep: bool = False) -> None:
+    # one decode step's attention, in a CUDA graph, ours (as the model calls it: DecodeAttention, key ranges as
+    # attention_splits says) vs torch's sdpa with the same bool mask (what model.py calls without
+    # triton_ops.py); per layer, so x 32 layers per token. sweep: also each number of key ranges
+    attn = triton_ops.DecodeAttention(torch.zeros(triton_ops.ATTN_COUNTERS, device="cuda", dtype=torch.int32))
     for b, h, hkv, s, t in ATTENTION_SHAPES:
         kv_bytes = 2 * b * hkv * t * 128 * 2
         copies = [attention_inputs(b, h, hkv, s, t) for _ in range(max(1, -(-(96 << 20) // kv_bytes)))]  # past L2
-        ours = graph_time([lambda a=a: triton_ops.sdpa(*a[:3], attn_mask=a[3], enable_gqa=True) for a in copies])
+        ours = graph_time([lambda a=a: attn(*a[:3], attn_mask=a[3], enable_gqa=True) for a in copies])
         stock = graph_time([lambda a=a: F.scaled_dot_product_attention(*a[:3], attn_mask=a[3], enable_gqa=True)
                             for a in copies])  # fmt: skip
-        print(f"attention B={b} H={h} Hkv={hkv} T={t}: {ours * 1e6:.1f} us (torch sdpa {stock * 1e6:.1f} us) per layer")
+        splits = triton_ops.attention_splits(b, hkv, t, copies[0][0].device)
+        print(f"attention B={b} H={h} Hkv={hkv} T={t}: {ours * 1e6:.1f} us ({splits} key ranges; torch sdpa "
+              f"{stock * 1e6:.1f} us) per layer")  # fmt: skip
         print(json.dumps({"prim": "attention", "shape": f"H{h}/Hkv{hkv}/T{t}", "us": round(ours * 1e6, 2),
-                          "sdpa_us": round(stock * 1e6, 2)}))  # fmt: skip
+                          "splits": splits, "sdpa_us": round(stock * 1e6, 2)}))  # fmt: skip
+        for p in (1, 2, 4, 8, 16, 32) if sweep else ():
+            if p > -(-t // 32):
+                break
+            us = graph_time([lambda a=a: triton_ops.attention(*a, attn.counters, p) for a in copies]) * 1e6
+            print(json.dumps({"prim": "attention", "shape": f"H{h}/Hkv{hkv}/T{t}", "splits": p, "us": round(us, 2)}))
 
 
 def main() -> None:
@@ -449,6 +460,8 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["7b"], choices=sorted(SHAPES))
     parser.add_argument("--m", nargs="+", type=int, default=[1, 4, 16], help="rows of x to benchmark")
     parser.add_argument("--tune_m", nargs="+", type=int, default=[1, 4, 16], help="rows of x to tune for")
+    parser.add_argument("--attention", action="store_true", help="only the attention benchmark, with a sweep over "
+                        "the number of key ranges")
     parser.add_argument("--trials", type=int, default=8, help="random shapes per format in --check")
     parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1), help="compile processes (--tune)")
     args = parser.parse_args()
@@ -461,6 +474,9 @@ def main() -> None:
     if len(formats) < len(args.formats):
         print("fp8 skipped: this GPU has no e4m3 support (needs sm_89 or newer)")
     t0 = time.time()
+    if args.attention:
+        bench_attention(sweep=True)
+        return
     if args.check:
         check(formats, args.trials)
         print(f"check passed in {time.time() - t0:.0f} s")

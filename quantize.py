@@ -172,8 +172,9 @@ class RopeAttention(Attention):
         if not triton_ops.rope_attention_supported(qkv, cache.k_cache, mask, self.n_head):
             return super().attend(qkv, input_pos, cos, sin, mask)
         splits = triton_ops.attention_splits(qkv.shape[0], self.n_local_heads, cache.k_cache.shape[2], qkv.device)
-        y = triton_ops.rope_attention_with_splits(qkv, cos, sin, input_pos, cache.k_cache, cache.v_cache, mask,
-                                               self.n_head, splits)  # [B, H, 1, D]  # fmt: skip
+        counters = getattr(self.sdpa, "counters", None)  # DecodeAttention's, shared by the layers
+        y = triton_ops.rope_attention(qkv, cos, sin, input_pos, cache.k_cache, cache.v_cache, mask, self.n_head,
+                                      counters, splits)  # [B, H, 1, D]  # fmt: skip
         return y.view(qkv.shape[0], 1, self.n_head * self.head_dim)
 
 
@@ -531,6 +532,7 @@ def prepare_for_device(model: nn.Module, kernel: str | None = None) -> nn.Module
     names = ("attn", "glu", "rope", "norm")
     attention, glu, rope, norm = (kernel == "triton",) * 4 if kernel else (use_triton(device, name) for name in names)
     scratch = {}  # dim -> the blocks' shared norm_scratch
+    counters = None  # the attention layers' shared DecodeAttention counters
     for m in model.modules():
         if type(m) is TransformerBlock and norm and not (m.attention._forward_hooks or m.feed_forward._forward_hooks):
             m.__class__ = NormFusedBlock  # (tp.py's all-reduce hooks need the unfused forward)
@@ -543,7 +545,9 @@ def prepare_for_device(model: nn.Module, kernel: str | None = None) -> nn.Module
         if type(m) is FeedForward and glu and isinstance(m.w13, (TritonLinear, WeightOnlyInt8Linear, WeightOnlyInt4Linear)):
             m.__class__ = GluFeedForward  # w13 applies the SwiGLU itself (in the Triton kernel's epilogue)
         elif isinstance(m, Attention) and attention:
-            m.sdpa = triton_ops.sdpa
+            if counters is None:
+                counters = torch.zeros(triton_ops.ATTN_COUNTERS, dtype=torch.int32, device=device)
+            m.sdpa = triton_ops.DecodeAttention(counters)  # a submodule: its counters are a (static) buffer
             if rope and type(m) is Attention and isinstance(m.q_norm, nn.Identity):
                 m.__class__ = RopeAttention
     return model

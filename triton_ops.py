@@ -445,11 +445,11 @@ def _dot(a, b, acc, DOT_F32: tl.constexpr):
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, lse_ptr,
-    sq_b, sq_h, sq_s, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sm_b, sm_s, so_b, so_h, so_s,
+    q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, part_ptr, lse_ptr, cnt_ptr,
+    sq_b, sq_h, sq_s, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sm_b, sm_s,
     HKV, S, T, t_len, qk_scale, cos_ptr, sin_ptr, pos_ptr, new_k, new_v,
-    G: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, PARTIAL: tl.constexpr,
-    DOT_F32: tl.constexpr, ROPE: tl.constexpr = False, PDL: tl.constexpr = False,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_F32: tl.constexpr, ROPE: tl.constexpr = False, PDL: tl.constexpr = False, P_POW2: tl.constexpr = 1,
 ):  # fmt: skip
     # q: [B, H, S, D], k/v: [B, HKV, T, D], mask: [B, 1, S, T] bool (True: may attend); D contiguous everywhere.
     # grid: (B * HKV, P). This program: key/value head hk of batch row b with the G = H / HKV query heads that
@@ -457,8 +457,10 @@ def _attention_kernel(
     # [pid_p * t_len, (pid_p + 1) * t_len) cut at T. Online softmax in fp32, in base 2 (qk_scale includes
     # log2(e)). Like torch's sdpa it reads every key of the range (masked ones too): no branch on the mask,
     # so the loop's loads can be pipelined.
-    # o [B, H, S, D] in q's dtype; or PARTIAL: o [B, H, S, P, D] fp32, each range normalised by its own sum,
-    # and lse [B, H, S, P] (natural log of that sum, -inf for a range that saw no key) to combine them.
+    # o: [B, H, S, D], contiguous, in the caches' dtype. SPLIT (P = the grid's second dimension > 1): each
+    # program writes its range's output normalised by its own sum, part [B, H, S, P, D] fp32, and lse
+    # [B, H, S, P] (natural log of that sum, -inf for a range that saw no key); the last program of the head to
+    # finish combines the P ranges into o (_combine_ranges), counting in cnt [B * HKV] (zeroed int32, left zeroed).
     # ROPE (decode, S = 1): q points at the qkv matmul's output row of batch row b, [H + 2 HKV, D] (query
     # heads, then keys at element new_k, values at new_v); the queries and the new key are rotated here
     # (cos, sin: [D] at the new position, rotate-half pairs (i, i + D/2)) and rounded to the cache's dtype, the
@@ -527,13 +529,43 @@ def _attention_kernel(
         acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)[None, :]
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    o_ptrs = o_ptr + b * so_b + h[:, None] * so_h + s[:, None] * so_s + d[None, :]
-    if PARTIAL:
-        tl.store(o_ptrs + pid_p * D, out, mask=row_ok[:, None])
+    row = (b * HKV * G + h) * S + s  # [BLOCK_R]: the query rows of o, [B * H * S]
+    o_ptrs = o_ptr + row[:, None] * D + d[None, :]
+    if SPLIT:
+        n_p = tl.num_programs(1)
+        part_ptrs = part_ptr + row[:, None] * (n_p * D) + d[None, :]  # [BLOCK_R, D] at range 0
+        tl.store(part_ptrs + pid_p * D, out, mask=row_ok[:, None])
         lse = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-        tl.store(lse_ptr + ((b * HKV * G + h) * S + s) * tl.num_programs(1) + pid_p, lse, mask=row_ok)
+        tl.store(lse_ptr + row * n_p + pid_p, lse, mask=row_ok)
+        _combine_ranges(part_ptrs, lse_ptr + row * n_p, o_ptrs, row_ok, cnt_ptr + pid_bh, BLOCK_R, D, P_POW2)
     else:
         tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _combine_ranges(part_ptrs, lse_ptrs, o_ptrs, row_ok, cnt_ptr, BLOCK_R: tl.constexpr, D: tl.constexpr,
+                    P_POW2: tl.constexpr):  # fmt: skip
+    # The end of a SPLIT attention program, after it stored its range's part and lse (part_ptrs [BLOCK_R, D]
+    # and lse_ptrs [BLOCK_R] point at range 0's; ranges lie D and 1 apart). It counts itself in cnt; the last
+    # of the head's P programs to arrive reads every range back (from L2) and writes o = sum over ranges of
+    # part * exp(lse) / sum of exp(lse), then zeroes cnt for the next launch. As in _epilogue, the barrier and
+    # the count's acquire-release order every thread's stores before the count, and the count before the loads.
+    n_p = tl.num_programs(1)
+    tl.debug_barrier()
+    if tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == n_p - 1:
+        rp = tl.arange(0, P_POW2)
+        lse = tl.load(lse_ptrs[:, None] + rp[None, :], mask=row_ok[:, None] & (rp < n_p)[None, :],
+                      other=float("-inf"), cache_modifier=".cg")  # [BLOCK_R, P_POW2]  # fmt: skip
+        top = tl.max(lse, axis=1)
+        top = tl.where(top == float("-inf"), 0.0, top)  # rows that saw no key anywhere (padding rows) stay 0
+        total = tl.sum(tl.exp(lse - top[:, None]), axis=1)
+        acc = tl.zeros([BLOCK_R, D], tl.float32)
+        for p in range(n_p):
+            w = tl.exp(tl.load(lse_ptrs + p, mask=row_ok, other=float("-inf"), cache_modifier=".cg") - top)
+            acc += w[:, None] * tl.load(part_ptrs + p * D, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+        tl.store(o_ptrs, (acc / tl.where(total > 0, total, 1.0)[:, None]).to(o_ptrs.dtype.element_ty),
+                 mask=row_ok[:, None])  # fmt: skip
+        tl.store(cnt_ptr, 0)
 
 
 # ----------------------------------------------------------------------------- launch configurations
@@ -968,8 +1000,8 @@ def attention_shapes_ok(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) ->
     )  # fmt: skip
 
 
-def _attention_launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, splits: int, partial: bool,
-                      rope: tuple | None = None) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+def _attention_launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, counters: Tensor | None, splits: int,
+                      rope: tuple | None = None) -> Tensor:  # fmt: skip
     # rope: (cos, sin, input_pos, n_head) with q the qkv rows [B, 1, (H + 2 HKV) D] (see rope_attention)
     hkv, T, D = k.shape[1], k.shape[2], k.shape[3]
     if rope is None:
@@ -987,95 +1019,68 @@ def _attention_launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, splits: int
         cos, sin = cos.reshape(D).contiguous(), sin.reshape(D).contiguous()
         new_k, new_v = H * D, (H + hkv) * D
     g = H // hkv
-    t_len = _split_len(T, splits, D)  # keys per range, whole blocks
-    block_t = _block_t(D, splits)
+    block_t = _block_t(splits, D)
+    t_len = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t  # keys per range, whole blocks
     splits = triton.cdiv(T, t_len)
     mask = mask if mask.stride(-1) == 1 else mask.contiguous()
-    if not partial:
-        assert splits == 1, "one key range unless partial"
-        o, lse = torch.empty(B, H, S, D, device=q.device, dtype=k.dtype), None
-    else:
-        o = torch.empty(B, H, S, splits, D, device=q.device, dtype=torch.float32)
+    o = torch.empty(B, H, S, D, device=q.device, dtype=k.dtype)
+    part = lse = cnt = o  # placeholders unless split
+    if splits > 1:
+        part = torch.empty(B, H, S, splits, D, device=q.device, dtype=torch.float32)
         lse = torch.empty(B, H, S, splits, device=q.device, dtype=torch.float32)
+        if counters is None:
+            cnt = torch.zeros(B * hkv, device=q.device, dtype=torch.int32)
+        else:
+            assert counters.dtype == torch.int32 and counters.is_contiguous() and counters.device == q.device \
+                and counters.numel() >= B * hkv, f"counters must be at least {B * hkv} zeroed int32 on q's device"  # fmt: skip
+            cnt = counters
     sm_b = mask.stride(0) if mask.shape[0] > 1 else 0
     _attention_kernel[(B * hkv, splits)](
-        q, k, v, mask.view(torch.uint8), o, lse if lse is not None else o,
-        *sq, *k.stride()[:3], *v.stride()[:3], sm_b, mask.stride(2), *o.stride()[:3],
+        q, k, v, mask.view(torch.uint8), o, part, lse, cnt,
+        *sq, *k.stride()[:3], *v.stride()[:3], sm_b, mask.stride(2),
         hkv, S, T, t_len, D ** -0.5 * 1.4426950408889634, cos, sin, pos, new_k, new_v,
-        G=g, D=D, BLOCK_R=max(16, triton.next_power_of_2(g * S)), BLOCK_T=block_t, PARTIAL=partial,
+        G=g, D=D, BLOCK_R=max(16, triton.next_power_of_2(g * S)), BLOCK_T=block_t, SPLIT=splits > 1,
         DOT_F32=k.dtype == torch.float32 or (INTERPRET and k.dtype == torch.bfloat16), ROPE=rope is not None,
-        num_warps=8, num_stages=2 if splits == 1 else 3, **_pdl_args(q.device),
+        P_POW2=triton.next_power_of_2(splits), num_warps=8, num_stages=2 if splits == 1 else 3, **_pdl_args(q.device),
     )  # fmt: skip
-    return o, lse
+    return o
 
 
-def _fake_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    return q.new_empty(q.shape)  # contiguous, whatever q's strides (a transposed view in model.py)
-
-
-def _fake_attention_partial(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, splits: int) -> tuple[Tensor, Tensor]:
-    B, H, S, D = q.shape
-    splits = _n_ranges(k.shape[2], splits, D)
-    return q.new_empty(B, H, S, splits, D, dtype=torch.float32), q.new_empty(B, H, S, splits, dtype=torch.float32)
-
-
-def _block_t(D: int, splits: int) -> int:
+def _block_t(splits: int, D: int) -> int:
     # keys per loop step: on the H100 (bench_kernels.py) 128 was fastest for one pass over a short cache
     # (7B and 8B heads, 206 slots), 64 for split ranges of a long one (4096 slots)
     return (128 if splits == 1 else 64) * 128 // max(D, 128)
 
 
-def _split_len(T: int, splits: int, D: int) -> int:
-    return triton.cdiv(triton.cdiv(T, splits), _block_t(D, splits)) * _block_t(D, splits)
+def _fake_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, counters: Tensor | None = None,
+                    splits: int = 1) -> Tensor:  # fmt: skip
+    return q.new_empty(q.shape)  # contiguous, whatever q's strides (a transposed view in model.py)
 
 
-def _n_ranges(T: int, splits: int, D: int) -> int:
-    # key ranges a launch asking for `splits` gets (ranges are whole blocks, so there may be fewer)
-    return triton.cdiv(T, _split_len(T, splits, D))
-
-
-@_op("attention", _fake_attention)
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    # q: [B, H, S, D], k/v: [B, Hkv, T, D], mask: [B, 1, S, T] bool -> softmax(q k^T / sqrt(D) | mask) v [B, H, S, D]
-    return _attention_launch(q, k, v, mask, 1, False)[0]
-
-
-@_op("attention_partial", _fake_attention_partial)
-def attention_partial(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, splits: int) -> tuple[Tensor, Tensor]:
-    # the keys cut into `splits` ranges: per range the normalised output [B, H, S, P, D] and its log-sum-exp [B, H, S, P]
-    return _attention_launch(q, k, v, mask, splits, True)
+@_op("attention", _fake_attention, mutates=("counters",))
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, counters: Tensor | None = None, splits: int = 1) -> Tensor:
+    """softmax(q k^T / sqrt(D) | mask) v for q [B, H, S, D], k/v [B, Hkv, T, D], mask [B, 1, S, T] bool:
+    [B, H, S, D]. splits > 1 cuts the keys into about that many ranges (whole blocks of keys), one program
+    each, and the last program of each key/value head to finish combines them: counters is then at least
+    B * Hkv zeroed int32, which the call leaves zeroed (so one buffer serves every call), or None for a
+    fresh zeroed buffer per call."""
+    return _attention_launch(q, k, v, mask, counters, splits)
 
 
 def _fake_rope_attention(qkv: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor,
-                         mask: Tensor, n_head: int) -> Tensor:  # fmt: skip
+                         mask: Tensor, n_head: int, counters: Tensor | None = None, splits: int = 1) -> Tensor:  # fmt: skip
     return k_cache.new_empty(qkv.shape[0], n_head, 1, k_cache.shape[3])
 
 
-def _fake_rope_attention_partial(qkv: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, k_cache: Tensor,
-                                 v_cache: Tensor, mask: Tensor, n_head: int, splits: int) -> tuple[Tensor, Tensor]:  # fmt: skip
-    B, (T, D) = qkv.shape[0], k_cache.shape[2:]
-    splits = _n_ranges(T, splits, D)
-    return qkv.new_empty(B, n_head, 1, splits, D, dtype=torch.float32), qkv.new_empty(B, n_head, 1, splits, dtype=torch.float32)
-
-
-_CACHES = ("k_cache", "v_cache")
-
-
-@_op("rope_attention", _fake_rope_attention, mutates=_CACHES)
+@_op("rope_attention", _fake_rope_attention, mutates=("k_cache", "v_cache", "counters"))
 def rope_attention(qkv: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor,
-                   mask: Tensor, n_head: int) -> Tensor:  # fmt: skip
-    # A decode step's attention from the qkv matmul's output: qkv [B, 1, (n_head + 2 Hkv) D] (queries, keys,
-    # values), cos/sin [1, D] at the new position input_pos [1], caches [B, Hkv, T, D], mask [B, 1, 1, T] bool.
-    # Rotates q and k (rotate-half), writes k and v into slot input_pos of the caches (in place) and returns
-    # attention over the caches, [B, n_head, 1, D]: model.Attention's rotary, cache update and sdpa in one kernel.
-    return _attention_launch(qkv, k_cache, v_cache, mask, 1, False, (cos, sin, input_pos, n_head))[0]
-
-
-@_op("rope_attention_partial", _fake_rope_attention_partial, mutates=_CACHES)
-def rope_attention_partial(qkv: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor,
-                           mask: Tensor, n_head: int, splits: int) -> tuple[Tensor, Tensor]:  # fmt: skip
-    # rope_attention over `splits` key ranges: per range [B, n_head, 1, P, D] and its log-sum-exp (as attention_partial)
-    return _attention_launch(qkv, k_cache, v_cache, mask, splits, True, (cos, sin, input_pos, n_head))
+                   mask: Tensor, n_head: int, counters: Tensor | None = None, splits: int = 1) -> Tensor:  # fmt: skip
+    """A decode step's attention from the qkv matmul's output: qkv [B, 1, (n_head + 2 Hkv) D] (queries, keys,
+    values), cos/sin [1, D] at the new position input_pos [1], caches [B, Hkv, T, D], mask [B, 1, 1, T] bool.
+    Rotates q and k (rotate-half), writes k and v into slot input_pos of the caches (in place) and returns
+    attention over the caches, [B, n_head, 1, D]: model.Attention's rotary, cache update and sdpa in one
+    kernel. counters and splits as in attention."""
+    return _attention_launch(qkv, k_cache, v_cache, mask, counters, splits, (cos, sin, input_pos, n_head))
 
 
 def rope_attention_supported(x: Tensor, k_cache: Tensor, mask: Tensor, n_head: int) -> bool:
@@ -1090,40 +1095,41 @@ def rope_attention_shapes_ok(x: Tensor, k_cache: Tensor, mask: Tensor, n_head: i
     return x.shape[1] == 1 and x.dtype in FLOAT_DTYPES and attention_shapes_ok(q, k_cache, k_cache, mask)
 
 
-def rope_attention_with_splits(qkv: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, k_cache: Tensor,
-                               v_cache: Tensor, mask: Tensor, n_head: int, splits: int) -> Tensor:  # fmt: skip
-    # -> [B, n_head, 1, D] in the caches' dtype
-    if splits == 1:
-        return rope_attention(qkv, cos, sin, input_pos, k_cache, v_cache, mask, n_head)
-    o, lse = rope_attention_partial(qkv, cos, sin, input_pos, k_cache, v_cache, mask, n_head, splits)
-    return _combine(o, lse, k_cache.dtype)
-
-
-def _combine(o: Tensor, lse: Tensor, dtype: torch.dtype) -> Tensor:
-    # the key ranges' outputs [..., P, D], weighted by their softmax mass (lse [..., P])
-    return (o * torch.softmax(lse, dim=-1)[..., None]).sum(-2).to(dtype)
+ATTN_COUNTERS = 4096  # the counters DecodeAttention keeps: enough for batch x key/value heads up to this
 
 
 def attention_splits(batch: int, kv_heads: int, T: int, device: torch.device) -> int:
-    # ranges of at least 256 keys, up to ~one program per SM (on the H100, 4096 slots: 4 ranges for 32 heads,
-    # 16 for 8 were the fastest; 206 slots: one pass)
-    return max(1, min(triton.cdiv(T, 256), _sm_count(device) // (batch * kv_heads)))
+    # key ranges per head: up to about one program per SM, ranges of at least 64 keys, and one pass where
+    # DecodeAttention's counters would not cover the heads. On the H100 (bench_kernels.py --attention, per
+    # layer): 206 slots, 7B heads 6.3 us in one pass, 5.3 in 4 ranges; 8B heads 5.8, 4.7 in 4 ranges (5.1 in 7
+    # ranges of 32 keys); 4096 slots: 4 ranges for 7B (28.1 us; 8: 32.2), 16 for 8B (11.9 us; 8: 14.4, 32: 19.2)
+    if batch * kv_heads > ATTN_COUNTERS:
+        return 1
+    return max(1, min(triton.cdiv(T, 64), _sm_count(device) // (batch * kv_heads)))
 
 
-def attention_with_splits(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, splits: int) -> Tensor:
-    if splits == 1:
-        return attention(q, k, v, mask)
-    o, lse = attention_partial(q, k, v, mask, splits)
-    return _combine(o, lse, q.dtype)
-
-
-def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, enable_gqa: bool = False, **kwargs) -> Tensor:
+def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, enable_gqa: bool = False,
+         counters: Tensor | None = None, **kwargs) -> Tensor:  # fmt: skip
     """F.scaled_dot_product_attention, with the Triton kernel for what attention_supported() accepts (decode
-    and verification steps on a GPU with a bool mask); everything else (prefill, CPU, dropout, an explicit
-    scale) goes to torch."""
+    and verification steps on a GPU with a bool mask), its keys split as attention_splits() says; everything
+    else (prefill, CPU, dropout, an explicit scale) goes to torch. counters: as in attention."""
     if kwargs or not attention_supported(q, k, v, attn_mask):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=enable_gqa, **kwargs)
-    return attention_with_splits(q, k, v, attn_mask, attention_splits(q.shape[0], k.shape[1], k.shape[2], q.device))
+    return attention(q, k, v, attn_mask, counters, attention_splits(q.shape[0], k.shape[1], k.shape[2], q.device))
+
+
+class DecodeAttention(torch.nn.Module):
+    """sdpa as a module that holds its counters: what quantize.prepare_for_device puts in Attention.sdpa, so
+    that the buffer (shared by the layers, not in the state dict) is a module buffer, which torch.compile
+    and CUDA graphs treat as static."""
+
+    def __init__(self, counters: Tensor):
+        super().__init__()
+        self.register_buffer("counters", counters, persistent=False)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, enable_gqa: bool = False,
+                **kwargs) -> Tensor:  # fmt: skip
+        return sdpa(q, k, v, attn_mask, enable_gqa, self.counters, **kwargs)
 
 
 def supported(x: Tensor, n: int, k: int, glu: bool = False) -> bool:

@@ -201,11 +201,13 @@ def test_decode_through_every_triton_kernel_matches_the_stock_path(mode, monkeyp
     Q.prepare_for_device(fast, "triton")
     Q.prepare_for_device(stock)
     assert all(type(layer.feed_forward) is Q.GluFeedForward for layer in fast.layers)
-    assert all(type(layer.attention) is Q.RopeAttention and layer.attention.sdpa is triton_ops.sdpa for layer in fast.layers)
+    counters = fast.layers[0].attention.sdpa.counters  # DecodeAttention's, one buffer for every layer
+    assert all(type(layer.attention) is Q.RopeAttention and type(layer.attention.sdpa) is triton_ops.DecodeAttention
+               and layer.attention.sdpa.counters is counters for layer in fast.layers)  # fmt: skip
     assert type(fast) is Q.NormFusedTransformer and all(type(layer) is Q.NormFusedBlock for layer in fast.layers)
-    launches = []  # True where the kernel did rotary and the cache write itself
+    launches = []  # (whether the kernel did rotary and the cache write itself, key ranges asked for)
     monkeypatch.setattr(triton_ops, "_attention_launch",
-                        lambda *a, _f=triton_ops._attention_launch: launches.append(len(a) > 6) or _f(*a))  # fmt: skip
+                        lambda *a, _f=triton_ops._attention_launch: launches.append((len(a) > 6, a[5])) or _f(*a))  # fmt: skip
     fused = []  # the norms' halves: linear_add_norm (wo, w2) and norm_linear (wqkv but the first, w13, output)
     for name in ("linear_add_norm", "norm_linear"):
         monkeypatch.setattr(triton_ops, name, lambda *a, _f=getattr(triton_ops, name), _n=name: fused.append(_n) or _f(*a))
@@ -213,20 +215,22 @@ def test_decode_through_every_triton_kernel_matches_the_stock_path(mode, monkeyp
     plan = triton_ops.plan
     monkeypatch.setattr(triton_ops, "plan", lambda fmt, m, n, k, device, glu=False, add_norm=False: triton_ops.Config(
         16, 128, split_k=2) if add_norm and k == 256 else plan(fmt, m, n, k, device, glu, add_norm))  # fmt: skip
+    # 192 slots over "8 SMs": 3 key ranges per head, which the last program of each head combines
+    monkeypatch.setattr(triton_ops, "_sm_count", lambda device: 8)
     for model in (stock, fast):
-        model.setup_caches(1, 32)
+        model.setup_caches(1, 192)
     tokens = torch.randint(0, 256, (1, 6))
     with torch.no_grad():
         for step in range(4):
             pos = torch.arange(6) if step == 0 else torch.tensor([5 + step])
             x = tokens if step == 0 else torch.randint(0, 256, (1, 1))
             assert_close(fast(x, pos), stock(x, pos), atol=1e-4, rtol=1e-4)
-    assert launches == [False] * args.n_layer + [True] * 3 * args.n_layer  # prefill, then three decode steps
+    assert launches == [(False, 3)] * args.n_layer + [(True, 3)] * 3 * args.n_layer  # prefill, then three decode steps
     per_step = 2 * args.n_layer * ["linear_add_norm"] + 2 * args.n_layer * ["norm_linear"]  # (n - 1) + n + 1
     assert sorted(fused) == sorted(4 * per_step)  # prefill (6 rows) and the decode steps: one norm kernel each
     scratch = fast.layers[0].norm_scratch
     assert all(layer.norm_scratch is scratch for layer in fast.layers) and not scratch.any()
-    assert not any("scratch" in name for name in fast.state_dict())
+    assert not any("scratch" in name or "counters" in name for name in fast.state_dict()) and not counters.any()
     for fast_layer, stock_layer in zip(fast.layers, stock.layers):  # the caches the kernel wrote
         assert_close(fast_layer.attention.kv_cache.k_cache, stock_layer.attention.kv_cache.k_cache, atol=1e-5, rtol=1e-5)
         assert_close(fast_layer.attention.kv_cache.v_cache, stock_layer.attention.kv_cache.v_cache, atol=1e-5, rtol=1e-5)
@@ -257,17 +261,21 @@ def test_compiled_decode_step_writes_the_caches_in_place(monkeypatch):
     # buffers themselves, not on copies (a clone of every cache per step), and equal the eager step
     from torch._inductor.utils import run_and_get_code
 
+    import triton_ops
+
     torch.manual_seed(0)
     kernels_on_cpu(monkeypatch)
+    monkeypatch.setattr(triton_ops, "_sm_count", lambda device: 8)  # 3 key ranges of the 192 slots per head
     model = Transformer(ModelArgs(vocab_size=256, dim=128, n_layer=2, n_head=4, n_local_heads=2, intermediate_size=256))
     Q.prepare_for_device(model, "triton")
-    model.setup_caches(1, 32)
+    model.setup_caches(1, 192)
     eager = copy.deepcopy(model)
     x, pos = torch.randint(0, 256, (1, 1)), torch.tensor([7])
     with torch.no_grad():
         out, (code, *_) = run_and_get_code(torch.compile(model, fullgraph=True), x, pos)
         assert_close(out, eager(x, pos), atol=1e-5, rtol=1e-5)
-    assert code.count("torch.ops.fastgen.rope_attention.default(") == 2 and "clone" not in code
+    assert code.count("torch.ops.fastgen.rope_attention.default(") == 2 and "clone" not in code  # nor of the counters
+    assert not model.layers[0].attention.sdpa.counters.any()
     # the norms inside the matmuls: wo and w2 prepare them, wqkv (but the first), w13 and the output finish them
     assert code.count("torch.ops.fastgen.linear_add_norm.default(") == code.count("torch.ops.fastgen.norm_linear.default(") == 4
     for layer, ref in zip(model.layers, eager.layers):

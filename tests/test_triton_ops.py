@@ -318,15 +318,22 @@ def attention_case(b, h, hkv, s, t, d, dtype, pos, seed=0):
     (2, 8, 2, 3, 200, 32, torch.float32, 3),  # grouped query heads, a 3-token verify step, split key ranges
     (1, 4, 1, 5, 130, 128, torch.bfloat16, 2),  # multi-query, bf16 on tensor cores
     (2, 2, 2, 1, 64, 16, torch.bfloat16, 1),
+    (1, 2, 2, 1, 192, 64, torch.float32, 3),  # 3 ranges of 64 keys, padded to 4 in the combine
 ])  # fmt: skip
 def test_attention_matches_torch_sdpa(b, h, hkv, s, t, d, dtype, splits):
+    # split ranges are combined by the last program of each key/value head, counting in a shared zeroed
+    # buffer that every call leaves zeroed (checked on a buffer with room for more heads)
     q, k, v, mask = attention_case(b, h, hkv, s, t, d, dtype, pos=t - s - 4)
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=True
     )  # fmt: skip
-    out = triton_ops.attention_with_splits(q, k, v, mask, splits)
-    assert out.shape == q.shape and out.dtype == dtype
-    assert (out.double() - ref).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
+    counters = torch.zeros(b * hkv + 3, dtype=torch.int32)
+    for _ in range(2):
+        out = triton_ops.attention(q, k, v, mask, counters, splits)
+        assert out.shape == q.shape and out.dtype == dtype
+        assert (out.double() - ref).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
+        assert not counters.any()
+    assert_close(triton_ops.attention(q, k, v, mask, None, splits), out, atol=0, rtol=0)  # a fresh buffer per call
 
 
 def rope_case(b, h, hkv, t, d, dtype, pos, seed=0):
@@ -359,8 +366,9 @@ def test_rope_attention_is_rotary_then_cache_write_then_attention(b, h, hkv, t, 
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.double(), k_ref.double(), v_ref.double(), attn_mask=mask, enable_gqa=True
     )  # fmt: skip
-    out = triton_ops.rope_attention_with_splits(qkv, cos, sin, pos, k_cache, v_cache, mask, h, splits)
-    assert out.shape == (b, h, 1, d) and out.dtype == dtype
+    counters = torch.zeros(b * hkv, dtype=torch.int32)
+    out = triton_ops.rope_attention(qkv, cos, sin, pos, k_cache, v_cache, mask, h, counters, splits)
+    assert out.shape == (b, h, 1, d) and out.dtype == dtype and not counters.any()
     assert (out.double() - ref).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
     ulp = 1e-6 if dtype == torch.float32 else 2e-2  # bf16: FMA contraction may move the rounding by one step
     assert_close(k_cache, k_ref, atol=ulp, rtol=ulp)
@@ -370,11 +378,12 @@ def test_rope_attention_is_rotary_then_cache_write_then_attention(b, h, hkv, t, 
 def test_masked_keys_do_not_count():
     # keys past the position (cache slots not written yet) and padding slots change nothing, whatever they hold
     q, k, v, mask = attention_case(2, 2, 2, 1, 256, 64, torch.float32, pos=70)
-    ref = triton_ops.attention_with_splits(q, k, v, mask, 2)
+    ref = triton_ops.attention(q, k, v, mask, None, 2)
     k[:, :, 71:], v[:, :, 71:] = k[:, :, 71:] * 100, torch.randn_like(v[:, :, 71:]) * 100
     k[0, :, :3], v[0, :, :3] = -k[0, :, :3] * 100, v[0, :, :3] * 100
-    assert_close(triton_ops.attention_with_splits(q, k, v, mask, 2), ref, atol=1e-6, rtol=1e-6)
-    assert_close(triton_ops.attention_with_splits(q, k, v, mask, 1), ref, atol=1e-6, rtol=1e-6)
+    assert_close(triton_ops.attention(q, k, v, mask, None, 2), ref, atol=1e-6, rtol=1e-6)
+    assert_close(triton_ops.attention(q, k, v, mask, None, 4), ref, atol=1e-6, rtol=1e-6)  # 2 ranges see no key
+    assert_close(triton_ops.attention(q, k, v, mask), ref, atol=1e-6, rtol=1e-6)
 
 
 def test_fake_implementations_agree_with_the_kernels():
@@ -382,11 +391,12 @@ def test_fake_implementations_agree_with_the_kernels():
     # dtype and strides, also for a transposed query view with several positions (a verify step)
     q, k, v, mask = attention_case(1, 4, 2, 3, 64, 32, torch.float32, pos=20)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, H, S, D] view of [B, S, H, D], as in model.py
+    counters = torch.zeros(2, dtype=torch.int32)
     torch.library.opcheck(triton_ops.attention, (q, k, v, mask))
-    torch.library.opcheck(triton_ops.attention_partial, (q, k, v, mask, 2))
+    torch.library.opcheck(triton_ops.attention, (q, k, v, mask, counters, 2))  # (mutates the counters)
     qkv, cos, sin, pos, (k_cache, v_cache), mask = rope_case(1, 4, 2, 64, 32, torch.float32, pos=20)
     torch.library.opcheck(triton_ops.rope_attention, (qkv, cos, sin, pos, k_cache, v_cache, mask, 4))  # mutates the caches
-    torch.library.opcheck(triton_ops.rope_attention_partial, (qkv, cos, sin, pos, k_cache, v_cache, mask, 4, 2))
+    torch.library.opcheck(triton_ops.rope_attention, (qkv, cos, sin, pos, k_cache, v_cache, mask, 4, counters, 2))
     for fmt, op in (("bfloat16", triton_ops.linear), ("int8", triton_ops.int8_linear), ("int4g32", triton_ops.int4_linear)):
         x, weights, _ = case(fmt, 3, 256, 256, torch.bfloat16)
         for glu in (False, True):
@@ -528,18 +538,21 @@ ptx = build(triton_ops._int4_kernel, sig, dict(GROUP=32, GLU=False, ATOMIC=False
 loads = re.findall(r"ld[.]global[.a-z0-9]*", ptx)
 assert (loads.count("ld.global.v2.b32"), loads.count("ld.global.v4.b32"), loads.count("ld.global.b32")) == (8, 8, 8), loads
 assert ptx.count("bar.sync") <= 4
-strides = {f"s{t}_{d}": "i32" for t, dims in (("q", "bhs"), ("k", "bht"), ("v", "bht"), ("m", "bs"), ("o", "bhs"))
-           for d in dims}
+strides = {f"s{t}_{d}": "i32" for t, dims in (("q", "bhs"), ("k", "bht"), ("v", "bht"), ("m", "bs")) for d in dims}
 # one pass (7B heads), split ranges with grouped query heads (8B); each also with rotary and the cache write
 stores = {}
-for g, partial, rope in ((1, False, False), (4, True, False), (1, False, True), (4, True, True)):
-    sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*u8", "o_ptr": "*fp32" if partial else "*bf16",
-           "lse_ptr": "*fp32", **strides, "HKV": "i32", "S": "i32", "T": "i32", "t_len": "i32", "qk_scale": "fp32",
-           "cos_ptr": "*bf16", "sin_ptr": "*bf16", "pos_ptr": "*i64", "new_k": "i32", "new_v": "i32"}
-    ptx = build(triton_ops._attention_kernel, sig, dict(G=g, D=128, BLOCK_R=16, BLOCK_T=64, PARTIAL=partial,
-                                                     DOT_F32=False, ROPE=rope, PDL=partial)).asm["ptx"]
-    stores[partial, rope] = ptx.count("st.global")
-assert all(stores[partial, True] > stores[partial, False] for partial in (False, True))  # the cache writes
+for g, split, rope in ((1, False, False), (4, True, False), (1, False, True), (4, True, True)):
+    sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*u8", "o_ptr": "*bf16",
+           "part_ptr": "*fp32", "lse_ptr": "*fp32", "cnt_ptr": "*i32", **strides, "HKV": "i32", "S": "i32", "T": "i32",
+           "t_len": "i32", "qk_scale": "fp32", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "pos_ptr": "*i64", "new_k": "i32",
+           "new_v": "i32"}
+    ptx = build(triton_ops._attention_kernel, sig, dict(G=g, D=128, BLOCK_R=16, BLOCK_T=64, SPLIT=split,
+                                                     DOT_F32=False, ROPE=rope, PDL=split, P_POW2=8 if split else 1)).asm["ptx"]
+    stores[split, rope] = ptx.count("st.global")
+    if split:  # the combine: the count after a barrier, acquire-release at GPU scope, then loads that bypass L1
+        assert re.search(r"bar[.]sync[^;]*;(?:(?!ld[.]global).)*atom[.]global[.]gpu[.]acq_rel[.]add", ptx, re.S), "barrier, count"
+        assert "ld.global.cg" in ptx
+assert all(stores[split, True] > stores[split, False] for split in (False, True))  # the cache writes
 print("ok")
 """
 
