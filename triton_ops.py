@@ -746,7 +746,8 @@ def plan(fmt: str, m: int, n: int, k: int, device: torch.device, glu: bool = Fal
 def out_dtype(fmt: str, x: Tensor, n: int, k: int, glu: bool = False) -> torch.dtype:
     # Shapes whose decode (M = 1) config splits K return the float32 buffer the programs add into: the
     # caller's cast then fuses into whatever consumes the result (inductor) instead of costing a kernel inside
-    # the op. Decided without M, so a compiled graph with a symbolic row count needs no guard on it.
+    # the op. Decided without M, so a compiled graph with a symbolic row count needs no guard on it; a call
+    # whose own config splits K where the one-row config does not casts its sums to this (see _launch).
     return torch.float32 if plan(fmt, 1, n, k, x.device, glu).split_k > 1 else x.dtype
 
 
@@ -781,8 +782,9 @@ def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | N
     block_m = MAX_M if (m > 1 or cfg.dot) else 1
     atomic = cfg.split_k > 1
     grid = (n // cfg.block_n, cfg.split_k, triton.cdiv(m, block_m))
-    split_sums = atomic and not add_norm  # a plain split-K call returns the float32 buffer its programs add into
-    dtype = x.dtype if add_norm else torch.float32 if atomic else out_dtype(fmt, x, n, k, glu)
+    split_sums = atomic and not add_norm  # a plain split-K call adds into a float32 buffer
+    promised = x.dtype if add_norm else out_dtype(fmt, x, n, k, glu)  # what the fake implementations say
+    dtype = torch.float32 if split_sums else promised
     y = torch.zeros(m, n, device=x.device, dtype=dtype) if split_sums else x.new_empty(m, n, dtype=dtype)
     # the fused epilogues' arguments, unused (y as a placeholder pointer) unless add_norm / norm_in ask for them
     fused = dict(res_ptr=y, g_ptr=y, yn_ptr=y, ss_ptr=y, ss_in_ptr=y, n_in=0, eps=0.0, acc_ptr=y, cnt_ptr=y)
@@ -826,7 +828,9 @@ def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | N
     shape = x.shape[:-1]
     if add_norm:
         return y.reshape(*shape, n), yn.reshape(*shape, n), ss.reshape(*shape, n // NORM_SLOT)
-    return y.reshape(*shape, n)
+    # out_dtype decides from the one-row config: where only these rows' config splits K, the sums are cast to
+    # what the fake said (a compiled prefill or verify step reads the buffer as that dtype)
+    return y.to(promised).reshape(*shape, n)
 
 
 def _check(x: Tensor, w: Tensor, k: int, glu: bool = False) -> None:

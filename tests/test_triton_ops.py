@@ -158,11 +158,19 @@ def test_compiles_with_fullgraph_and_no_graph_break():
 
 def test_compiles_with_a_symbolic_row_count(monkeypatch):
     # a dynamically compiled prefill or verify step traces the ops with a symbolic M: the fake implementation
-    # (output shape and dtype) must not need its value, split-K shapes (fp32 output) included
+    # (output shape and dtype) must not need its value, split-K shapes (fp32 output) included, and must give
+    # the dtype the call returns when only the config for several rows splits K (the tuned tables have such
+    # shapes: Llama-2-7B's qkv on the H100 splits K in two at M = 16, not at M = 1)
     x, (w8, s8), _ = case("int8", 3, 256, 512, torch.bfloat16)
-    for split in (False, True):  # the configured path, then a forced split-K
-        if split:
-            monkeypatch.setattr(triton_ops, "get_config", lambda *a, **kw: triton_ops.Config(64, 128, split_k=2))
+    split_k = triton_ops.Config(64, 128, split_k=2)
+    for split in ("none", "all", "rows"):  # the configured path, a forced split-K, split-K for M > 1 only
+        if split == "all":
+            monkeypatch.setattr(triton_ops, "get_config", lambda *a, **kw: split_k)
+        if split == "rows":
+            monkeypatch.setattr(triton_ops, "get_config", lambda fmt, n, k, m, *a, **kw: split_k if m > 1 else
+                                triton_ops.Config(64, 128))  # fmt: skip
+            assert triton_ops.int8_linear(x, w8, s8).dtype == x.dtype == triton_ops._fake_int8(x, w8, s8).dtype
+            torch.library.opcheck(triton_ops.int8_linear, (x, w8, s8), test_utils=("test_faketensor",))
         torch._dynamo.reset()
         step = torch.compile(lambda x: triton_ops.int8_linear(x, w8, s8).to(x.dtype) * 2, fullgraph=True, dynamic=True,
                              backend="aot_eager")  # fmt: skip
