@@ -8,11 +8,13 @@
     python bench.py --shape 7B --mode int4 --kernels default all --repeat 2   # interleaved A/B: A B A B
     python bench.py --shape 7B --mode int8 --configs kernel_configs.json old.json --repeat 2   # two tunings
 
-Prints one JSON line per configuration: median tok/s over --runs after a first (compiling) call,
-achieved GB/s (non-embedding weight bytes x tok/s), % of the floor set by the copy bandwidth measured in
-the same process, first-call time, peak memory, device and versions. The same configuration built twice in
-one process has differed by 11% on the H200 (README), so compare configurations interleaved: --repeat N runs
-the list N times in turn and ends with one "summary" line per configuration (its N medians and their median).
+Prints one JSON line per configuration: median tok/s over --runs after a first (compiling) call (new tokens
+over the whole generate() call, the prompt's prefill included, as gpt-fast counts; prefill_ms and decode_tok_s
+split it into the prefill and the decode steps after it), achieved GB/s (non-embedding weight bytes x tok/s),
+% of the floor set by the copy bandwidth measured in the same process, first-call time, peak memory, device
+and versions. The same configuration built twice in one process has differed by 11% on the H200 (README), so
+compare configurations interleaved: --repeat N runs the list N times in turn and ends with one "summary" line
+per configuration (its N medians and their median).
 """
 import argparse
 import itertools
@@ -97,11 +99,13 @@ def run(args, mode: str, copy_gbs: float, kernels: str, pdl: str, configs: str |
     t0 = time.perf_counter()
     gen.generate(model, [prompt], args.max_new_tokens, **sampling)  # first call compiles
     first_call = time.perf_counter() - t0
-    speeds = []
+    speeds, prefill, decode = [], [], []
     for _ in range(args.runs):
         rows, stats = gen.generate(model, [prompt], args.max_new_tokens, **sampling)
         assert len(rows[0]) == args.max_new_tokens
-        speeds.append(stats["decode_steps"] / stats["time"])
+        speeds.append(stats["decode_steps"] / stats["time"])  # the workload's figure: prefill included
+        prefill.append(stats["ttft"])
+        decode.append((stats["decode_steps"] - 1) / (stats["time"] - stats["ttft"]))  # the decode steps alone
     tok_s = statistics.median(speeds)
     breakdown = profile_step(model, prompt, sampling) if args.breakdown else None
     gbs = nbytes * tok_s / 1e9
@@ -110,7 +114,8 @@ def run(args, mode: str, copy_gbs: float, kernels: str, pdl: str, configs: str |
         "shape": args.shape, "mode": mode, "kernels": kernels, "configs": configs or "default", "pdl": pdl_used(device),
         "prefetch_kib": os.environ.get("FASTGEN_PREFETCH", "0"), "compile": args.compile,
         "tok_s": round(tok_s, 2),
-        "runs_tok_s": [round(s, 2) for s in speeds], "weight_gb": round(nbytes / 1e9, 3), "gb_s": round(gbs, 1),
+        "runs_tok_s": [round(s, 2) for s in speeds], "prefill_ms": round(1e3 * statistics.median(prefill), 2),
+        "decode_tok_s": round(statistics.median(decode), 2), "weight_gb": round(nbytes / 1e9, 3), "gb_s": round(gbs, 1),
         "copy_gb_s": round(copy_gbs, 1), "pct_of_floor": round(100 * gbs / copy_gbs, 1),
         "first_call_s": round(first_call, 1), "peak_mem_gb": peak and round(peak, 2), **versions(),
         **({"per_token_us": breakdown} if breakdown else {}),

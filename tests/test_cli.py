@@ -164,6 +164,10 @@ def test_bench_runs_each_configuration(capsys, monkeypatch):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [(r["mode"], r["pdl"]) for r in rows] == [("bf16", False)] * 2 + [("int8", False)] * 2
     assert all(r["tok_s"] > 0 and len(r["runs_tok_s"]) == 1 and r["device"] == "cpu" for r in rows)
+    # the prefill and the decode steps after it make up the whole call: 3 tokens = the prefill's + 2 decoded
+    for r in rows:
+        assert r["prefill_ms"] > 0
+        assert 3 / r["tok_s"] == pytest.approx(r["prefill_ms"] / 1e3 + 2 / r["decode_tok_s"], rel=2e-2)
     # --repeat: the list again in the same order, then one summary per configuration
     bench.main(["--shape", "tiny", "--device", "cpu", "--no_compile", "--runs", "1", "--max_new_tokens", "3",
                 "--mode", "bf16", "--kernels", "default", "stock", "--repeat", "2"])  # fmt: skip
