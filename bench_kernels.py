@@ -1,6 +1,7 @@
 """Check, tune and benchmark the Triton decode kernels of triton_ops.py on one GPU.
 
-    python bench_kernels.py --check          # every op vs its dequantized float32 reference, and compiled capture
+    python bench_kernels.py --check          # every op vs its dequantized float32 reference, compiled capture,
+                                             # and two model layers vs torch's kernels
     python bench_kernels.py --tune           # time candidate configs on the 7B shapes, write kernel_configs.json
     python bench_kernels.py                  # GB/s per primitive and shape, next to the device copy GB/s
     python bench_kernels.py --check --tune --bench --shapes 7b 8b
@@ -10,6 +11,7 @@ copies of the weight to overflow L2, so no weight is read from cache. GB/s count
 """
 import argparse
 import concurrent.futures
+import copy
 import itertools
 import json
 import math
@@ -22,8 +24,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+import generate as gen
+import quantize
 import triton_ops
-from model import apply_rotary
+from model import ModelArgs, Transformer, apply_rotary
 
 # Llama-2-7B and Llama-3-8B layer matmuls (N outputs, K inputs): fused qkv, wo, fused gate|up, down; and the
 # output projection (reported apart from the per-layer sum)
@@ -91,11 +95,12 @@ def poison(*like: tuple) -> None:
 ATTENTION_SHAPES = [(1, 32, 32, 1, 206), (1, 32, 8, 1, 206), (1, 32, 32, 1, 4096), (1, 32, 8, 1, 4096)]
 
 
-def attention_inputs(b: int, h: int, hkv: int, s: int, t: int, d: int = 128):
+def attention_inputs(b: int, h: int, hkv: int, s: int, t: int, d: int = 128, at_start: bool = False):
     # bf16 q [B, H, S, D], k/v [B, Hkv, T, D]; a causal bool mask [B, 1, S, T] with the queries at the last slots
+    # (at_start: at the first ones, as in a prefill, so that later key ranges hold no key a query may see)
     q = torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(b, hkv, t, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    slots = torch.arange(t - s, t, device="cuda")
+    slots = torch.arange(0, s, device="cuda") if at_start else torch.arange(t - s, t, device="cuda")
     mask = (torch.arange(t, device="cuda")[None, :] <= slots[:, None])[None, None].expand(b, 1, s, t).contiguous()
     return q, k, v, mask
 
@@ -163,13 +168,17 @@ def check(formats: list[str], trials: int) -> None:
         print(f"check {fmt:9s} linear_add_norm + norm_linear worst relative error {worst[fmt + ' norm']:.2e}")
 
     # decode attention against torch's sdpa in float64, on the benchmark's shapes and a long context
-    for b, h, hkv, s, t in ATTENTION_SHAPES + [(2, 32, 8, 5, 777)]:
-        q, k, v, mask = attention_inputs(b, h, hkv, s, t)
+    # and a prefill's queries at the start of the cache, whose later key ranges hold no key they may see
+    for (b, h, hkv, s, t), at_start in [(c, False) for c in ATTENTION_SHAPES + [(2, 32, 8, 5, 777)]] + \
+            [((1, 32, 8, 6, 256), True), ((2, 32, 32, 1, 777), True)]:  # fmt: skip
+        q, k, v, mask = attention_inputs(b, h, hkv, s, t, at_start=at_start)
         ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=True)
         y = triton_ops.sdpa(q, k, v, attn_mask=mask, enable_gqa=True)
         err = (y.double() - ref).abs().max().item()
         splits = triton_ops.attention_splits(b, hkv, t, q.device)
-        print(f"check attention B={b} H={h} Hkv={hkv} S={s} T={t} ({splits} key ranges): max abs error {err:.1e}")
+        where = "first" if at_start else "last"
+        print(f"check attention B={b} H={h} Hkv={hkv} S={s} T={t}, queries at the {where} slots ({splits} key "
+              f"ranges): max abs error {err:.1e}")  # fmt: skip
         assert err < 2e-2
 
     # rope_attention (rotary, cache write, attention) against model.Attention's steps: float32 rotary rounded
@@ -220,6 +229,62 @@ def check(formats: list[str], trials: int) -> None:
         err = rel_err(y, step(x))
         print(f"check {fmt:9s} compiled (reduce-overhead, fullgraph) vs eager relative difference {err:.2e}")
         assert err < 1e-3
+
+    model_check(formats)
+
+
+def model_check(formats: list[str], device="cuda", cfg=None, kernels: tuple = (None, "cuda"), slots: int = 256,
+                bound: float = 5e-2, compiled: bool = True) -> dict[str, float]:  # fmt: skip
+    """Whole decoder layers through the kernels that ship (prepare_for_device's default choice, kernels[0]) against
+    torch's own paths (kernels[1]: cuBLAS, tinygemm, sdpa) on the same weights of each format: a 6-token prefill
+    at the start of a `slots` cache (the later key ranges of the split attention then hold no key its queries may
+    see), run eagerly and, for kernels[0], also compiled with dynamic shapes as generate.py --compile_prefill
+    does; then three decode steps, for kernels[0] through torch.compile(mode="reduce-overhead") as generate.py's
+    decode step (warm-up, record, replay). compiled=False runs everything eagerly. cfg: default two layers of the
+    7B width with grouped key/value heads (8 for 32, as Llama-3-8B) and the 7B feed-forward (K = 11008: masked
+    tails). Returns the largest logit difference relative to the largest reference logit, per format."""
+    cfg = cfg or ModelArgs(vocab_size=32000, dim=4096, n_layer=2, n_head=32, n_local_heads=8, intermediate_size=11008)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0)).to(device)
+    gen.set_inductor_pdl(os.environ.get("FASTGEN_PDL", "1") != "0")  # inductor's kernels as generate.py compiles them
+    worst = {}
+    for fmt in formats:
+        torch._dynamo.reset()  # each format's model compiles afresh (no recompile limit across formats)
+        with torch.device("meta"):
+            base = Transformer(cfg)
+        base = base.to_empty(device=device).to(torch.float16 if fmt == "float16" else torch.bfloat16)
+        g = torch.Generator(device=device).manual_seed(0)
+        with torch.no_grad():
+            for name, p in base.named_parameters():
+                if "norm" in name:
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0, 0.02, generator=g)
+        if fmt not in ("bfloat16", "float16"):
+            quantize.quantize_model(base, fmt if fmt in ("int8", "fp8") else f"int4-g{fmt[5:]}", pack=False)
+        logits = []
+        for kernel in kernels:
+            model = quantize.prepare_for_device(copy.deepcopy(base), kernel)
+            model.setup_caches(1, slots)
+            prefill = step = model
+            if compiled and kernel == kernels[0]:
+                prefill = torch.compile(model, fullgraph=True, dynamic=True)  # as generate.py --compile_prefill
+                step = torch.compile(model, mode="reduce-overhead", fullgraph=True)  # as its decode step
+            with torch.no_grad():
+                pos = torch.arange(6, device=device)
+                out = [model(tokens[:, :6], pos)[0], prefill(tokens[:, :6], pos)[0]]  # [6, V] each
+                out += [step(tokens[:, i : i + 1], torch.tensor([i], device=device))[0].clone() for i in range(6, 9)]
+            logits.append(torch.cat(out).float())  # [15, V]: the prefill's rows (eager, compiled), one per step
+        ours, ref = logits
+        for name, y in (("shipped", ours), ("stock", ref)):
+            bad = (~torch.isfinite(y)).any(-1).nonzero().flatten().tolist()
+            assert not bad, (f"{fmt}: non-finite logits from the {name} kernels in rows {bad} (0-5 eager prefill, "
+                             "6-11 compiled prefill, 12-14 decode)")  # fmt: skip
+        err = ((ours - ref).abs().max() / ref.abs().max()).item()
+        print(f"check {fmt:9s} model (prefill eager and compiled, compiled decode) vs torch's kernels: relative "
+              f"difference {err:.2e}")  # fmt: skip
+        assert err < bound, f"{fmt}: the model's logits differ from torch's kernels' by {err:.2e} (bound {bound:.0e})"
+        worst[fmt] = err
+    return worst
 
 
 # ----------------------------------------------------------------------------- tuning

@@ -284,6 +284,36 @@ def test_compiled_decode_step_writes_the_caches_in_place(monkeypatch):
         assert layer.attention.kv_cache.k_cache[0, :, 7].abs().sum() > 0  # slot 7 written
 
 
+def test_whole_model_gpu_check_runs_here_and_catches_bad_output(monkeypatch):
+    # bench_kernels.model_check, the --check run's whole-model comparison on the GPU, on a small model in Triton's
+    # interpreter: a prefill at the start of a 256-slot cache (4 key ranges per head, 3 of them with no key the
+    # queries may see) and compiled decode steps through the Triton kernels, against the reference paths
+    import torch._inductor.config as inductor_config
+
+    import bench_kernels
+    import triton_ops
+
+    kernels_on_cpu(monkeypatch)
+    monkeypatch.setattr(triton_ops, "_sm_count", lambda device: 8)
+    if hasattr(inductor_config.triton, "enable_pdl"):  # model_check sets it as generate.py does: undone after
+        monkeypatch.setattr(inductor_config.triton, "enable_pdl", inductor_config.triton.enable_pdl)
+    cfg = ModelArgs(vocab_size=256, dim=128, n_layer=2, n_head=4, n_local_heads=2, intermediate_size=256)
+    assert triton_ops.attention_splits(1, 2, 256, torch.device("cpu")) == 4
+    fmt = "int4g32"  # int4 on both matmul paths: tensor cores for the prefill's 6 rows, CUDA cores for decode
+    worst = bench_kernels.model_check([fmt], "cpu", cfg, kernels=("triton", "reference"))
+    assert 0 < worst[fmt] < 5e-2
+    # and it fails where a kernel leaves garbage: here NaN from the attention of the prefill (S > 1)
+    attention = triton_ops.attention
+
+    def nan_prefill(q, *args):
+        y = attention(q, *args)
+        return y.fill_(float("nan")) if q.shape[2] > 1 else y
+
+    monkeypatch.setattr(triton_ops, "attention", nan_prefill)
+    with pytest.raises(AssertionError, match=r"non-finite logits from the shipped kernels in rows \[0, 1, 2, 3, 4, 5"):
+        bench_kernels.model_check([fmt], "cpu", cfg, kernels=("triton", "reference"), compiled=False)
+
+
 def test_self_check_passes_on_cpu():
     # the function the lead runs on the GPU (python quantize.py --self_check cuda), here on small CPU shapes,
     # through torch.compile too; kernel="cpu" forces torch's CPU int4 kernel even where it is not the default
