@@ -42,8 +42,13 @@ SHAPES = {  # HF-style configs: the benchmark builds through the same mapping as
 
 def random_model(shape: str, device, dtype) -> Transformer:
     """Random normal weights (never zeros: they hide bugs and can run faster than real data)."""
+    return random_transformer(ModelArgs.from_hf_config(SHAPES[shape]), device, dtype)
+
+
+def random_transformer(config: ModelArgs, device, dtype) -> Transformer:
+    # built on the meta device, then given random weights (norms: ones) where it will run
     with torch.device("meta"):
-        model = Transformer(ModelArgs.from_hf_config(SHAPES[shape]))
+        model = Transformer(config)
     model = model.to_empty(device=device).to(dtype)
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():

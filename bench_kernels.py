@@ -27,7 +27,8 @@ import torch.nn.functional as F
 import generate as gen
 import quantize
 import triton_ops
-from model import ModelArgs, Transformer, apply_rotary
+from bench import random_transformer
+from model import ModelArgs, apply_rotary
 
 # Llama-2-7B and Llama-3-8B layer matmuls (N outputs, K inputs): fused qkv, wo, fused gate|up, down; and the
 # output projection (reported apart from the per-layer sum)
@@ -249,16 +250,7 @@ def model_check(formats: list[str], device="cuda", cfg=None, kernels: tuple = (N
     worst = {}
     for fmt in formats:
         torch._dynamo.reset()  # each format's model compiles afresh (no recompile limit across formats)
-        with torch.device("meta"):
-            base = Transformer(cfg)
-        base = base.to_empty(device=device).to(torch.float16 if fmt == "float16" else torch.bfloat16)
-        g = torch.Generator(device=device).manual_seed(0)
-        with torch.no_grad():
-            for name, p in base.named_parameters():
-                if "norm" in name:
-                    p.fill_(1.0)
-                else:
-                    p.normal_(0, 0.02, generator=g)
+        base = random_transformer(cfg, device, torch.float16 if fmt == "float16" else torch.bfloat16)
         if fmt not in ("bfloat16", "float16"):
             quantize.quantize_model(base, fmt if fmt in ("int8", "fp8") else f"int4-g{fmt[5:]}", pack=False)
         logits = []
