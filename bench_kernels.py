@@ -11,7 +11,6 @@ copies of the weight to overflow L2, so no weight is read from cache. GB/s count
 """
 import argparse
 import concurrent.futures
-import copy
 import itertools
 import json
 import math
@@ -20,11 +19,12 @@ import os
 import statistics
 import sys
 import time
+from copy import deepcopy
 
 import torch
 import torch.nn.functional as F
 
-import generate as gen
+import generate
 import quantize
 import triton_ops
 from bench import random_transformer
@@ -246,7 +246,7 @@ def model_check(formats: list[str], device="cuda", cfg=None, kernels: tuple = (N
     tails). Returns the largest logit difference relative to the largest reference logit, per format."""
     cfg = cfg or ModelArgs(vocab_size=32000, dim=4096, n_layer=2, n_head=32, n_local_heads=8, intermediate_size=11008)
     tokens = torch.randint(0, cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0)).to(device)
-    gen.set_inductor_pdl(os.environ.get("FASTGEN_PDL", "1") != "0")  # inductor's kernels as generate.py compiles them
+    generate.set_inductor_pdl(os.environ.get("FASTGEN_PDL", "1") != "0")  # inductor's kernels as generate.py compiles them
     worst = {}
     for fmt in formats:
         torch._dynamo.reset()  # each format's model compiles afresh (no recompile limit across formats)
@@ -255,7 +255,7 @@ def model_check(formats: list[str], device="cuda", cfg=None, kernels: tuple = (N
             quantize.quantize_model(base, fmt if fmt in ("int8", "fp8") else f"int4-g{fmt[5:]}", pack=False)
         logits = []
         for kernel in kernels:
-            model = quantize.prepare_for_device(copy.deepcopy(base), kernel)
+            model = quantize.prepare_for_device(deepcopy(base), kernel)
             model.setup_caches(1, slots)
             prefill = step = model
             if compiled and kernel == kernels[0]:

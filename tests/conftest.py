@@ -1,17 +1,14 @@
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-if not torch.cuda.is_available():
-    # as triton_ops.py does on import, but before any test imports triton another way (torch._inductor.config
-    # does): triton's own @triton.jit helpers (tl.zeros, ...) are built interpreted only if it is set by then
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# triton_ops sets TRITON_INTERPRET without a GPU; imported here, before any test imports triton another way
+# (torch._inductor.config does), so that triton's own @triton.jit helpers (tl.zeros, ...) are built interpreted
+import triton_ops  # noqa: E402, F401
 
 
 def smollm2_gguf_path() -> Path | None:

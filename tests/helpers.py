@@ -29,6 +29,14 @@ FAMILIES = {
 }
 
 
+def keep_inductor_pdl(monkeypatch) -> None:
+    # bench.py and bench_kernels.model_check set inductor's PDL option as generate.py does: undone after the test
+    import torch._inductor.config as inductor_config
+
+    if hasattr(inductor_config.triton, "enable_pdl"):
+        monkeypatch.setattr(inductor_config.triton, "enable_pdl", inductor_config.triton.enable_pdl)
+
+
 def make_hf_model(family: str, seed: int = 0):
     import transformers
 

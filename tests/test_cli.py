@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from generate import generate, load_model
-from tests.helpers import make_hf_model
+from tests.helpers import keep_inductor_pdl, make_hf_model
 from tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,14 +151,11 @@ def test_interactive_chat_keeps_the_conversation_in_the_cache(smollm2_checkpoint
 def test_bench_runs_each_configuration(capsys, monkeypatch):
     # the speed benchmark's plumbing on CPU (tiny shape, eager): one JSON line per mode x kernels x PDL setting;
     # PDL is never in use off the GPU
-    import torch._inductor.config as inductor_config
-
     import bench
 
     for name in ("FASTGEN_KERNELS", "FASTGEN_PDL"):  # bench.py sets both per configuration; the undo restores them
         monkeypatch.setenv(name, "")
-    if hasattr(inductor_config.triton, "enable_pdl"):
-        monkeypatch.setattr(inductor_config.triton, "enable_pdl", inductor_config.triton.enable_pdl)
+    keep_inductor_pdl(monkeypatch)
     bench.main(["--shape", "tiny", "--device", "cpu", "--no_compile", "--runs", "1", "--max_new_tokens", "3",
                 "--mode", "bf16", "int8", "--pdl", "off", "on"])  # fmt: skip
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]

@@ -11,7 +11,7 @@ from torch.testing import assert_close
 import generate as gen
 import quantize as Q
 from model import ModelArgs, Transformer
-from tests.helpers import load_tiny, make_checkpoint
+from tests.helpers import keep_inductor_pdl, load_tiny, make_checkpoint
 
 KERNELS = ["reference", "cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # int4 paths this machine has
 
@@ -288,15 +288,12 @@ def test_whole_model_gpu_check_runs_here_and_catches_bad_output(monkeypatch):
     # bench_kernels.model_check, the --check run's whole-model comparison on the GPU, on a small model in Triton's
     # interpreter: a prefill at the start of a 256-slot cache (4 key ranges per head, 3 of them with no key the
     # queries may see) and compiled decode steps through the Triton kernels, against the reference paths
-    import torch._inductor.config as inductor_config
-
     import bench_kernels
     import triton_ops
 
     kernels_on_cpu(monkeypatch)
     monkeypatch.setattr(triton_ops, "_sm_count", lambda device: 8)
-    if hasattr(inductor_config.triton, "enable_pdl"):  # model_check sets it as generate.py does: undone after
-        monkeypatch.setattr(inductor_config.triton, "enable_pdl", inductor_config.triton.enable_pdl)
+    keep_inductor_pdl(monkeypatch)
     cfg = ModelArgs(vocab_size=256, dim=128, n_layer=2, n_head=4, n_local_heads=2, intermediate_size=256)
     assert triton_ops.attention_splits(1, 2, 256, torch.device("cpu")) == 4
     fmt = "int4g32"  # int4 on both matmul paths: tensor cores for the prefill's 6 rows, CUDA cores for decode
