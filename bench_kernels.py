@@ -142,6 +142,14 @@ def check(formats: list[str], trials: int) -> None:
         bound = BOUND[torch.float16 if fmt == "float16" else torch.bfloat16]
         print(f"check {fmt:9s} worst relative error {err:.2e} over {trials} random shapes (bound {bound:.0e})")
 
+    # the prefill path's dense int4 weight: the float32 reference rounded once (to nearest) to each dtype
+    for group in (32, 64, 128):
+        w, sz = make_weights(f"int4g{group}", 4096, 11008, "cuda", seed=4000 + group)[:2]
+        ref = triton_ops.dequantize_int4(w, sz, group)
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            assert torch.equal(triton_ops.int4_weight(w, sz, group, dtype), ref.to(dtype)), f"int4_weight g{group} {dtype}"
+    print("check int4_weight (prefill's dense int4 weight) equals the reference in bf16, fp16, fp32")
+
     # the SwiGLU epilogue (FeedForward's w13): silu(first half of the outputs) * second half
     for fmt in formats:
         for m in (1, 3):

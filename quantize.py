@@ -391,8 +391,7 @@ class WeightOnlyInt4Linear(nn.Module):
                 y = triton_ops.int4_linear(x, self.weight, self.scales_and_zeros, self.groupsize, glu).to(x.dtype)
                 return y if self.bias is None else y + self.bias  # (no bias when glu)
             else:
-                w = triton_ops.dequantize_int4(self.weight, self.scales_and_zeros, self.groupsize)
-                y = F.linear(x, w.to(x.dtype))
+                y = F.linear(x, triton_ops.int4_weight(self.weight, self.scales_and_zeros, self.groupsize, x.dtype))
         elif self.kernel == "cuda":  # tinygemm: bf16 activations, [M, K] contiguous
             x2 = x.reshape(-1, self.padded_in).to(torch.bfloat16).contiguous()
             y = torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.groupsize, self.scales_and_zeros)

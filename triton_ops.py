@@ -29,16 +29,19 @@ rotary and KV cache write in the same kernel, from the qkv matmul's output (quan
 
 When to call the matmuls: `supported(x, n, k)`: a CUDA tensor with at most MAX_M rows (decode, speculative
 verification); anything else (prefill, CPU) should take the stock path (F.linear, tinygemm, _scaled_mm).
-The kernels are correct for any M, just not faster than cuBLAS for large M. fp8 needs sm_89+ (`fp8_ok`).
+The kernels are correct for any M, just not faster than cuBLAS for large M; for those, `int4_weight` gives
+int4's dense weight in one pass, for one cuBLAS matmul. fp8 needs sm_89+ (`fp8_ok`).
 
 Each op is a torch.library custom op with a fake implementation, so torch.compile(fullgraph=True,
-mode="reduce-overhead") captures it in the CUDA graph without a graph break. On sm_90+ every kernel is
+mode="reduce-overhead") captures it in the CUDA graph without a graph break; an eager call (a prefill) runs
+the kernel without the op's dispatch (`_op`). On sm_90+ every kernel is
 launched with programmatic dependent launch (`uses_pdl`; FASTGEN_PDL=0 turns it off) and waits for the
 previous kernel in `_pdl_wait` before its first load of x.
 Block sizes come from kernel_configs.json (written once per GPU model by `python bench_kernels.py --tune`),
 else from a heuristic; nothing is tuned at start-up. Without a GPU the same kernels run in Triton's
 interpreter (numpy): slow, but it lets CPU CI test them on small shapes.
 """
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -433,6 +436,25 @@ def _int4_kernel(
                 out_up = _int4_mma_step(q, sz, x_ptrs + k, x_mask, out_up, WG, BLOCK_M, DOT_F32)
     _epilogue(out, out_up, y_ptr, rm, rn, M, N, K, res_ptr, g_ptr, yn_ptr, ss_ptr, ss_in_ptr, n_in, eps, acc_ptr,
               cnt_ptr, GLU, ATOMIC, ADD_NORM, NORM_IN, PARTS_IN)
+
+
+@triton.jit
+def _dequant_int4_kernel(w_ptr, sz_ptr, out_ptr, K, GROUP: tl.constexpr, BLOCK_G: tl.constexpr):
+    # w [N, K/8] int32 (pack_int4), sz [N, K/GROUP, 2] -> out [N, K] in out's dtype. grid: (N, groups / BLOCK_G).
+    # Word j of a group holds the group's elements i * GROUP/8 + j in nibbles i = 0..7, so the words shifted by
+    # 4i along a middle axis and reshaped [BLOCK_G, 8, WG] -> [BLOCK_G, GROUP] are the group's elements in order.
+    WG: tl.constexpr = GROUP // 8
+    n = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    g_ok = g < K // GROUP
+    words = tl.load(w_ptr + n * (K // 8) + g[:, None] * WG + tl.arange(0, WG)[None, :], mask=g_ok[:, None], other=0)
+    q = (words[:, None, :] >> (4 * tl.arange(0, 8))[None, :, None]) & 15  # [BLOCK_G, 8, WG]
+    sz = sz_ptr + (n * (K // GROUP) + g) * 2
+    scale = tl.load(sz, mask=g_ok, other=0.0).to(tl.float32)[:, None]
+    zero = tl.load(sz + 1, mask=g_ok, other=0.0).to(tl.float32)[:, None]
+    w = (tl.reshape(q, [BLOCK_G, GROUP]).to(tl.float32) - 8.0) * scale + zero  # the reference's float32 formula
+    out = out_ptr + n * K + g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    tl.store(out, w.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
 
 
 @triton.jit
@@ -849,7 +871,15 @@ def _op(name: str, fake, mutates: tuple[str, ...] = ()):
     def register(fn):
         op = torch.library.custom_op(f"fastgen::{name}", fn, mutates_args=mutates)
         op.register_fake(fake)
-        return op
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            # Only torch.compile needs the op; an eager call (prefill, CPU runs, tuning) runs fn directly: the
+            # op's dispatch added ~25 us of host time per call (H100 machine, torch 2.11) to a launch of ~95 us.
+            return op(*args, **kwargs) if torch.compiler.is_compiling() else fn(*args, **kwargs)
+
+        call.op = op  # the registered op (torch.library.opcheck, torch.ops.fastgen.<name>)
+        return call
 
     return register
 
@@ -933,6 +963,25 @@ def int4_linear(x: Tensor, w: Tensor, scales_zeros: Tensor, group_size: int, glu
     fmt = f"int4g{group_size}"
     _check_format(fmt, x, (w, scales_zeros), glu)
     return _dispatch(fmt, x, (w, scales_zeros), glu)
+
+
+def _fake_int4_weight(w: Tensor, scales_zeros: Tensor, group_size: int, dtype: torch.dtype) -> Tensor:
+    return w.new_empty(w.shape[0], w.shape[1] * 8, dtype=dtype)
+
+
+@_op("int4_weight", _fake_int4_weight)
+def int4_weight(w: Tensor, scales_zeros: Tensor, group_size: int, dtype: torch.dtype) -> Tensor:
+    """The int4 weight as a dense [N, K] tensor in dtype (bf16, fp16 or fp32), for inputs too large for
+    int4_linear (prefill: then one cuBLAS matmul). One pass, in the float32 formula of dequantize_int4 and
+    rounded once, so it equals dequantize_int4(...).to(dtype)."""
+    n, k = w.shape[0], w.shape[1] * 8
+    assert w.dtype == torch.int32 and w.is_contiguous(), "w must be the int32 [N, K/8] of pack_int4"
+    assert scales_zeros.shape == (n, k // group_size, 2) and scales_zeros.is_contiguous(), "sz must be [N, K/group, 2]"
+    assert dtype in FLOAT_DTYPES, f"dtype must be bf16, fp16 or fp32, got {dtype}"
+    out = w.new_empty(n, k, dtype=dtype)
+    block_g = max(1, 4096 // group_size)  # 4096 weights per program
+    _dequant_int4_kernel[(n, triton.cdiv(k // group_size, block_g))](w, scales_zeros, out, k, GROUP=group_size, BLOCK_G=block_g)
+    return out
 
 
 def _fake_add_norm(fmt: str, x: Tensor, w: Tensor, aux: Tensor | None, residual: Tensor, norm_weight: Tensor,

@@ -131,6 +131,37 @@ def test_int4_formula_matches_tinygemm_convention():
     assert w[0, :2].tolist() == [-3.0, 4.5] and w[0, 32:].unique().tolist() == [-3.0]
 
 
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_weight_is_the_dequantized_reference_in_one_pass(group):
+    # the prefill path's dense weight (then one cuBLAS matmul): dequantize_int4's float32 values, rounded once
+    # to the requested dtype (the interpreter rounds bf16 and fp16 towards zero, the GPU to nearest: within 1 ulp)
+    g = torch.Generator().manual_seed(group)
+    q = torch.randint(0, 16, (256, 384), generator=g, dtype=torch.uint8)  # 384: groups not a power of two
+    sz = triton_ops.pack_scales_zeros(torch.rand(256, 384 // group, generator=g) + 0.01,
+                                      torch.randn(256, 384 // group, generator=g)).to(torch.bfloat16)  # fmt: skip
+    w = triton_ops.pack_int4(q, group)
+    ref = triton_ops.dequantize_int4(w, sz, group)
+    assert torch.equal(triton_ops.int4_weight(w, sz, group, torch.float32), ref)
+    for dtype in (torch.bfloat16, torch.float16):
+        out = triton_ops.int4_weight(w, sz, group, dtype)
+        assert out.dtype == dtype and out.shape == ref.shape
+        assert_close(out.float(), ref, rtol=2 * torch.finfo(dtype).eps, atol=0)
+    torch.library.opcheck(triton_ops.int4_weight.op, (w, sz, group, torch.bfloat16), test_utils=("test_faketensor",))
+
+
+def test_eager_calls_skip_the_custom_op_dispatch():
+    # only torch.compile needs the registered op: an eager call runs the same kernel without the dispatcher
+    # (a prefill runs its ops eagerly, and their host time, not the GPU's, sets how long it takes)
+    x, (w8, s8), _ = case("int8", 3, 256, 512, torch.bfloat16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y = triton_ops.int8_linear(x, w8, s8)
+    assert not any(e.key.startswith("fastgen::") for e in prof.key_averages())
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y_op = triton_ops.int8_linear.op(x, w8, s8)
+    assert any(e.key == "fastgen::int8_linear" for e in prof.key_averages())
+    assert torch.equal(y, y_op)
+
+
 @pytest.mark.parametrize("fmt", ["bfloat16", "int8", "fp8", "int4g32"])
 def test_custom_op_registration(fmt):
     # schema, fake (meta) implementation and functionalization, as torch.compile needs them
@@ -140,7 +171,7 @@ def test_custom_op_registration(fmt):
     checks = ("test_faketensor", "test_aot_dispatch_static")
     if fmt != "fp8":  # test_schema multiplies the inputs, which CPU torch cannot do in fp8
         checks += ("test_schema",)
-    torch.library.opcheck(op, (x, *weights), test_utils=checks)
+    torch.library.opcheck(op.op, (x, *weights), test_utils=checks)
 
 
 def test_compiles_with_fullgraph_and_no_graph_break():
@@ -170,7 +201,7 @@ def test_compiles_with_a_symbolic_row_count(monkeypatch):
             monkeypatch.setattr(triton_ops, "get_config", lambda fmt, n, k, m, *a, **kw: split_k if m > 1 else
                                 triton_ops.Config(64, 128))  # fmt: skip
             assert triton_ops.int8_linear(x, w8, s8).dtype == x.dtype == triton_ops._fake_int8(x, w8, s8).dtype
-            torch.library.opcheck(triton_ops.int8_linear, (x, w8, s8), test_utils=("test_faketensor",))
+            torch.library.opcheck(triton_ops.int8_linear.op, (x, w8, s8), test_utils=("test_faketensor",))
         torch._dynamo.reset()
         step = torch.compile(lambda x: triton_ops.int8_linear(x, w8, s8).to(x.dtype) * 2, fullgraph=True, dynamic=True,
                              backend="aot_eager")  # fmt: skip
@@ -400,22 +431,22 @@ def test_fake_implementations_agree_with_the_kernels():
     q, k, v, mask = attention_case(1, 4, 2, 3, 64, 32, torch.float32, pos=20)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, H, S, D] view of [B, S, H, D], as in model.py
     counters = torch.zeros(2, dtype=torch.int32)
-    torch.library.opcheck(triton_ops.attention, (q, k, v, mask))
-    torch.library.opcheck(triton_ops.attention, (q, k, v, mask, counters, 2))  # (mutates the counters)
+    torch.library.opcheck(triton_ops.attention.op, (q, k, v, mask))
+    torch.library.opcheck(triton_ops.attention.op, (q, k, v, mask, counters, 2))  # (mutates the counters)
     qkv, cos, sin, pos, (k_cache, v_cache), mask = rope_case(1, 4, 2, 64, 32, torch.float32, pos=20)
-    torch.library.opcheck(triton_ops.rope_attention, (qkv, cos, sin, pos, k_cache, v_cache, mask, 4))  # mutates the caches
-    torch.library.opcheck(triton_ops.rope_attention, (qkv, cos, sin, pos, k_cache, v_cache, mask, 4, counters, 2))
+    torch.library.opcheck(triton_ops.rope_attention.op, (qkv, cos, sin, pos, k_cache, v_cache, mask, 4))  # mutates the caches
+    torch.library.opcheck(triton_ops.rope_attention.op, (qkv, cos, sin, pos, k_cache, v_cache, mask, 4, counters, 2))
     for fmt, op in (("bfloat16", triton_ops.linear), ("int8", triton_ops.int8_linear), ("int4g32", triton_ops.int4_linear)):
         x, weights, _ = case(fmt, 3, 256, 256, torch.bfloat16)
         for glu in (False, True):
-            torch.library.opcheck(op, (x, *weights, glu))
+            torch.library.opcheck(op.op, (x, *weights, glu))
         w, aux = weights[0], weights[1] if len(weights) > 1 else None
         residual, g = torch.randn(3, 256, dtype=torch.bfloat16), torch.rand(256, dtype=torch.bfloat16)
         h, hn, ss = triton_ops.linear_add_norm(fmt, x, w, aux, residual, g)
-        torch.library.opcheck(triton_ops.linear_add_norm, (fmt, x, w, aux, residual, g))
+        torch.library.opcheck(triton_ops.linear_add_norm.op, (fmt, x, w, aux, residual, g))
         scratch = torch.zeros(triton_ops.scratch_numel(3, 256), dtype=torch.int32)
-        torch.library.opcheck(triton_ops.linear_add_norm, (fmt, x, w, aux, residual, g, scratch))  # (mutates scratch)
-        torch.library.opcheck(triton_ops.norm_linear, (fmt, hn, w, aux, ss, 1e-5, True))
+        torch.library.opcheck(triton_ops.linear_add_norm.op, (fmt, x, w, aux, residual, g, scratch))  # (mutates scratch)
+        torch.library.opcheck(triton_ops.norm_linear.op, (fmt, hn, w, aux, ss, 1e-5, True))
 
 
 def test_sdpa_sends_only_decode_sized_gpu_inputs_to_the_kernel():
@@ -561,6 +592,11 @@ for g, split, rope in ((1, False, False), (4, True, False), (1, False, True), (4
         assert re.search(r"bar[.]sync[^;]*;(?:(?!ld[.]global).)*atom[.]global[.]gpu[.]acq_rel[.]add", ptx, re.S), "barrier, count"
         assert "ld.global.cg" in ptx
 assert all(stores[split, True] > stores[split, False] for split in (False, True))  # the cache writes
+# the prefill path's int4 dequantization: whole groups of contiguous stores, 16 bytes at a time
+for out in ("*bf16", "*fp32"):
+    sig = {"w_ptr": "*i32", "sz_ptr": "*bf16", "out_ptr": out, "K": "i32"}
+    ptx = build(triton_ops._dequant_int4_kernel, sig, dict(GROUP=32, BLOCK_G=128)).asm["ptx"]
+    assert "st.global.v4" in ptx, f"no vector stores in the int4 dequantization ({out})"
 print("ok")
 """
 
