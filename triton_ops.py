@@ -44,7 +44,7 @@ interpreter (numpy): slow, but it lets CPU CI test them on small shapes.
 import functools
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -593,6 +593,12 @@ def _combine_ranges(part_ptrs, lse_ptrs, o_ptrs, row_ok, cnt_ptr, BLOCK_R: tl.co
 # ----------------------------------------------------------------------------- launch configurations
 
 
+def _cdiv(a: int, b: int) -> int:
+    # ceil(a / b) for the host code (triton.cdiv is a @jit function: a Python call to it costs microseconds)
+    return -(-a // b)
+
+
+
 @dataclass(frozen=True)
 class Config:
     block_n: int  # output channels per program
@@ -629,7 +635,7 @@ def act_dtype(fmt: str) -> torch.dtype:
 def valid(cfg: Config, fmt: str, n: int, k: int) -> bool:
     # the last tile along K may run past K (masked: TAIL) on CUDA cores, not on tensor cores
     group = _group(fmt)
-    tiles_k = triton.cdiv(k, cfg.block_k)
+    tiles_k = _cdiv(k, cfg.block_k)
     whole_k = k % cfg.block_k == 0 or not cfg.dot
     return n % cfg.block_n == 0 and whole_k and k % group == 0 and cfg.block_k % group == 0 and cfg.split_k <= tiles_k
 
@@ -748,7 +754,7 @@ def get_config(fmt: str, n: int, k: int, m: int, device: torch.device, split: bo
     if entry is None:  # tuned on another GPU model: still a better guess than the heuristic
         entry = next((t[c] for c in keys for t in _TABLE.values() if c in t), None)
     cfg = Config(**entry) if entry is not None else heuristic(fmt, n, k, m, _sm_count(device))
-    return cfg if m == 1 else Config(**{**asdict(cfg), "dot": True})
+    return cfg if m == 1 else replace(cfg, dot=True)
 
 
 # ----------------------------------------------------------------------------- launching
@@ -761,8 +767,8 @@ def plan(fmt: str, m: int, n: int, k: int, device: torch.device, glu: bool = Fal
     if add_norm and cfg.block_n < NORM_SLOT:  # add_norm writes a sum of squares per NORM_SLOT outputs
         # the same tile area, as valid as the tuned one
         block_k = max(cfg.block_k * cfg.block_n // NORM_SLOT, _group(fmt))
-        cfg = Config(**{**asdict(cfg), "block_n": NORM_SLOT, "block_k": block_k})
-    return Config(**{**asdict(cfg), "split_k": 1}) if glu else cfg
+        cfg = replace(cfg, block_n=NORM_SLOT, block_k=block_k)
+    return replace(cfg, split_k=1) if glu else cfg
 
 
 def out_dtype(fmt: str, x: Tensor, n: int, k: int, glu: bool = False) -> torch.dtype:
@@ -803,7 +809,7 @@ def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | N
     assert not (add_norm and cfg.block_n % NORM_SLOT), f"add_norm needs BLOCK_N a multiple of {NORM_SLOT}"
     block_m = MAX_M if (m > 1 or cfg.dot) else 1
     atomic = cfg.split_k > 1
-    grid = (n // cfg.block_n, cfg.split_k, triton.cdiv(m, block_m))
+    grid = (n // cfg.block_n, cfg.split_k, _cdiv(m, block_m))
     split_sums = atomic and not add_norm  # a plain split-K call adds into a float32 buffer
     promised = x.dtype if add_norm else out_dtype(fmt, x, n, k, glu)  # what the fake implementations say
     dtype = torch.float32 if split_sums else promised
@@ -827,7 +833,7 @@ def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | N
         ss_in = ss_in.reshape(m, -1).contiguous()
         fused.update(ss_in_ptr=ss_in, n_in=ss_in.shape[1], eps=float(eps))
         constexprs.update(NORM_IN=True, PARTS_IN=triton.next_power_of_2(ss_in.shape[1]))
-    k_len = triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split_k) * cfg.block_k  # inputs per split, whole tiles
+    k_len = _cdiv(_cdiv(k, cfg.block_k), cfg.split_k) * cfg.block_k  # inputs per split, whole tiles
     if k % cfg.block_k:  # the last tile runs past K, masked on the M = 1 CUDA-core paths only (see valid)
         assert block_m == 1, f"config {cfg} runs past K = {k}: only M = 1 off the tensor cores masks that"
         constexprs.update(TAIL=True)
@@ -980,7 +986,7 @@ def int4_weight(w: Tensor, scales_zeros: Tensor, group_size: int, dtype: torch.d
     assert dtype in FLOAT_DTYPES, f"dtype must be bf16, fp16 or fp32, got {dtype}"
     out = w.new_empty(n, k, dtype=dtype)
     block_g = max(1, 4096 // group_size)  # 4096 weights per program
-    _dequant_int4_kernel[(n, triton.cdiv(k // group_size, block_g))](w, scales_zeros, out, k, GROUP=group_size, BLOCK_G=block_g)
+    _dequant_int4_kernel[(n, _cdiv(k // group_size, block_g))](w, scales_zeros, out, k, GROUP=group_size, BLOCK_G=block_g)
     return out
 
 
@@ -1073,8 +1079,8 @@ def _attention_launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, counters: T
         new_k, new_v = H * D, (H + hkv) * D
     g = H // hkv
     block_t = _block_t(splits, D)
-    t_len = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t  # keys per range, whole blocks
-    splits = triton.cdiv(T, t_len)
+    t_len = _cdiv(_cdiv(T, splits), block_t) * block_t  # keys per range, whole blocks
+    splits = _cdiv(T, t_len)
     mask = mask if mask.stride(-1) == 1 else mask.contiguous()
     o = torch.empty(B, H, S, D, device=q.device, dtype=k.dtype)
     part = lse = cnt = o  # placeholders unless split
@@ -1158,7 +1164,7 @@ def attention_splits(batch: int, kv_heads: int, T: int, device: torch.device) ->
     # ranges of 32 keys); 4096 slots: 4 ranges for 7B (28.1 us; 8: 32.2), 16 for 8B (11.9 us; 8: 14.4, 32: 19.2)
     if batch * kv_heads > ATTN_COUNTERS:
         return 1
-    return max(1, min(triton.cdiv(T, 64), _sm_count(device) // (batch * kv_heads)))
+    return max(1, min(_cdiv(T, 64), _sm_count(device) // (batch * kv_heads)))
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, enable_gqa: bool = False,
