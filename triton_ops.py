@@ -472,7 +472,6 @@ def _attention_kernel(
     HKV, S, T, t_len, qk_scale, cos_ptr, sin_ptr, pos_ptr, new_k, new_v,
     G: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT: tl.constexpr,
     DOT_F32: tl.constexpr, ROPE: tl.constexpr = False, PDL: tl.constexpr = False, P_POW2: tl.constexpr = 1,
-    S_POW2: tl.constexpr = 1, SCAN: tl.constexpr = 0,
 ):  # fmt: skip
     # q: [B, H, S, D], k/v: [B, HKV, T, D], mask: [B, 1, S, T] bool (True: may attend); D contiguous everywhere.
     # grid: (B * HKV, P). This program: key/value head hk of batch row b with the G = H / HKV query heads that
@@ -490,8 +489,6 @@ def _attention_kernel(
     # program whose range holds slot pos (pos_ptr) writes the new key and value there; the loop skips that
     # slot and the owning program adds it from registers afterwards: rotary, the cache write and attention in
     # one kernel.
-    # SCAN > 0 (ranges longer than one block of keys): the loop ends after the range's last key that a query
-    # row may see (_visible_end), so a step early in a long cache reads only the keys written so far.
     pid_bh, pid_p = tl.program_id(0), tl.program_id(1)
     b, hk = pid_bh // HKV, pid_bh % HKV
     r, d = tl.arange(0, BLOCK_R), tl.arange(0, D)
@@ -499,8 +496,6 @@ def _attention_kernel(
     row_ok = r < G * S
     t_end = tl.minimum(pid_p * t_len + t_len, T)
     _pdl_wait(PDL)
-    if SCAN > 0:
-        t_end = _visible_end(mask_ptr + b * sm_b, sm_s, S, pid_p * t_len, t_end, S_POW2, SCAN)
     if ROPE:
         cache_t: tl.constexpr = k_ptr.dtype.element_ty
         pair = (d + D // 2) % D
@@ -567,21 +562,6 @@ def _attention_kernel(
         _combine_ranges(part_ptrs, lse_ptr + row * n_p, o_ptrs, row_ok, cnt_ptr + pid_bh, BLOCK_R, D, P_POW2)
     else:
         tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
-
-
-@triton.jit
-def _visible_end(mask_ptr, sm_s, S, t_start, t_end, S_POW2: tl.constexpr, SCAN: tl.constexpr):
-    # 1 + the last key in [t_start, t_end) that one of the S query rows may see (mask_ptr: this batch row's
-    # [S, T] bytes, rows sm_s apart), t_start if none: every key after it is masked for every row. SCAN keys
-    # (one byte each) of the S_POW2 >= S rows per step.
-    s = tl.arange(0, S_POW2)
-    last = t_start - 1
-    for t0 in range(t_start, t_end, SCAN):
-        t = t0 + tl.arange(0, SCAN)
-        ok = (s[:, None] < S) & (t < t_end)[None, :]
-        allowed = tl.load(mask_ptr + s[:, None] * sm_s + t[None, :], mask=ok, other=0) != 0  # [S_POW2, SCAN]
-        last = tl.maximum(last, tl.max(tl.max(tl.where(allowed, t[None, :], -1), axis=1), axis=0))
-    return last + 1
 
 
 @triton.jit
@@ -1114,16 +1094,13 @@ def _attention_launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, counters: T
                 and counters.numel() >= B * hkv, f"counters must be at least {B * hkv} zeroed int32 on q's device"  # fmt: skip
             cnt = counters
     sm_b = mask.stride(0) if mask.shape[0] > 1 else 0
-    s_pow2 = triton.next_power_of_2(S)
-    scan = max(16, 4096 // s_pow2) if t_len > block_t else 0  # mask bytes per step of _visible_end (0: no scan)
     _attention_kernel[(B * hkv, splits)](
         q, k, v, mask.view(torch.uint8), o, part, lse, cnt,
         *sq, *k.stride()[:3], *v.stride()[:3], sm_b, mask.stride(2),
         hkv, S, T, t_len, D ** -0.5 * 1.4426950408889634, cos, sin, pos, new_k, new_v,
         G=g, D=D, BLOCK_R=max(16, triton.next_power_of_2(g * S)), BLOCK_T=block_t, SPLIT=splits > 1,
         DOT_F32=k.dtype == torch.float32 or (INTERPRET and k.dtype == torch.bfloat16), ROPE=rope is not None,
-        P_POW2=triton.next_power_of_2(splits), S_POW2=s_pow2, SCAN=scan, num_warps=8,
-        num_stages=2 if splits == 1 else 3, **_pdl_args(q.device),
+        P_POW2=triton.next_power_of_2(splits), num_warps=8, num_stages=2 if splits == 1 else 3, **_pdl_args(q.device),
     )  # fmt: skip
     return o
 
