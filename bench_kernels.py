@@ -96,12 +96,15 @@ def poison(*like: tuple) -> None:
 ATTENTION_SHAPES = [(1, 32, 32, 1, 206), (1, 32, 8, 1, 206), (1, 32, 32, 1, 4096), (1, 32, 8, 1, 4096)]
 
 
-def attention_inputs(b: int, h: int, hkv: int, s: int, t: int, d: int = 128, at_start: bool = False):
+def attention_inputs(b: int, h: int, hkv: int, s: int, t: int, d: int = 128, at_start: bool = False,
+                     end: int | None = None):  # fmt: skip
     # bf16 q [B, H, S, D], k/v [B, Hkv, T, D]; a causal bool mask [B, 1, S, T] with the queries at the last slots
-    # (at_start: at the first ones, as in a prefill, so that later key ranges hold no key a query may see)
+    # (at_start: at the first ones, as in a prefill, so that later key ranges hold no key a query may see;
+    # end: at the slots before that one, as in a step early in a long cache)
     q = torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(b, hkv, t, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    slots = torch.arange(0, s, device="cuda") if at_start else torch.arange(t - s, t, device="cuda")
+    end = s if at_start else t if end is None else end
+    slots = torch.arange(end - s, end, device="cuda")
     mask = (torch.arange(t, device="cuda")[None, :] <= slots[:, None])[None, None].expand(b, 1, s, t).contiguous()
     return q, k, v, mask
 
@@ -497,18 +500,22 @@ def bench_attention(sweep: bool = False) -> None:
     # one decode step's attention, in a CUDA graph, ours (as the model calls it: DecodeAttention, key ranges as
     # attention_splits says) vs torch's sdpa with the same bool mask (what model.py calls without
     # triton_ops.py); per layer, so x 32 layers per token. sweep: also each number of key ranges
+    # Also steps early in a long cache (the query at slot 511 of 4096, as in a chat): the kernel reads every
+    # slot of its key ranges, visible or not, so they cost what a full cache costs.
     attn = triton_ops.DecodeAttention(torch.zeros(triton_ops.ATTN_COUNTERS, device="cuda", dtype=torch.int32))
-    for b, h, hkv, s, t in ATTENTION_SHAPES:
+    for b, h, hkv, s, t, end in [(*shape, None) for shape in ATTENTION_SHAPES] + [(1, 32, 32, 1, 4096, 512),
+                                                                                  (1, 32, 8, 1, 4096, 512)]:
         kv_bytes = 2 * b * hkv * t * 128 * 2
-        copies = [attention_inputs(b, h, hkv, s, t) for _ in range(max(1, -(-(96 << 20) // kv_bytes)))]  # past L2
+        copies = [attention_inputs(b, h, hkv, s, t, end=end) for _ in range(max(1, -(-(96 << 20) // kv_bytes)))]  # past L2
         ours = graph_time([lambda a=a: attn(*a[:3], attn_mask=a[3], enable_gqa=True) for a in copies])
         stock = graph_time([lambda a=a: F.scaled_dot_product_attention(*a[:3], attn_mask=a[3], enable_gqa=True)
                             for a in copies])  # fmt: skip
         splits = triton_ops.attention_splits(b, hkv, t, copies[0][0].device)
-        print(f"attention B={b} H={h} Hkv={hkv} T={t}: {ours * 1e6:.1f} us ({splits} key ranges; torch sdpa "
+        at = f" at slot {end - 1}" if end else ""
+        print(f"attention B={b} H={h} Hkv={hkv} T={t}{at}: {ours * 1e6:.1f} us ({splits} key ranges; torch sdpa "
               f"{stock * 1e6:.1f} us) per layer")  # fmt: skip
-        print(json.dumps({"prim": "attention", "shape": f"H{h}/Hkv{hkv}/T{t}", "us": round(ours * 1e6, 2),
-                          "splits": splits, "sdpa_us": round(stock * 1e6, 2)}))  # fmt: skip
+        print(json.dumps({"prim": "attention", "shape": f"H{h}/Hkv{hkv}/T{t}" + (f"/at{end - 1}" if end else ""),
+                          "us": round(ours * 1e6, 2), "splits": splits, "sdpa_us": round(stock * 1e6, 2)}))  # fmt: skip
         for p in (1, 2, 4, 8, 16, 32) if sweep else ():
             if p > -(-t // 64):  # split ranges are whole blocks of 64 keys (D = 128): no more ranges than that
                 break
