@@ -145,6 +145,18 @@ def test_triton_path_of_each_module_matches_its_reference(mode, rows, monkeypatc
     assert len(calls) == (rows <= triton_ops.MAX_M)  # the kernel for decode, the stock path for prefill
 
 
+def test_int4_module_compiles_for_any_row_count(monkeypatch):
+    # --compile_prefill traces the modules with a symbolic row count: decode sizes take int4_linear, larger ones
+    # int4_weight (the dense weight for one matmul), both custom ops, in one graph without breaks
+    m, ref_w = module_on_triton_path("int4-g32", nn.Linear(256, 128, bias=False), monkeypatch)
+    torch._dynamo.reset()
+    step = torch.compile(m, fullgraph=True, dynamic=True, backend="aot_eager")
+    for rows in (3, 5, 20, 40):
+        x = torch.randn(rows, 256)
+        ref = x.double() @ ref_w.t()
+        assert (step(x).double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 @pytest.mark.parametrize("mode", ["plain", "int8", "fp8", "int4-g32"])
 @pytest.mark.parametrize("rows", [1, 3, 40])
 def test_glu_call_of_each_module_is_silu_of_gate_times_up(mode, rows, monkeypatch):
