@@ -598,7 +598,6 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-
 @dataclass(frozen=True)
 class Config:
     block_n: int  # output channels per program
