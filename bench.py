@@ -13,9 +13,9 @@ over the whole generate() call, the prompt's prefill included, as gpt-fast count
 split it into the prefill and the decode steps after it), achieved GB/s (non-embedding weight bytes x tok/s),
 % of the floor set by the copy bandwidth measured in the same process, first-call time (first_prefill_s: the
 part of it until the first token, the prefill's kernels compiled; the rest compiles and captures the decode
-step), peak memory, device and versions. The same configuration built twice in one process has differed by 11% on the H200 (README), so
-compare configurations interleaved: --repeat N runs the list N times in turn and ends with one "summary" line
-per configuration (its N medians and their median).
+step), peak memory, device and versions. The same configuration built twice in one process has differed by
+11% on the H200 (README), so compare configurations interleaved: --repeat N runs the list N times in turn and
+ends with one "summary" line per configuration (its N medians and their median).
 """
 import argparse
 import itertools
@@ -123,7 +123,8 @@ def run(args, mode: str, copy_gbs: float, kernels: str, pdl: str, configs: str |
         "runs_tok_s": [round(s, 2) for s in speeds], "prefill_ms": round(1e3 * statistics.median(prefill), 2),
         "decode_tok_s": round(statistics.median(decode), 2), "weight_gb": round(nbytes / 1e9, 3), "gb_s": round(gbs, 1),
         "copy_gb_s": round(copy_gbs, 1), "pct_of_floor": round(100 * gbs / copy_gbs, 1),
-        "first_call_s": round(first_call, 1), "first_prefill_s": round(first["ttft"], 1), "peak_mem_gb": peak and round(peak, 2), **versions(),
+        "first_call_s": round(first_call, 1), "first_prefill_s": round(first["ttft"], 1),
+        "peak_mem_gb": peak and round(peak, 2), **versions(),
         **({"per_token_us": breakdown} if breakdown else {}),
     }  # fmt: skip
 

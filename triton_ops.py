@@ -917,17 +917,22 @@ def _check_format(fmt: str, x: Tensor, weights: tuple | list, glu: bool) -> None
     k = w.shape[1] * (8 if fmt.startswith("int4") else 1)
     _check(x, w, k, glu)
     if fmt.startswith("int4"):
-        group, sz = _group(fmt), weights[1]
-        assert group in (32, 64, 128, 256), f"group size must be 32, 64, 128 or 256, got {group}"
-        assert w.dtype == torch.int32, f"packed int4 weight must be int32 from pack_int4, got {w.dtype}"
-        assert sz.shape == (w.shape[0], k // group, 2) and sz.is_contiguous(), (
-            f"scales_zeros must be [N, K/group, 2] = {[w.shape[0], k // group, 2]}, got {list(sz.shape)}"
-        )
+        _check_int4(w, weights[1], _group(fmt))
     elif fmt in ("int8", "fp8"):
         dtype = torch.int8 if fmt == "int8" else torch.float8_e4m3fn
         assert w.dtype == dtype and weights[1].shape == (w.shape[0],), f"{dtype} weight [N, K] with scale [N] expected"
     else:
         assert w.dtype == x.dtype, f"weight dtype {w.dtype} differs from activations {x.dtype}"
+
+
+def _check_int4(w: Tensor, sz: Tensor, group: int) -> None:
+    # a packed int4 weight w [N, K/8] from pack_int4 with its scales_zeros sz [N, K/group, 2]
+    k = w.shape[1] * 8
+    assert group in (32, 64, 128, 256), f"group size must be 32, 64, 128 or 256, got {group}"
+    assert w.dtype == torch.int32, f"packed int4 weight must be int32 from pack_int4, got {w.dtype}"
+    assert sz.shape == (w.shape[0], k // group, 2) and sz.is_contiguous(), (
+        f"scales_zeros must be [N, K/group, 2] = {[w.shape[0], k // group, 2]}, got {list(sz.shape)}"
+    )
 
 
 def _dispatch(fmt: str, x: Tensor, weights: tuple | list, glu: bool = False, cfg: Config | None = None, **fused):
@@ -980,8 +985,8 @@ def int4_weight(w: Tensor, scales_zeros: Tensor, group_size: int, dtype: torch.d
     int4_linear (prefill: then one cuBLAS matmul). One pass, in the float32 formula of dequantize_int4 and
     rounded once, so it equals dequantize_int4(...).to(dtype)."""
     n, k = w.shape[0], w.shape[1] * 8
-    assert w.dtype == torch.int32 and w.is_contiguous(), "w must be the int32 [N, K/8] of pack_int4"
-    assert scales_zeros.shape == (n, k // group_size, 2) and scales_zeros.is_contiguous(), "sz must be [N, K/group, 2]"
+    _check_int4(w, scales_zeros, group_size)
+    assert w.is_contiguous(), "w must be the contiguous int32 [N, K/8] of pack_int4"
     assert dtype in FLOAT_DTYPES, f"dtype must be bf16, fp16 or fp32, got {dtype}"
     out = w.new_empty(n, k, dtype=dtype)
     block_g = max(1, 4096 // group_size)  # 4096 weights per program
