@@ -36,7 +36,8 @@ Each op is a torch.library custom op with a fake implementation, so torch.compil
 mode="reduce-overhead") captures it in the CUDA graph without a graph break; an eager call (a prefill) runs
 the kernel without the op's dispatch (`_op`). On sm_90+ every kernel is
 launched with programmatic dependent launch (`uses_pdl`; FASTGEN_PDL=0 turns it off) and waits for the
-previous kernel in `_pdl_wait` before its first load of x.
+previous kernel in `_pdl_wait` before its first load of x; the matrix-vector loops (M = 1) request their first
+weight tile before that wait (`preloads`; FASTGEN_PRELOAD=0 turns it off).
 Block sizes come from kernel_configs.json (written once per GPU model by `python bench_kernels.py --tune`),
 else from a heuristic; nothing is tuned at start-up. Without a GPU the same kernels run in Triton's
 interpreter (numpy): slow, but it lets CPU CI test them on small shapes.
@@ -233,7 +234,7 @@ def _linear_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
     ADD_NORM: tl.constexpr = False, NORM_IN: tl.constexpr = False, PARTS_IN: tl.constexpr = 1,
-    TAIL: tl.constexpr = False,
+    TAIL: tl.constexpr = False, PRELOAD: tl.constexpr = False,
 ):  # fmt: skip
     # x: [M, K], w: [N, K] (float, int8 or fp8), s: [N] per-output-channel scale, y: [M, N]
     # GLU: w is [2N, K], gate rows then up rows, and y = silu(x @ gate^T) * (x @ up^T) (no split-K)
@@ -251,7 +252,8 @@ def _linear_kernel(
     _prefetch_l2(w_ptr, pid_n * BLOCK_N, K, pid_k * k_len, k_end, PREFETCH, BLOCK_N)
     if GLU:
         _prefetch_l2(w_ptr, N + pid_n * BLOCK_N, K, pid_k * k_len, k_end, PREFETCH, BLOCK_N)
-    _pdl_wait(PDL)
+    if not (BLOCK_M == 1 and PRELOAD):
+        _pdl_wait(PDL)
     if BLOCK_M == 1 and W_INT8 and X16:
         # int8 matrix-vector: 4 weights per int32 word (_int8_gemv_step), x as int64 words of 4 (_x_lanes)
         rj = pid_k * KW_LEN + tl.arange(0, BLOCK_K // 4)
@@ -261,7 +263,21 @@ def _linear_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.float32)
         xs = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.float32)
-        for k in range(0, k_end, BLOCK_K):
+        k_first = 0
+        if PRELOAD:  # the first tile's weights before the wait (see _int4_kernel)
+            ok = _in_k(tl.arange(0, BLOCK_K // 4)[None, :], k_end // 4, True)
+            q0 = tl.load(q_ptrs, mask=ok, other=0)
+            q0_up = q0
+            if GLU:
+                q0_up = tl.load(q_up, mask=ok, other=0)
+            _pdl_wait(PDL)
+            x0, x1, x2, x3 = _x_lanes(tl.load(x_ptrs, mask=ok, other=0), X_BF16)
+            acc = _int8_gemv_step(acc, q0, x0, x1, x2, x3)
+            xs += (x0 + x1) + (x2 + x3)
+            if GLU:
+                acc_up = _int8_gemv_step(acc_up, q0_up, x0, x1, x2, x3)
+            k_first = BLOCK_K
+        for k in range(k_first, k_end, BLOCK_K):
             ok = _in_k(tl.arange(0, BLOCK_K // 4)[None, :], (k_end - k) // 4, TAIL)
             x0, x1, x2, x3 = _x_lanes(tl.load(x_ptrs + k // 4, mask=ok, other=0), X_BF16)
             acc = _int8_gemv_step(acc, tl.load(q_ptrs + k // 4, mask=ok, other=0), x0, x1, x2, x3)
@@ -279,7 +295,20 @@ def _linear_kernel(
         x_ptrs = x_ptr + pid_m * K + rk[None, :] + 0 * rn[:, None]  # [BLOCK_N, BLOCK_K]
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k in range(0, k_end, BLOCK_K):
+        k_first = 0
+        if PRELOAD:  # the first tile's weights before the wait (see _int4_kernel)
+            ok = _in_k(tl.arange(0, BLOCK_K)[None, :], k_end, True)
+            w0 = tl.load(w_ptrs, mask=ok)
+            w0_up = w0
+            if GLU:
+                w0_up = tl.load(up_ptrs, mask=ok)
+            _pdl_wait(PDL)
+            xk = tl.load(x_ptrs, mask=ok, other=0.0).to(tl.float32)
+            acc += tl.where(ok, _int8_to_f32(w0) if W_INT8 else w0.to(tl.float32), 0.0) * xk
+            if GLU:
+                acc_up += tl.where(ok, _int8_to_f32(w0_up) if W_INT8 else w0_up.to(tl.float32), 0.0) * xk
+            k_first = BLOCK_K
+        for k in range(k_first, k_end, BLOCK_K):
             ok = _in_k(tl.arange(0, BLOCK_K)[None, :], k_end - k, TAIL)
             xk = tl.load(x_ptrs + k, mask=ok, other=0.0).to(tl.float32)
             w = tl.load(w_ptrs + k, mask=ok)  # (no other=: fp8 has no literal zero; masked weights are zeroed)
@@ -372,7 +401,7 @@ def _int4_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
     ADD_NORM: tl.constexpr = False, NORM_IN: tl.constexpr = False, PARTS_IN: tl.constexpr = 1,
-    TAIL: tl.constexpr = False,
+    TAIL: tl.constexpr = False, PRELOAD: tl.constexpr = False,
 ):  # fmt: skip
     # x: [M, K]; w: [N, K/8] int32 from pack_int4; sz: [N, K/GROUP, 2] (scale, zero); KW = K / 8 and
     # KW_LEN = k_len / 8 are passed as arguments so Triton sees they are multiples of 16 (16-byte word loads)
@@ -394,7 +423,8 @@ def _int4_kernel(
     _prefetch_l2(w_ptr, pid_n * BLOCK_N, KW, pid_k * KW_LEN, k_end // 8, PREFETCH, BLOCK_N)
     if GLU:
         _prefetch_l2(w_ptr, N + pid_n * BLOCK_N, KW, pid_k * KW_LEN, k_end // 8, PREFETCH, BLOCK_N)
-    _pdl_wait(PDL)
+    if not (BLOCK_M == 1 and PRELOAD):
+        _pdl_wait(PDL)
     if BLOCK_M == 1:
         # Words and (scale, zero) pairs are loaded through 2D pointers, [BLOCK_N, BLOCK_K/8] and [BLOCK_N, 2G],
         # whose contiguity along K the compiler can see, then reshaped to [BLOCK_N, G, WG] and [BLOCK_N, G, 2]:
@@ -406,7 +436,26 @@ def _int4_kernel(
         x_ptrs = x_ptr + pid_m * K + k0 + rg[None, :, None] * GROUP + rw[None, None, :]  # [1, G, WG]
         acc = tl.zeros([BLOCK_N, G], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, G], dtype=tl.float32)
-        for k in range(0, k_end, BLOCK_K):
+        k_first = 0
+        if PRELOAD:
+            # No kernel writes the weights: the first tile's words and (scale, zero) pairs are requested before
+            # the PDL wait, so their latency overlaps the previous kernel's last programs; x comes after it.
+            # Always masked: a split of K may hold less than a tile, or none (k_end <= 0: it adds zeros)
+            groups = k_end // GROUP
+            q_ok = _in_k(tl.arange(0, G * WG)[None, :] // WG, groups, True)
+            s_ok = _in_k(tl.arange(0, 2 * G)[None, :] // 2, groups, True)
+            q0, sz0 = tl.load(q_ptrs, mask=q_ok, other=0), tl.load(s_ptrs, mask=s_ok, other=0.0)
+            q0_up, sz0_up = q0, sz0
+            if GLU:
+                q0_up, sz0_up = tl.load(q_ptrs + up_w, mask=q_ok, other=0), tl.load(s_ptrs + up_sz, mask=s_ok, other=0.0)
+            _pdl_wait(PDL)
+            x_ok = _in_k(rg[None, :, None], groups, True)
+            acc += _int4_gemv_step(tl.reshape(q0, [BLOCK_N, G, WG]), tl.reshape(sz0, [BLOCK_N, G, 2]), x_ptrs, x_ok, WG)
+            if GLU:
+                q0_up, sz0_up = tl.reshape(q0_up, [BLOCK_N, G, WG]), tl.reshape(sz0_up, [BLOCK_N, G, 2])
+                acc_up += _int4_gemv_step(q0_up, sz0_up, x_ptrs, x_ok, WG)
+            k_first = BLOCK_K
+        for k in range(k_first, k_end, BLOCK_K):
             groups = (k_end - k) // GROUP  # left in the range: whole groups (K is a multiple of GROUP)
             q_ok = _in_k(tl.arange(0, G * WG)[None, :] // WG, groups, TAIL)
             s_ok = _in_k(tl.arange(0, 2 * G)[None, :] // 2, groups, TAIL)
@@ -783,9 +832,15 @@ def _pdl_args(device: torch.device) -> dict:
     return {"PDL": True, "launch_pdl": True} if uses_pdl(device) else {}
 
 
+def preloads(device: torch.device) -> bool:
+    # under PDL, M = 1 matmuls request their first weight tile before waiting for the previous kernel
+    # (FASTGEN_PRELOAD=0 turns it off)
+    return uses_pdl(device) and os.environ.get("FASTGEN_PRELOAD", "1") != "0"
+
+
 def prefetch_bytes(device: torch.device) -> int:
     # FASTGEN_PREFETCH=<KiB>: each matmul program asks L2 for up to that much of its weights before its PDL
-    # wait (_prefetch_l2; per half of a GLU weight). Off by default: not yet measured.
+    # wait (_prefetch_l2; per half of a GLU weight). Off by default: slower where measured (H200, README).
     kib = os.environ.get("FASTGEN_PREFETCH", "0")
     return int(kib) * 1024 if kib.isdigit() and uses_pdl(device) else 0
 
@@ -851,6 +906,7 @@ def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | N
         DOT_F32=x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **fused, **constexprs, **_pdl_args(x.device),
+        **({"PRELOAD": True} if preloads(x.device) else {}),
     )  # fmt: skip
     shape = x.shape[:-1]
     if add_norm:

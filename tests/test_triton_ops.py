@@ -112,6 +112,29 @@ def test_matrix_vector_tiles_may_run_past_k(fmt):
     assert any(1408 % c.block_k for c in triton_ops.candidates(fmt, 256, 1408, 1))
 
 
+@pytest.mark.parametrize("fmt", ["bfloat16", "int8", "fp8", "int4g32"])
+def test_first_weight_tile_loaded_before_the_pdl_wait_changes_nothing(fmt, monkeypatch):
+    # Under PDL (sm_90+) the M = 1 loops request their first weight tile before waiting for the previous kernel
+    # (triton_ops.preloads): that tile is peeled off the loop, so every sum must come out bit for bit the same:
+    # one tile per program, several, a masked tail (K = 1408), split K with the tail in the last split, split K
+    # with an empty last split (K = 1024: 4 tiles of 256 over 3 splits, 2 + 2 + 0), GLU
+    wide = 2048 if fmt.startswith("int4") else 512
+    runs = [(1408, triton_ops.Config(block_n=8, block_k=wide, num_warps=2), False),
+            (1408, triton_ops.Config(block_n=16, block_k=256), True),
+            (1408, triton_ops.Config(block_n=16, block_k=512, split_k=2), False),
+            (1024, triton_ops.Config(block_n=16, block_k=256, split_k=3), False),
+            (wide, triton_ops.Config(block_n=8, block_k=wide, num_warps=2), True)]
+    for k, cfg, glu in runs:
+        x, weights, ref = case(fmt, 1, 256, k, torch.bfloat16)
+        outs = []
+        for preload in (False, True):
+            monkeypatch.setattr(triton_ops, "preloads", lambda device, on=preload: on)
+            outs.append(triton_ops.run_with(fmt, x, weights, cfg, glu))
+        assert torch.equal(outs[0], outs[1]), (k, cfg, glu)
+        if not glu:
+            assert rel_err(outs[1], ref) < BOUND[torch.bfloat16]
+
+
 def test_int4_layout():
     # pack_int4: in each group, word j holds q[i * group/8 + j] in bits 4i..4i+3
     g = torch.Generator().manual_seed(0)
@@ -518,6 +541,8 @@ import triton_ops
 
 def build(fn, sig, consts):
     # pointers and the K-sized ints are 16-divisible, as the JIT would specialise them at a real launch
+    if "PRELOAD" in fn.arg_names:  # a constexpr with a default must still be given here (triton 3.9)
+        consts = {"PRELOAD": False, **consts}
     attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(sig.items())
              if t[0] == "*" or name not in ("M", "n_in", "eps")}
     src = ASTSource(fn=fn, signature={**sig, **{c: "constexpr" for c in consts}}, constexprs=consts, attrs=attrs)
@@ -577,6 +602,20 @@ ptx = build(triton_ops._int4_kernel, sig, dict(GROUP=32, GLU=False, ATOMIC=False
 loads = re.findall(r"ld[.]global[.a-z0-9]*", ptx)
 assert (loads.count("ld.global.v2.b32"), loads.count("ld.global.v4.b32"), loads.count("ld.global.b32")) == (8, 8, 8), loads
 assert ptx.count("bar.sync") <= 4
+# PRELOAD (under PDL): the first tile's words (16-byte loads) and (scale, zero) pairs are requested before the
+# grid-dependency wait, x only after it; int8's first words too
+ptx = build(triton_ops._int4_kernel, sig, dict(GROUP=32, GLU=True, ATOMIC=False, DOT_F32=False, BLOCK_M=1, BLOCK_N=4,
+                                            BLOCK_K=2048, PDL=True, PREFETCH=0, ADD_NORM=False, NORM_IN=True,
+                                            PARTS_IN=512, TAIL=False, PRELOAD=True)).asm["ptx"]
+wait = ptx.index("griddepcontrol.wait")
+before = re.findall(r"ld[.]global[.a-z0-9]*", ptx[:wait])  # gate and up halves: 2 x (words, pairs) per thread here
+assert sorted(before) == ["ld.global.b32"] * 4 + ["ld.global.v4.b32"] * 4, f"weights before the wait: {before}"
+sig8 = {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*bf16", "y_ptr": "*bf16", **ints, **fused("*bf16")}
+ptx = build(triton_ops._linear_kernel, sig8, dict(HAS_SCALE=True, W_INT8=True, X16=True, X_BF16=True, GLU=False,
+                                               ATOMIC=False, DOT_F32=False, BLOCK_M=1, BLOCK_N=16, BLOCK_K=512, PDL=True,
+                                               PREFETCH=0, ADD_NORM=False, NORM_IN=False, PARTS_IN=1, TAIL=False,
+                                               PRELOAD=True)).asm["ptx"]
+assert "ld.global" in ptx[: ptx.index("griddepcontrol.wait")], "int8: no weight load before the wait"
 strides = {f"s{t}_{d}": "i32" for t, dims in (("q", "bhs"), ("k", "bht"), ("v", "bht"), ("m", "bs")) for d in dims}
 # one pass (7B heads), split ranges with grouped query heads (8B); each also with rotary and the cache write
 stores = {}
