@@ -7,6 +7,7 @@
     python bench.py --shape 7B --mode int4 --kernels default int8,fp8,int4,attn,glu,norm,rope   # the fused rotary
     python bench.py --shape 7B --mode int4 --kernels default all --repeat 2   # interleaved A/B: A B A B
     python bench.py --shape 7B --mode int8 --configs kernel_configs.json old.json --repeat 2   # two tunings
+    python bench.py --shape 7B --mode int4 --prefill_graph off on --repeat 2   # prefill as a CUDA graph replay
 
 Prints one JSON line per configuration: median tok/s over --runs after a first (compiling) call (new tokens
 over the whole generate() call, the prompt's prefill included, as gpt-fast counts; prefill_ms and decode_tok_s
@@ -83,9 +84,12 @@ def copy_bandwidth(device) -> float:
     return 2 * n * 2 / statistics.median(times) / 1e9
 
 
-def run(args, mode: str, copy_gbs: float, kernels: str, pdl: str, configs: str | None = None) -> dict:
+def run(args, mode: str, copy_gbs: float, kernels: str, pdl: str, configs: str | None = None,
+        prefill_graph: str = "on") -> dict:  # fmt: skip
     # configs: a kernel_configs.json-style file of block sizes for triton_ops.py, None: the shipped one
     device = args.device
+    graphs = prefill_graph == "on" and args.compile and not args.compile_prefill
+    gen.prefill_graphs = gen.PrefillGraphs() if graphs else None  # what setup_compile chose, or none
     if configs or quantize.triton_ops:  # the shipped table again after another configuration's
         quantize.load_kernels()
         quantize.triton_ops.load_configs(configs or quantize.triton_ops.CONFIG_FILE)
@@ -119,6 +123,8 @@ def run(args, mode: str, copy_gbs: float, kernels: str, pdl: str, configs: str |
     return {
         "shape": args.shape, "mode": mode, "kernels": kernels, "configs": configs or "default", "pdl": pdl_used(device),
         "prefetch_kib": os.environ.get("FASTGEN_PREFETCH", "0"), "compile": args.compile,
+        "preload": pdl_used(device) and quantize.triton_ops.preloads(torch.device(device)),
+        "prefill_graph": gen.prefill_graphs is not None and device.startswith("cuda"),
         "tok_s": round(tok_s, 2),
         "runs_tok_s": [round(s, 2) for s in speeds], "prefill_ms": round(1e3 * statistics.median(prefill), 2),
         "decode_tok_s": round(statistics.median(decode), 2), "weight_gb": round(nbytes / 1e9, 3), "gb_s": round(gbs, 1),
@@ -197,6 +203,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeat", type=int, default=1, help="run the list of configurations this many times, interleaved")
     p.add_argument("--pdl", nargs="+", choices=["on", "off"], default=["on"],
                    help="programmatic dependent launch between the decode step's kernels (sm_90+; FASTGEN_PDL)")
+    p.add_argument("--prefill_graph", nargs="+", choices=["on", "off"], default=["on"],
+                   help="short prompts' prefill as a CUDA graph replay (generate.PrefillGraphs; needs the compiled decode)")
     p.add_argument("--configs", nargs="+", default=[None], metavar="JSON",
                    help="files of tuned block sizes to compare (kernel_configs.json's format; default: that file)")
     p.add_argument("--breakdown", action="store_true", help="also profile GPU time per token by kind of kernel")
@@ -211,17 +219,17 @@ def main(argv=None) -> None:
             p.error(f"--configs {path}: not a readable JSON file ({type(e).__name__})")
     gen.setup_compile(args.compile, args.compile_prefill)
     copy_gbs = copy_bandwidth(args.device)
-    medians: dict[tuple, list[float]] = {}  # (mode, kernels, pdl, configs) -> tok/s of each repeat
+    medians: dict[tuple, list[float]] = {}  # (mode, kernels, pdl, configs, prefill graph) -> tok/s of each repeat
     for mode in args.mode:
         for _ in range(args.repeat):
-            for kernels, pdl, configs in itertools.product(args.kernels, args.pdl, args.configs):
-                row = run(args, mode, copy_gbs, kernels, pdl, configs)
-                medians.setdefault((mode, kernels, pdl, configs), []).append(row["tok_s"])
+            for config in itertools.product(args.kernels, args.pdl, args.configs, args.prefill_graph):
+                row = run(args, mode, copy_gbs, *config)
+                medians.setdefault((mode, *config), []).append(row["tok_s"])
                 print(json.dumps(row), flush=True)
     if args.repeat > 1:
-        for (mode, kernels, pdl, configs), speeds in medians.items():
+        for (mode, kernels, pdl, configs, graph), speeds in medians.items():
             summary = {"summary": True, "mode": mode, "kernels": kernels, "pdl": pdl, "configs": configs or "default",
-                       "tok_s": statistics.median(speeds)}  # fmt: skip
+                       "prefill_graph": graph, "tok_s": statistics.median(speeds)}  # fmt: skip
             print(json.dumps({**summary, "repeats_tok_s": speeds}), flush=True)
 
 

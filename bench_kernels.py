@@ -251,7 +251,8 @@ def model_check(formats: list[str], device="cuda", cfg=None, kernels: tuple = (N
     torch's own paths (kernels[1]: cuBLAS, tinygemm, sdpa) on the same weights of each format: a 6-token prefill
     at the start of a `slots` cache (the later key ranges of the split attention then hold no key its queries may
     see), run eagerly and, for kernels[0], also compiled with dynamic shapes as generate.py --compile_prefill
-    does; then three decode steps, for kernels[0] through torch.compile(mode="reduce-overhead") as generate.py's
+    does and replayed from a CUDA graph as generate.PrefillGraphs does (capture=False off the GPU); then three
+    decode steps, for kernels[0] through torch.compile(mode="reduce-overhead") as generate.py's
     decode step (warm-up, record, replay). compiled=False runs everything eagerly. cfg: default two layers of the
     7B width with grouped key/value heads (8 for 32, as Llama-3-8B) and the 7B feed-forward (K = 11008: masked
     tails). Returns the largest logit difference relative to the largest reference logit, per format."""
@@ -275,16 +276,22 @@ def model_check(formats: list[str], device="cuda", cfg=None, kernels: tuple = (N
             with torch.no_grad():
                 pos = torch.arange(6, device=device)
                 out = [model(tokens[:, :6], pos)[0], prefill(tokens[:, :6], pos)[0]]  # [6, V] each
+                if compiled and kernel == kernels[0]:  # as generate.py's prefill of short prompts: a graph replay
+                    graphs = generate.PrefillGraphs(capture=torch.device(device).type == "cuda")
+                    graphs(model, tokens[:, :6], pos)  # the first call runs eagerly and records the graph
+                    out.append(graphs(model, tokens[:, :6], pos)[0].clone())
+                else:
+                    out.append(model(tokens[:, :6], pos)[0])
                 out += [step(tokens[:, i : i + 1], torch.tensor([i], device=device))[0].clone() for i in range(6, 9)]
-            logits.append(torch.cat(out).float())  # [15, V]: the prefill's rows (eager, compiled), one per step
+            logits.append(torch.cat(out).float())  # [21, V]: the prefill's rows (eager, compiled, graph), the steps'
         ours, ref = logits
         for name, y in (("shipped", ours), ("stock", ref)):
             bad = (~torch.isfinite(y)).any(-1).nonzero().flatten().tolist()
             assert not bad, (f"{fmt}: non-finite logits from the {name} kernels in rows {bad} (0-5 eager prefill, "
-                             "6-11 compiled prefill, 12-14 decode)")  # fmt: skip
+                             "6-11 compiled prefill, 12-17 prefill graph, 18-20 decode)")  # fmt: skip
         err = ((ours - ref).abs().max() / ref.abs().max()).item()
-        print(f"check {fmt:9s} model (prefill eager and compiled, compiled decode) vs torch's kernels: relative "
-              f"difference {err:.2e}")  # fmt: skip
+        print(f"check {fmt:9s} model (prefill eager, compiled and replayed, compiled decode) vs torch's kernels: "
+              f"relative difference {err:.2e}")  # fmt: skip
         assert err < bound, f"{fmt}: the model's logits differ from torch's kernels' by {err:.2e} (bound {bound:.0e})"
         worst[fmt] = err
     return worst

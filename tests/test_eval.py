@@ -286,7 +286,7 @@ def test_compiled_scoring_equals_eager_without_recompiling_per_length(lm, monkey
     # CPU time; two batches of windows of different lengths must share that one graph
     for name in ("forward", "_compiled"):
         monkeypatch.setattr(ev, name, getattr(ev, name))
-    for name in ("decode_one_token", "prefill"):
+    for name in ("decode_one_token", "prefill", "prefill_graphs"):  # what gen.setup_compile sets
         monkeypatch.setattr(gen, name, getattr(gen, name))
     reqs = requests("loglikelihood", *[(TEXT[:k], TEXT[k : k + 9]) for k in (30, 60, 90, 150, 200, 250)])
     eager = lm.loglikelihood(reqs, disable_tqdm=True)

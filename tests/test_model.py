@@ -73,6 +73,37 @@ def test_ragged_batch_equals_separate_rows(tmp_path):
         assert generate(alone, [prompt], 10, temperature=0)[0][0] == row
 
 
+@pytest.mark.parametrize("family", ["llama_gqa", "mistral_window"])
+def test_prompts_padded_for_the_prefill_graph_generate_the_same(family, tmp_path, monkeypatch):
+    # On a GPU, PrefillGraphs pads short prompts on the right to 16 positions to replay one CUDA graph: the
+    # padding must change neither the prompt's logits nor anything generated after it (ragged rows: left
+    # padding too; a sliding window of 8)
+    import generate as gen
+
+    _, checkpoint = make_checkpoint(family, tmp_path)
+    model = load_tiny(checkpoint, batch_size=2)
+    prompts = [list(range(3, 14)), list(range(40, 45))]
+    plain = generate(model, prompts, 12, temperature=0)[0]
+    monkeypatch.setattr(gen, "prefill_graphs", gen.PrefillGraphs(capture=False))
+    assert generate(model, prompts, 12, temperature=0)[0] == plain
+
+
+def test_prefill_graph_takes_short_prompts_that_fit_and_matches_the_plain_forward(tmp_path):
+    import generate as gen
+
+    _, checkpoint = make_checkpoint("llama_gqa", tmp_path)
+    model = load_tiny(checkpoint, max_seq_length=40)
+    padded = gen.PrefillGraphs(capture=False)
+    x = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model(x[:, :20], torch.arange(20))
+        plain = model(x[:, 20:25], torch.arange(20, 25))  # a later chunk, as a chat turn prefills
+        assert_close(padded(model, x[:, 20:25], torch.arange(20, 25)), plain, atol=1e-5, rtol=1e-5)
+    assert padded(model, x[:, :17], torch.arange(17)) is None  # longer than the graph
+    assert padded(model, x[:, 25:27], torch.arange(25, 27)) is None  # its padding would run past the cache
+    assert gen.PrefillGraphs()(model, x[:, :5], torch.arange(5)) is None  # graphs need a GPU
+
+
 def test_generation_stops_at_stop_token(tmp_path):
     _, checkpoint = make_checkpoint("llama_gqa", tmp_path)
     model = load_tiny(checkpoint)
