@@ -106,12 +106,13 @@ class PrefillGraphs:
             return model(*self._padded(x, start))[:, :S]
         addresses = [t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers())]
         entry = self.graphs.setdefault(model, {}).get(B)
-        if entry is None or entry[4] != addresses:  # first prompt, or new weights or caches: capture
-            return self._capture(model, x, start, addresses)
-        graph, ids, pos, logits, _ = entry
-        ids[:, :S].copy_(x)  # the padding keeps whatever ids the buffer held
-        torch.arange(start, start + self.length, out=pos)
-        graph.replay()
+        with torch.cuda.device(x.device):  # capture and replay on x's device's streams (--device cuda:1)
+            if entry is None or entry[4] != addresses:  # first prompt, or new weights or caches: capture
+                return self._capture(model, x, start, addresses)
+            graph, ids, pos, logits, _ = entry
+            ids[:, :S].copy_(x)  # the padding keeps whatever ids the buffer held
+            torch.arange(start, start + self.length, out=pos)
+            graph.replay()
         return logits[:, :S]
 
     def _padded(self, x: Tensor, start: int) -> tuple[Tensor, Tensor]:
