@@ -88,8 +88,8 @@ def run(args, mode: str, copy_gbs: float, kernels: str, pdl: str, configs: str |
         prefill_graph: str = "on") -> dict:  # fmt: skip
     # configs: a kernel_configs.json-style file of block sizes for triton_ops.py, None: the shipped one
     device = args.device
-    graphs = prefill_graph == "on" and args.compile and not args.compile_prefill
-    gen.prefill_graphs = gen.PrefillGraphs() if graphs else None  # what setup_compile chose, or none
+    os.environ["FASTGEN_PREFILL_GRAPH"] = "1" if prefill_graph == "on" else "0"
+    gen.prefill_graphs = gen.make_prefill_graphs(args.compile, args.compile_prefill)  # fresh graphs per model
     if configs or quantize.triton_ops:  # the shipped table again after another configuration's
         quantize.load_kernels()
         quantize.triton_ops.load_configs(configs or quantize.triton_ops.CONFIG_FILE)

@@ -140,6 +140,13 @@ class PrefillGraphs:
 prefill_graphs: PrefillGraphs | None = None  # setup_compile's, when it compiles the decode step only
 
 
+def make_prefill_graphs(compile_decode: bool, compile_prefill: bool) -> PrefillGraphs | None:
+    # short prompts replay a CUDA graph of the eager prefill when only the decode step is compiled (GPU only;
+    # FASTGEN_PREFILL_GRAPH=0 turns it off)
+    on = compile_decode and not compile_prefill and os.environ.get("FASTGEN_PREFILL_GRAPH", "1") != "0"
+    return PrefillGraphs() if on else None
+
+
 def prefill(model: Transformer, x: Tensor, input_pos: Tensor, **sampling) -> Tensor:
     # x: [B, S], input_pos: [S] -> next token [B, 1]
     graphs = prefill_graphs if not torch.compiler.is_compiling() else None  # a compiled prefill needs none
@@ -384,9 +391,7 @@ def setup_compile(compile_decode: bool, compile_prefill: bool) -> None:
         decode_one_token = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
     if compile_prefill:
         prefill = torch.compile(prefill, fullgraph=True, dynamic=True)
-    # short prompts replay a CUDA graph of the eager prefill (GPU only; FASTGEN_PREFILL_GRAPH=0 turns it off)
-    graphs = compile_decode and not compile_prefill and os.environ.get("FASTGEN_PREFILL_GRAPH", "1") != "0"
-    prefill_graphs = PrefillGraphs() if graphs else None
+    prefill_graphs = make_prefill_graphs(compile_decode, compile_prefill)
 
 
 def stream_printer(tokenizer, prefix: list[int] | None = None):

@@ -153,7 +153,7 @@ def test_bench_runs_each_configuration(capsys, monkeypatch):
     # PDL is never in use off the GPU
     import bench
 
-    for name in ("FASTGEN_KERNELS", "FASTGEN_PDL"):  # bench.py sets both per configuration; the undo restores them
+    for name in ("FASTGEN_KERNELS", "FASTGEN_PDL", "FASTGEN_PREFILL_GRAPH"):  # bench.py sets these per configuration
         monkeypatch.setenv(name, "")
     keep_inductor_pdl(monkeypatch)
     bench.main(["--shape", "tiny", "--device", "cpu", "--no_compile", "--runs", "1", "--max_new_tokens", "3",
