@@ -142,10 +142,14 @@ KERNEL_KINDS = [  # (kind, substrings of GPU kernel names), first match wins
 
 
 def profile_step(model: Transformer, prompt: list[int], sampling: dict, tokens: int = 50) -> dict:
-    """GPU time per decoded token by kind of kernel (matmul / attention / everything else), kernel launches
-    per token, and the twelve largest 'other' kernels (us and launches per token), from torch.profiler over
-    one generate() call of `tokens` tokens. Under programmatic dependent launch a kernel's time includes its
-    wait for the one before it."""
+    """Where a decoded token's GPU time goes, from torch.profiler over one generate() call of `tokens` tokens:
+    kernel launches per token; GPU time per token by kind of kernel (matmul / attention / everything else) and
+    the twelve largest 'other' kernels (us and launches per token); and the critical path (critical_path): the
+    time each kernel adds to the step, which under programmatic dependent launch is what it costs (its own
+    GPU time then includes its wait for the kernel before it), by kind and for the sixteen costliest kernels
+    by name and grid, plus the time the GPU sat idle."""
+    import tempfile
+
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -155,15 +159,56 @@ def profile_step(model: Transformer, prompt: list[int], sampling: dict, tokens: 
         us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
         if us <= 0 or e.key.startswith(("ProfilerStep", "cudaGraph")):
             continue
-        kind = next((k for k, keys in KERNEL_KINDS if any(s in e.key for s in keys)), "other")
+        kind = kernel_kind(e.key)
         totals[kind] += us
         launches += e.count
         if kind == "other":
             us0, n0 = others.get(e.key[:80], (0.0, 0))
             others[e.key[:80]] = (us0 + us, n0 + e.count)
     top = sorted(others.items(), key=lambda kv: -kv[1][0])[:12]
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text()).get("traceEvents", [])
+    kernels = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), kernel_key(e)) for e in events
+               if e.get("ph") == "X" and e.get("cat") == "kernel"]  # fmt: skip
+    path, idle = critical_path(kernels)
+    by_kind = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for key, (us, _) in path.items():
+        by_kind[kernel_kind(key)] += us
+    costly = sorted(path.items(), key=lambda kv: -kv[1][0])[:16]
     return {**{k: round(v / tokens, 1) for k, v in totals.items()}, "kernels": round(launches / tokens, 1),
-            "top_other": {k: [round(us / tokens, 1), round(n / tokens, 1)] for k, (us, n) in top}}
+            "top_other": {k: [round(us / tokens, 1), round(n / tokens, 1)] for k, (us, n) in top},
+            "critical_path": {**{k: round(v / tokens, 1) for k, v in by_kind.items()}, "idle": round(idle / tokens, 1),
+                              "top": {k: [round(us / tokens, 2), round(n / tokens, 2)] for k, (us, n) in costly}}}  # fmt: skip
+
+
+def kernel_kind(name: str) -> str:
+    return next((k for k, keys in KERNEL_KINDS if any(s in name for s in keys)), "other")
+
+
+def kernel_key(event: dict) -> str:
+    # a profiler trace's kernel event -> its name (cut) and grid: the matmuls of one kernel differ by grid
+    grid = event.get("args", {}).get("grid")
+    return event["name"][:60] + (f" grid={grid}" if grid else "")
+
+
+def critical_path(kernels: list[tuple[float, float, str]]) -> tuple[dict[str, tuple[float, int]], float]:
+    """kernels: (start, end, key) of every kernel on one GPU -> ({key: (time added to the busy span, count)},
+    idle time). Taken in order of start, a kernel adds what it extends the busy span by: overlapped by an
+    earlier kernel (programmatic dependent launch lets it start and wait early) it adds only its end past
+    theirs. The added times plus the idle gaps make the span from the first start to the last end."""
+    path: dict[str, tuple[float, int]] = {}
+    frontier, idle = None, 0.0
+    for start, end, key in sorted(kernels):
+        if frontier is None or start > frontier:
+            idle += 0.0 if frontier is None else start - frontier
+            frontier = start
+        added = max(0.0, end - frontier)
+        frontier = max(frontier, end)
+        us, n = path.get(key, (0.0, 0))
+        path[key] = (us + added, n + 1)
+    return path, idle
 
 
 def pdl_used(device: str) -> bool:

@@ -173,6 +173,20 @@ def test_bench_runs_each_configuration(capsys, monkeypatch):
     assert all(len(r["repeats_tok_s"]) == 2 and r["tok_s"] == statistics.median(r["repeats_tok_s"]) for r in rows[4:])
 
 
+def test_bench_breakdown_charges_each_kernel_what_it_adds_to_the_step():
+    # --breakdown's critical path: a kernel that starts early and waits (programmatic dependent launch) costs
+    # only its end past the kernels before it; gaps with nothing running are idle time; the parts add up
+    import bench
+
+    kernels = [(0.0, 10.0, "a"), (8.0, 15.0, "b"), (9.0, 12.0, "c"), (20.0, 26.0, "a"), (25.0, 27.0, "b")]
+    path, idle = bench.critical_path(list(reversed(kernels)))  # order of start, whatever the input's
+    assert path == {"a": (16.0, 2), "b": (6.0, 2), "c": (0.0, 1)} and idle == 5.0
+    assert sum(us for us, _ in path.values()) + idle == 27.0 - 0.0
+    assert bench.critical_path([]) == ({}, 0.0)
+    assert bench.kernel_kind("_int4_kernel grid=[1, 2, 3]") == "matmul" and bench.kernel_kind("triton_poi_x") == "other"
+    assert bench.kernel_key({"name": "_linear_kernel", "args": {"grid": [64, 1, 1]}}) == "_linear_kernel grid=[64, 1, 1]"
+
+
 def test_bench_compares_tuned_config_files(tmp_path, capsys, monkeypatch):
     # --configs: each file's block sizes are in force for its configuration (interleaved with --repeat), and
     # the shipped table again afterwards; a file that is not JSON is a one-line error
