@@ -242,6 +242,7 @@ def check(formats: list[str], trials: int) -> None:
         print(f"check {fmt:9s} compiled (reduce-overhead, fullgraph) vs eager relative difference {err:.2e}")
         assert err < 1e-3
 
+    check_sampling()
     model_check(formats)
 
 
@@ -530,6 +531,31 @@ def bench_attention(sweep: bool = False) -> None:
             print(json.dumps({"prim": "attention", "shape": f"H{h}/Hkv{hkv}/T{t}", "splits": p, "us": round(us, 2)}))
 
 
+def check_sampling() -> None:
+    """triton_ops.sample against generate.sample's torch path on the same noise: the same token, for the 7B and
+    8B vocabularies, bf16 and fp32 logits, several top-k (0: none) and rows."""
+    for V, dtype, top_k, B in itertools.product((32000, 128256), (torch.bfloat16, torch.float32), (1, 50, 200, 0), (1, 3)):
+        logits = (torch.randn(B, V, device="cuda") * 3).to(dtype)
+        noise = torch.empty(B, V, device="cuda").exponential_(1)
+        masked = generate.masked_logits(logits, 0.8, top_k or None)
+        ref = torch.argmax(masked - noise.log(), dim=-1, keepdim=True).to(torch.int32)
+        got = triton_ops.sample(logits, noise, 0.8, top_k)
+        assert torch.equal(got, ref), f"sample V={V} {dtype} top_k={top_k} B={B}: {got.tolist()} vs {ref.tolist()}"
+    print("check sample: the kernel's tokens equal torch's (V 32000 and 128256, bf16 and fp32, top-k 1/50/200/none)")
+
+
+def bench_sampling() -> None:
+    """One token from [1, V] logits at temperature 0.8, top-k 200 (the benchmark's sampling), replayed from a
+    CUDA graph: torch's path as generate.sample runs it (compiled, as in the decode step) against triton_ops.draw."""
+    for V in (32000, 128256):
+        logits = torch.randn(1, 1, V, device="cuda", dtype=torch.bfloat16)
+        torch_path = torch.compile(lambda x: generate.sample(x, temperature=0.8, top_k=200)[0])
+        kernel_path = lambda x: triton_ops.draw(x[:, -1], 0.8, 200)  # noqa: E731
+        for name, fn in (("torch (compiled)", torch_path), ("triton_ops.draw", kernel_path)):
+            us = graph_time([lambda fn=fn: fn(logits)], reps=20, rounds=20) * 1e6
+            print(f"sample V={V:6d} top-k 200 {name:17s} {us:6.1f} us")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="correctness against dequantized references")
@@ -541,6 +567,7 @@ def main() -> None:
     parser.add_argument("--tune_m", nargs="+", type=int, default=[1, 4, 16], help="rows of x to tune for")
     parser.add_argument("--attention", action="store_true", help="only the attention benchmark, with a sweep over "
                         "the number of key ranges")
+    parser.add_argument("--sample", action="store_true", help="only the sampling kernel: its check and its timing")
     parser.add_argument("--trials", type=int, default=8, help="random shapes per format in --check")
     parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1), help="compile processes (--tune)")
     args = parser.parse_args()
@@ -555,6 +582,10 @@ def main() -> None:
     t0 = time.time()
     if args.attention:
         bench_attention(sweep=True)
+        return
+    if args.sample:
+        check_sampling()
+        bench_sampling()
         return
     if args.check:
         check(formats, args.trials)

@@ -73,6 +73,18 @@ def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, t
     return token.to(torch.int), torch.softmax(logits, dim=-1)
 
 
+def next_token(model: Transformer, logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None) -> Tensor:  # fmt: skip
+    # logits: [B, S, V] -> sample()'s token [B, 1] without its probabilities. A model on a GPU may carry a
+    # sampler (quantize.prepare_for_device: triton_ops.draw, one kernel for the top-k and the race)
+    draw = getattr(model, "sampler", None)
+    if draw is not None and temperature > 0 and (top_p is None or top_p >= 1.0):
+        token = draw(logits[:, -1], temperature, top_k)
+        if token is not None:
+            return token
+    return sample(logits, temperature, top_k, top_p)[0]
+
+
 # ----------------------------------------------------------------------------- prefill and decode
 
 
@@ -153,13 +165,13 @@ def prefill(model: Transformer, x: Tensor, input_pos: Tensor, **sampling) -> Ten
     logits = graphs(model, x, input_pos) if graphs is not None else None
     if logits is None:
         logits = model(x, input_pos)
-    return sample(logits, **sampling)[0]
+    return next_token(model, logits, **sampling)
 
 
 def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor, **sampling) -> Tensor:
     # x: [B, 1], input_pos: [1] -> next token [B, 1]
     logits = model(x, input_pos)
-    return sample(logits, **sampling)[0]
+    return next_token(model, logits, **sampling)
 
 
 def decode_n_tokens(model, cur_token: Tensor, input_pos: Tensor, num_new_tokens: int, stop_ids: set[int] | None = None,

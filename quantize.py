@@ -20,7 +20,9 @@ FASTGEN_KERNELS: by default int8, fp8 and int4 matmuls, attention, the SwiGLU ep
 the matmuls' epilogues (NormFusedBlock, NormFusedTransformer): "int8,fp8,int4,attn,glu,norm", what beat or
 matched the stock paths end to end (README); "all" adds bf16 matmuls and "rope" (rotary and the KV cache
 write inside the attention kernel, RopeAttention: on the H200 faster for 7B fp8, even for int4 and int8,
-slower for bf16), "stock" turns everything off, or list names ("int8,int4,attn").
+slower for bf16) and "sample" (the decode step's top-k and exponential race in one kernel, triton_ops.draw,
+which prepare_for_device gives the model as its sampler), "stock" turns everything off, or list names
+("int8,int4,attn").
 """
 import argparse
 import itertools
@@ -498,7 +500,7 @@ def use_triton(device: torch.device, fmt: str) -> bool:
     `device` call the Triton kernels: on CUDA, for what FASTGEN_KERNELS names ("all", "stock", or a list;
     default TRITON_BY_DEFAULT)."""
     chosen = os.environ.get("FASTGEN_KERNELS", TRITON_BY_DEFAULT)
-    chosen = {"all": "bf16,int8,fp8,int4,attn,glu,rope,norm", "stock": ""}.get(chosen, chosen).split(",")
+    chosen = {"all": "bf16,int8,fp8,int4,attn,glu,rope,norm,sample", "stock": ""}.get(chosen, chosen).split(",")
     if torch.device(device).type != "cuda" or fmt not in chosen:
         return False
     load_kernels()
@@ -528,8 +530,10 @@ def prepare_for_device(model: nn.Module, kernel: str | None = None) -> nn.Module
         elif type(m) is nn.Linear and triton:
             m.__class__ = TritonLinear  # same parameters and state dict: only forward changes
     device = next(itertools.chain(model.parameters(), model.buffers())).device
-    names = ("attn", "glu", "rope", "norm")
-    attention, glu, rope, norm = (kernel == "triton",) * 4 if kernel else (use_triton(device, name) for name in names)
+    names = ("attn", "glu", "rope", "norm", "sample")
+    attention, glu, rope, norm, sampler = (kernel == "triton",) * 5 if kernel else (use_triton(device, name) for name in names)
+    if sampler and isinstance(model, Transformer):
+        model.sampler = triton_ops.draw  # generate.next_token: the top-k and the race in one kernel
     scratch = {}  # dim -> the blocks' shared norm_scratch
     counters = None  # the attention layers' shared DecodeAttention counters
     for m in model.modules():

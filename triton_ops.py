@@ -27,6 +27,9 @@ Attention: `sdpa` has F.scaled_dot_product_attention's signature and sends decod
 into key ranges whose partial results are combined by their log-sum-exp. `rope_attention` does a decode step's
 rotary and KV cache write in the same kernel, from the qkv matmul's output (quantize.RopeAttention).
 
+Sampling: `sample(logits, noise, temperature, top_k)` draws a decode step's token (generate.sample's top-k and
+exponential race) in one kernel where torch runs about ten; `draw` is the sampler a GPU model carries.
+
 When to call the matmuls: `supported(x, n, k)`: a CUDA tensor with at most MAX_M rows (decode, speculative
 verification); anything else (prefill, CPU) should take the stock path (F.linear, tinygemm, _scaled_mm).
 The kernels are correct for any M, just not faster than cuBLAS for large M; for those, `int4_weight` gives
@@ -637,6 +640,46 @@ def _combine_ranges(part_ptrs, lse_ptrs, o_ptrs, row_ok, cnt_ptr, BLOCK_R: tl.co
         tl.store(o_ptrs, (acc / tl.where(total > 0, total, 1.0)[:, None]).to(o_ptrs.dtype.element_ty),
                  mask=row_ok[:, None])  # fmt: skip
         tl.store(cnt_ptr, 0)
+
+
+@triton.jit
+def _sample_kernel(logits_ptr, noise_ptr, out_ptr, V, stride_l, temperature, top_k,
+                   BLOCK_V: tl.constexpr, KEY_BITS: tl.constexpr, TOP_K: tl.constexpr, PDL: tl.constexpr = False):
+    # One program per row b: logits [B, V] (rows stride_l apart, bf16 / fp16: KEY_BITS 16, fp32: 32), noise
+    # [B, V] float32 (exponential), out [B] int32 = argmax over the top_k largest x = logits / temperature of
+    # x - log(noise): generate.sample's exponential race, whose top-k took ten kernels (a radix top-k, its
+    # minimum, the mask, the argmax). The row lives in registers. The k-th largest value is found by bisection on
+    # the logits' bits read as integers ordered like the floats (negative floats get their magnitude bits
+    # flipped; -0 counts as +0): the largest key t with at least top_k keys >= t, in KEY_BITS halvings of the
+    # key range. Dividing by the temperature keeps 16-bit logits distinct and in order, so their own bits serve.
+    b = tl.program_id(0)
+    v = tl.arange(0, BLOCK_V)
+    ok = v < V
+    _pdl_wait(PDL)
+    keep = ok
+    if TOP_K:
+        raw = tl.load(logits_ptr + b * stride_l + v, mask=ok, other=0.0)
+        if KEY_BITS == 16:
+            bits = raw.to(tl.int16, bitcast=True).to(tl.int32)
+            bits = tl.where(bits == -32768, 0, bits)  # -0 as +0
+            key = bits ^ ((bits >> 15) & 0x7FFF)
+            lo, hi = tl.full([], -32768, tl.int32), tl.full([], 32768, tl.int32)
+        else:  # float32 logits: the bits of x itself (the division may round distinct logits together)
+            x = raw / temperature
+            bits = x.to(tl.int32, bitcast=True).to(tl.int64)
+            bits = tl.where(bits == -2147483648, 0, bits)
+            key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+            lo, hi = tl.full([], -2147483648, tl.int64), tl.full([], 2147483648, tl.int64)
+        key = tl.where(ok, key, lo - 1)  # past V: below every key
+        for _ in range(KEY_BITS):  # invariant: at least top_k keys >= lo, fewer than top_k >= hi
+            mid = (lo + hi) >> 1
+            take = tl.sum((key >= mid).to(tl.int32), axis=0) >= top_k
+            lo, hi = tl.where(take, mid, lo), tl.where(take, hi, mid)
+        keep = key >= lo
+    x = tl.load(logits_ptr + b * stride_l + v, mask=ok, other=0.0).to(tl.float32) / temperature
+    noise = tl.load(noise_ptr + b * V + v, mask=ok, other=1.0)
+    score = tl.where(keep, x - tl.log(noise), float("-inf"))
+    tl.store(out_ptr + b, tl.argmax(score, axis=0).to(tl.int32))
 
 
 # ----------------------------------------------------------------------------- launch configurations
@@ -1262,6 +1305,48 @@ def supported(x: Tensor, n: int, k: int, glu: bool = False) -> bool:
 def fp8_ok(device: torch.device) -> bool:
     # e4m3 loads and conversions need sm_89 (Ada) or newer; check once at load time, not per call
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+SAMPLE_MAX_V = 131072  # the vocabulary a program holds in registers (Llama 3's 128256 fits)
+
+
+def sample_supported(logits: Tensor) -> bool:
+    """Whether sample() takes these logits [B, V]: a GPU tensor of a float dtype with V <= SAMPLE_MAX_V."""
+    return logits.is_cuda and logits.dim() == 2 and logits.dtype in FLOAT_DTYPES and logits.shape[1] <= SAMPLE_MAX_V
+
+
+def draw(logits: Tensor, temperature: float, top_k: int | None) -> Tensor | None:
+    """generate.sample's token [B, 1] int32 for logits [B, V] at temperature > 0, from the same exponential noise
+    (the same random stream), or None where sample_supported() declines the logits. What
+    quantize.prepare_for_device gives a model on a GPU as its sampler (generate.next_token)."""
+    if not sample_supported(logits):
+        return None
+    noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(1)
+    return sample(logits, noise, max(temperature, 1e-5), top_k or 0)
+
+
+def _fake_sample(logits: Tensor, noise: Tensor, temperature: float, top_k: int) -> Tensor:
+    return logits.new_empty(logits.shape[0], 1, dtype=torch.int32)
+
+
+@_op("sample", _fake_sample)
+def sample(logits: Tensor, noise: Tensor, temperature: float, top_k: int) -> Tensor:
+    """The token [B, 1] int32 that generate.sample draws from logits [B, V] with exponential noise [B, V]
+    (float32): argmax of logits / temperature - log(noise) over the top_k largest logits (top_k <= 0 or >= V:
+    all of them). One kernel per call; ties go to the lowest index, as torch.argmax."""
+    B, V = logits.shape
+    assert V <= SAMPLE_MAX_V and noise.shape == (B, V) and noise.dtype == torch.float32, "noise [B, V] float32 expected"
+    assert logits.stride(1) == 1 and noise.is_contiguous(), "rows must be contiguous"
+    out = torch.empty(B, 1, dtype=torch.int32, device=logits.device)
+    block_v = triton.next_power_of_2(V)
+    _sample_kernel[(B,)](
+        logits, noise, out, V, logits.stride(0), float(temperature), int(top_k),
+        BLOCK_V=block_v, KEY_BITS=8 * logits.element_size(), TOP_K=0 < top_k < V,
+        num_warps=min(32, max(4, block_v // 2048)), **_pdl_args(logits.device),
+    )  # fmt: skip
+    return out
 
 
 # ----------------------------------------------------------------------------- int4 layout

@@ -179,3 +179,47 @@ def test_sampling_draws_from_the_top_k_softmax():
     freq = torch.bincount(tokens[:, 0], minlength=V) / N
     assert 0.5 * (freq - expected).abs().sum() < 0.02  # total variation; ~0.005 expected for a correct sampler
     assert_close(probs[0], expected)
+
+
+def test_a_sampler_kernel_draws_the_tokens_torch_draws_from_the_same_seed(tmp_path, monkeypatch):
+    # On a GPU, prepare_for_device gives the model triton_ops.draw as its sampler (one kernel for the top-k and
+    # the exponential race). Here the same kernel runs in Triton's interpreter on the CPU: generate() with it
+    # must draw the very tokens torch's sampling draws from the same seed, prompt and decode steps alike
+    import triton_ops
+
+    _, checkpoint = make_checkpoint("llama_gqa", tmp_path)
+    model = load_tiny(checkpoint, batch_size=2)
+    prompts = [list(range(3, 14)), list(range(40, 45))]
+    sampling = dict(temperature=0.8, top_k=20)
+    torch.manual_seed(5)
+    plain = generate(model, prompts, 12, **sampling)[0]
+    calls = []
+
+    def draw(logits, temperature, top_k):  # triton_ops.draw without its GPU-only check
+        calls.append(logits.shape)
+        noise = torch.empty(logits.shape, dtype=torch.float32).exponential_(1)
+        return triton_ops.sample(logits, noise, max(temperature, 1e-5), top_k or 0)
+
+    model.sampler = draw
+    torch.manual_seed(5)
+    assert generate(model, prompts, 12, **sampling)[0] == plain
+    assert len(calls) == 12 and calls[0] == (2, 128)  # the prompt's token, then each step's
+    torch.manual_seed(5)  # greedy and top-p keep torch's own sampling
+    generate(model, prompts, 4, temperature=0)
+    generate(model, prompts, 4, temperature=0.8, top_p=0.9)
+    assert len(calls) == 12
+    model.sampler = triton_ops.draw  # what a CPU model would get: it declines CPU logits
+    torch.manual_seed(5)
+    assert generate(model, prompts, 12, **sampling)[0] == plain
+    # compiled with fullgraph, the decode step takes the kernel as a custom op (no graph break), same token
+    import generate as gen
+
+    monkeypatch.setattr(triton_ops, "sample_supported", lambda logits: True)
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # eager's random stream when compiled
+    x, pos = torch.tensor([[3], [4]], dtype=torch.int), torch.tensor([20])
+    torch.manual_seed(7)
+    eager = gen.decode_one_token(model, x, pos, **sampling)
+    torch._dynamo.reset()
+    torch.manual_seed(7)
+    compiled = torch.compile(gen.decode_one_token, fullgraph=True)(model, x, pos, **sampling)
+    assert torch.equal(compiled, eager) and compiled.dtype == torch.int32

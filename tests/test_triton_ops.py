@@ -448,6 +448,51 @@ def test_masked_keys_do_not_count():
     assert_close(triton_ops.attention(q, k, v, mask), ref, atol=1e-6, rtol=1e-6)
 
 
+def sampling_reference(logits, noise, temperature, top_k):
+    # generate.sample's exponential race on the masked logits: what the kernel must draw
+    import generate
+
+    masked = generate.masked_logits(logits, temperature, top_k if top_k > 0 else None)
+    return torch.argmax(masked - noise.log(), dim=-1, keepdim=True).to(torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("top_k", [1, 7, 200, 0, 1000])
+def test_sample_kernel_draws_what_generate_sample_draws(dtype, top_k):
+    # 3 rows over a vocabulary of 1000 (not a power of two); top_k 0 or the vocabulary: no top-k. The logits sit
+    # on a coarse grid, so many tie with the k-th largest (kept, as by masked_logits), and include -0 and +0
+    g = torch.Generator().manual_seed(top_k)
+    logits = (torch.randn(3, 1000, generator=g) * 4).round() / 2
+    logits[1, :300] = 0.0
+    logits[1, 300:400] = -0.0
+    logits = logits.to(dtype)
+    for seed, temperature in ((0, 0.8), (1, 1.0), (2, 1e-5)):
+        noise = torch.empty(3, 1000).exponential_(1, generator=torch.Generator().manual_seed(seed))
+        token = triton_ops.sample(logits, noise, temperature, top_k)
+        assert token.shape == (3, 1) and token.dtype == torch.int32
+        assert torch.equal(token, sampling_reference(logits, noise, temperature, top_k))
+    if top_k == 1:  # only the largest logit may be drawn, whatever the noise
+        assert torch.equal(token[:, 0].long(), logits.float().argmax(-1))
+    # the k-th largest is 0: the -0 logits tie with it and stay in (a small noise lets index 360 win)
+    row = -torch.rand(1, 1000, generator=g) - 1
+    row[0, :50], row[0, 50:350], row[0, 350:450] = 1.0, 0.0, -0.0
+    noise = torch.ones(1, 1000)
+    noise[0, 360] = 1e-30
+    assert triton_ops.sample(row.to(dtype), noise, 1.0, 200).item() == 360
+    assert triton_ops.sample(row.to(dtype), noise, 1.0, 7).item() != 360  # outside the top 7
+
+
+def test_sample_kernel_reads_the_last_position_of_a_strided_view():
+    # generate.py passes logits[:, -1] of [B, S, V]: rows S * V apart
+    logits = torch.randn(2, 3, 1000, dtype=torch.bfloat16)
+    noise = torch.empty(2, 1000).exponential_(1, generator=torch.Generator().manual_seed(0))
+    last = logits[:, -1]
+    assert last.stride(0) == 3000
+    assert torch.equal(triton_ops.sample(last, noise, 0.8, 50), sampling_reference(last, noise, 0.8, 50))
+    assert not triton_ops.sample_supported(last)  # a CPU tensor: generate.py keeps torch's sampling
+    assert not triton_ops.sample_supported(torch.empty(1, triton_ops.SAMPLE_MAX_V + 1, device="meta"))
+
+
 def test_fake_implementations_agree_with_the_kernels():
     # torch.library.opcheck: each op's fake (what torch.compile plans with) gives the real output's shape,
     # dtype and strides, also for a transposed query view with several positions (a verify step)
@@ -470,6 +515,8 @@ def test_fake_implementations_agree_with_the_kernels():
         scratch = torch.zeros(triton_ops.scratch_numel(3, 256), dtype=torch.int32)
         torch.library.opcheck(triton_ops.linear_add_norm.op, (fmt, x, w, aux, residual, g, scratch))  # (mutates scratch)
         torch.library.opcheck(triton_ops.norm_linear.op, (fmt, hn, w, aux, ss, 1e-5, True))
+    logits, noise = torch.randn(2, 300, dtype=torch.bfloat16), torch.rand(2, 300) + 0.1
+    torch.library.opcheck(triton_ops.sample.op, (logits, noise, 0.8, 20))
 
 
 def test_sdpa_sends_only_decode_sized_gpu_inputs_to_the_kernel():
