@@ -586,14 +586,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import triton_ops
 
-def build(fn, sig, consts):
+def build(fn, sig, consts, num_warps=4):
     # pointers and the K-sized ints are 16-divisible, as the JIT would specialise them at a real launch
     if "PRELOAD" in fn.arg_names:  # a constexpr with a default must still be given here (triton 3.9)
         consts = {"PRELOAD": False, **consts}
     attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(sig.items())
              if t[0] == "*" or name not in ("M", "n_in", "eps")}
     src = ASTSource(fn=fn, signature={**sig, **{c: "constexpr" for c in consts}}, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": 3})
 
 ints = {"M": "i32", "N": "i32", "K": "i32", "k_len": "i32", "KW": "i32", "KW_LEN": "i32"}
 def zeroes_after_loading(ptx):
@@ -678,6 +678,13 @@ for g, split, rope in ((1, False, False), (4, True, False), (1, False, True), (4
         assert re.search(r"bar[.]sync[^;]*;(?:(?!ld[.]global).)*atom[.]global[.]gpu[.]acq_rel[.]add", ptx, re.S), "barrier, count"
         assert "ld.global.cg" in ptx
 assert all(stores[split, True] > stores[split, False] for split in (False, True))  # the cache writes
+# sampling: the 7B vocabulary's row in registers (16 warps, as sample() launches it), bf16 and fp32 logits
+for logits in ("*bf16", "*fp32"):
+    sig = {"logits_ptr": logits, "noise_ptr": "*fp32", "out_ptr": "*i32", "V": "i32", "stride_l": "i32",
+           "temperature": "fp32", "top_k": "i32"}
+    ptx = build(triton_ops._sample_kernel, sig, dict(BLOCK_V=32768, KEY_BITS=16 if logits == "*bf16" else 32,
+                                                   TOP_K=True, PDL=True), num_warps=16).asm["ptx"]
+    assert "griddepcontrol.wait" in ptx and "st.global" in ptx
 # the prefill path's int4 dequantization: whole groups of contiguous stores, 16 bytes at a time
 for out in ("*bf16", "*fp32"):
     sig = {"w_ptr": "*i32", "sz_ptr": "*bf16", "out_ptr": out, "K": "i32"}
