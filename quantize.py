@@ -16,13 +16,12 @@ Kernels: on a GPU, decode-sized matmuls (at most triton_ops.MAX_M rows) go to th
 larger inputs (prefill) take the stock path (cuBLAS on the dequantized or upcast weight, or tinygemm for int4).
 prepare_for_device() makes that choice once per module after loading, and also swaps in the decode attention
 kernel (Attention.sdpa) and GluFeedForward (the SwiGLU in w13's kernel). What uses the Triton ops is
-FASTGEN_KERNELS: by default int8, fp8 and int4 matmuls, attention, the SwiGLU epilogue and the RMSNorms inside
-the matmuls' epilogues (NormFusedBlock, NormFusedTransformer): "int8,fp8,int4,attn,glu,norm", what beat or
-matched the stock paths end to end (README); "all" adds bf16 matmuls and "rope" (rotary and the KV cache
-write inside the attention kernel, RopeAttention: on the H200 faster for 7B fp8, even for int4 and int8,
-slower for bf16) and "sample" (the decode step's top-k and exponential race in one kernel, triton_ops.draw,
-which prepare_for_device gives the model as its sampler), "stock" turns everything off, or list names
-("int8,int4,attn").
+FASTGEN_KERNELS: by default int8, fp8 and int4 matmuls, attention, the SwiGLU epilogue, the RMSNorms inside
+the matmuls' epilogues (NormFusedBlock, NormFusedTransformer) and the decode step's rotary and KV cache write
+inside the attention kernel (RopeAttention): "int8,fp8,int4,attn,glu,norm,rope", what beat or matched the
+stock paths end to end (README); "all" adds bf16 matmuls and "sample" (the decode step's top-k and exponential
+race in one kernel, triton_ops.draw, which prepare_for_device gives the model as its sampler), "stock" turns
+everything off, or list names ("int8,int4,attn").
 """
 import argparse
 import itertools
@@ -491,7 +490,8 @@ def load_kernels() -> None:
         triton_ops = k
 
 
-TRITON_BY_DEFAULT = "int8,fp8,int4,attn,glu,norm"  # cuBLAS (bf16) was faster end to end on the H100 and the H200
+TRITON_BY_DEFAULT = "int8,fp8,int4,attn,glu,norm,rope"  # cuBLAS / inductor (bf16) was faster end to end on the
+# H100 and the H200; "sample" is opt-in until it is measured end to end with quantized weights (README)
 
 
 def use_triton(device: torch.device, fmt: str) -> bool:
