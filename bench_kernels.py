@@ -532,22 +532,22 @@ def bench_attention(sweep: bool = False) -> None:
 
 
 def check_sampling() -> None:
-    """triton_ops.sample against generate.sample's torch path on the same noise: the same token, for the 7B and
-    8B vocabularies, bf16 and fp32 logits, several top-k (0: none) and rows."""
-    for V, dtype, top_k, B in itertools.product((32000, 128256), (torch.bfloat16, torch.float32), (1, 50, 200, 0), (1, 3)):
+    """triton_ops.sample against generate.sample's torch path on the same noise: the same token, for the 7B
+    vocabulary and the largest the kernel takes, bf16 and fp32 logits, several top-k (0: none) and rows."""
+    for V, dtype, top_k, B in itertools.product((32000, triton_ops.SAMPLE_MAX_V), (torch.bfloat16, torch.float32), (1, 50, 200, 0), (1, 3)):
         logits = (torch.randn(B, V, device="cuda") * 3).to(dtype)
         noise = torch.empty(B, V, device="cuda").exponential_(1)
         masked = generate.masked_logits(logits, 0.8, top_k or None)
         ref = torch.argmax(masked - noise.log(), dim=-1, keepdim=True).to(torch.int32)
         got = triton_ops.sample(logits, noise, 0.8, top_k)
         assert torch.equal(got, ref), f"sample V={V} {dtype} top_k={top_k} B={B}: {got.tolist()} vs {ref.tolist()}"
-    print("check sample: the kernel's tokens equal torch's (V 32000 and 128256, bf16 and fp32, top-k 1/50/200/none)")
+    print("check sample: the kernel's tokens equal torch's (V 32000 and 32768, bf16 and fp32, top-k 1/50/200/none)")
 
 
 def bench_sampling() -> None:
     """One token from [1, V] logits at temperature 0.8, top-k 200 (the benchmark's sampling), replayed from a
     CUDA graph: torch's path as generate.sample runs it (compiled, as in the decode step) against triton_ops.draw."""
-    for V in (32000, 128256):
+    for V in (32000, triton_ops.SAMPLE_MAX_V):
         logits = torch.randn(1, 1, V, device="cuda", dtype=torch.bfloat16)
         torch_path = torch.compile(lambda x: generate.sample(x, temperature=0.8, top_k=200)[0])
         kernel_path = lambda x: triton_ops.draw(x[:, -1], 0.8, 200)  # noqa: E731

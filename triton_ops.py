@@ -1309,7 +1309,9 @@ def fp8_ok(device: torch.device) -> bool:
 
 # ----------------------------------------------------------------------------- sampling
 
-SAMPLE_MAX_V = 131072  # the vocabulary a program holds in registers (Llama 3's 128256 fits)
+SAMPLE_MAX_V = 32768  # one program holds the row in registers; on the H100 it beat torch's compiled path at
+# V = 32000 (30.1 against 73.0 us per token with the noise, bench_kernels.py --sample) and lost at 128256 (169.9
+# against 147.3: one SM's bisection over 128K keys); larger vocabularies, not measured between, keep torch's
 
 
 def sample_supported(logits: Tensor) -> bool:
