@@ -147,7 +147,7 @@ def profile_step(model: Transformer, prompt: list[int], sampling: dict, tokens: 
     the twelve largest 'other' kernels (us and launches per token); and the critical path (critical_path): the
     time each kernel adds to the step, which under programmatic dependent launch is what it costs (its own
     GPU time then includes its wait for the kernel before it), by kind and for the sixteen costliest kernels
-    by name and grid, plus the time the GPU sat idle."""
+    by name and grid, plus the time the GPU sat idle and the eight kernels it most waited for (idle_before)."""
     import tempfile
 
     from torch.profiler import ProfilerActivity, profile
@@ -171,8 +171,9 @@ def profile_step(model: Transformer, prompt: list[int], sampling: dict, tokens: 
         prof.export_chrome_trace(str(trace))
         events = json.loads(trace.read_text()).get("traceEvents", [])
     kernels = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), kernel_key(e)) for e in events
-               if e.get("ph") == "X" and e.get("cat") == "kernel"]  # fmt: skip
-    path, idle = critical_path(kernels)
+               if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]  # fmt: skip
+    path, idle_before = critical_path(kernels)
+    idle = sum(idle_before.values())
     by_kind = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
     for key, (us, _) in path.items():
         by_kind[kernel_kind(key)] += us
@@ -180,7 +181,9 @@ def profile_step(model: Transformer, prompt: list[int], sampling: dict, tokens: 
     return {**{k: round(v / tokens, 1) for k, v in totals.items()}, "kernels": round(launches / tokens, 1),
             "top_other": {k: [round(us / tokens, 1), round(n / tokens, 1)] for k, (us, n) in top},
             "critical_path": {**{k: round(v / tokens, 1) for k, v in by_kind.items()}, "idle": round(idle / tokens, 1),
-                              "top": {k: [round(us / tokens, 2), round(n / tokens, 2)] for k, (us, n) in costly}}}  # fmt: skip
+                              "top": {k: [round(us / tokens, 2), round(n / tokens, 2)] for k, (us, n) in costly},
+                              "idle_before": {k: round(us / tokens, 2) for k, us in
+                                              sorted(idle_before.items(), key=lambda kv: -kv[1])[:8]}}}  # fmt: skip
 
 
 def kernel_kind(name: str) -> str:
@@ -193,16 +196,19 @@ def kernel_key(event: dict) -> str:
     return event["name"][:60] + (f" grid={grid}" if grid else "")
 
 
-def critical_path(kernels: list[tuple[float, float, str]]) -> tuple[dict[str, tuple[float, int]], float]:
+def critical_path(kernels: list[tuple[float, float, str]]) -> tuple[dict[str, tuple[float, int]], dict[str, float]]:
     """kernels: (start, end, key) of every kernel on one GPU -> ({key: (time added to the busy span, count)},
-    idle time). Taken in order of start, a kernel adds what it extends the busy span by: overlapped by an
-    earlier kernel (programmatic dependent launch lets it start and wait early) it adds only its end past
-    theirs. The added times plus the idle gaps make the span from the first start to the last end."""
+    {key: idle time just before that kernel started}). Taken in order of start, a kernel adds what it extends
+    the busy span by: overlapped by an earlier kernel (programmatic dependent launch lets it start and wait
+    early) it adds only its end past theirs. The added times plus the idle gaps make the span from the first
+    start to the last end."""
     path: dict[str, tuple[float, int]] = {}
-    frontier, idle = None, 0.0
+    idle: dict[str, float] = {}
+    frontier = None
     for start, end, key in sorted(kernels):
         if frontier is None or start > frontier:
-            idle += 0.0 if frontier is None else start - frontier
+            if frontier is not None:
+                idle[key] = idle.get(key, 0.0) + start - frontier
             frontier = start
         added = max(0.0, end - frontier)
         frontier = max(frontier, end)
