@@ -14,15 +14,18 @@ over the whole generate() call, the prompt's prefill included, as gpt-fast count
 split it into the prefill and the decode steps after it), achieved GB/s (non-embedding weight bytes x tok/s),
 % of the floor set by the copy bandwidth measured in the same process, first-call time (first_prefill_s: the
 part of it until the first token, the prefill's kernels compiled; the rest compiles and captures the decode
-step), peak memory, device and versions. The same configuration built twice in one process has differed by
-11% on the H200 (README), so compare configurations interleaved: --repeat N runs the list N times in turn and
-ends with one "summary" line per configuration (its N medians and their median).
+step), the time to build the model (build_s: random weights, quantization), peak memory, device and
+versions; stderr says how far each configuration got (a run cut off by a time limit). The same configuration
+built twice in one process has differed by 11% on the H200 (README), so compare configurations interleaved:
+--repeat N runs the list N times in turn and ends with one "summary" line per configuration (its N medians
+and their median).
 """
 import argparse
 import itertools
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -98,7 +101,11 @@ def run(args, mode: str, copy_gbs: float, kernels: str, pdl: str, configs: str |
     gen.set_inductor_pdl(pdl == "on")  # read when the decode step compiles (after the reset below)
     torch._dynamo.reset()
     torch.manual_seed(0)
+    print(f"bench: {args.shape} {mode}, kernels {kernels}, PDL {pdl}, prefill graph {prefill_graph}: building",
+          file=sys.stderr, flush=True)  # (a run cut off by a time limit still says how far it got)
+    t_build = time.perf_counter()
     model = apply_mode(random_model(args.shape, device, torch.bfloat16 if device != "cpu" else torch.float32), mode)
+    build_s = time.perf_counter() - t_build  # random weights, quantization, packing
     prompt = torch.randint(0, model.config.vocab_size, (args.prompt_length,)).tolist()
     with torch.device(device):
         model.setup_caches(1, args.prompt_length + args.max_new_tokens)
@@ -106,9 +113,11 @@ def run(args, mode: str, copy_gbs: float, kernels: str, pdl: str, configs: str |
     sampling = dict(temperature=args.temperature, top_k=args.top_k)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    print(f"bench: built in {build_s:.1f} s; first call", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     _, first = gen.generate(model, [prompt], args.max_new_tokens, **sampling)  # first call compiles
     first_call = time.perf_counter() - t0  # first["ttft"]: its prefill, with the kernels that compiles
+    print(f"bench: first call {first_call:.1f} s; timed runs", file=sys.stderr, flush=True)
     speeds, prefill, decode = [], [], []
     for _ in range(args.runs):
         rows, stats = gen.generate(model, [prompt], args.max_new_tokens, **sampling)
@@ -129,7 +138,7 @@ def run(args, mode: str, copy_gbs: float, kernels: str, pdl: str, configs: str |
         "runs_tok_s": [round(s, 2) for s in speeds], "prefill_ms": round(1e3 * statistics.median(prefill), 2),
         "decode_tok_s": round(statistics.median(decode), 2), "weight_gb": round(nbytes / 1e9, 3), "gb_s": round(gbs, 1),
         "copy_gb_s": round(copy_gbs, 1), "pct_of_floor": round(100 * gbs / copy_gbs, 1),
-        "first_call_s": round(first_call, 1), "first_prefill_s": round(first["ttft"], 1),
+        "build_s": round(build_s, 1), "first_call_s": round(first_call, 1), "first_prefill_s": round(first["ttft"], 1),
         "peak_mem_gb": peak and round(peak, 2), **versions(),
         **({"per_token_us": breakdown} if breakdown else {}),
     }  # fmt: skip

@@ -163,7 +163,7 @@ def test_bench_runs_each_configuration(capsys, monkeypatch):
     assert all(r["tok_s"] > 0 and len(r["runs_tok_s"]) == 1 and r["device"] == "cpu" for r in rows)
     # the prefill and the decode steps after it make up the whole call: 3 tokens = the prefill's + 2 decoded
     for r in rows:
-        assert r["prefill_ms"] > 0 and 0 <= r["first_prefill_s"] <= r["first_call_s"]
+        assert r["prefill_ms"] > 0 and 0 <= r["first_prefill_s"] <= r["first_call_s"] and r["build_s"] >= 0
         assert 3 / r["tok_s"] == pytest.approx(r["prefill_ms"] / 1e3 + 2 / r["decode_tok_s"], rel=2e-2)
     # --repeat: the list again in the same order, then one summary per configuration
     bench.main(["--shape", "tiny", "--device", "cpu", "--no_compile", "--runs", "1", "--max_new_tokens", "3",
