@@ -531,14 +531,20 @@ def bench_attention(sweep: bool = False) -> None:
             print(json.dumps({"prim": "attention", "shape": f"H{h}/Hkv{hkv}/T{t}", "splits": p, "us": round(us, 2)}))
 
 
+def sample_reference(logits: torch.Tensor, noise: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
+    """generate.sample's token [B, 1] int32 for logits [B, V] drawn with this noise (top_k 0: none): what
+    triton_ops.sample must return. Also used by tests/test_triton_ops.py."""
+    masked = generate.masked_logits(logits, temperature, top_k if top_k > 0 else None)
+    return torch.argmax(masked - noise.log(), dim=-1, keepdim=True).to(torch.int32)
+
+
 def check_sampling() -> None:
     """triton_ops.sample against generate.sample's torch path on the same noise: the same token, for the 7B
     vocabulary and the largest the kernel takes, bf16 and fp32 logits, several top-k (0: none) and rows."""
     for V, dtype, top_k, B in itertools.product((32000, triton_ops.SAMPLE_MAX_V), (torch.bfloat16, torch.float32), (1, 50, 200, 0), (1, 3)):
         logits = (torch.randn(B, V, device="cuda") * 3).to(dtype)
         noise = torch.empty(B, V, device="cuda").exponential_(1)
-        masked = generate.masked_logits(logits, 0.8, top_k or None)
-        ref = torch.argmax(masked - noise.log(), dim=-1, keepdim=True).to(torch.int32)
+        ref = sample_reference(logits, noise, 0.8, top_k)
         got = triton_ops.sample(logits, noise, 0.8, top_k)
         assert torch.equal(got, ref), f"sample V={V} {dtype} top_k={top_k} B={B}: {got.tolist()} vs {ref.tolist()}"
     print("check sample: the kernel's tokens equal torch's (V 32000 and 32768, bf16 and fp32, top-k 1/50/200/none)")

@@ -193,12 +193,15 @@ def test_a_sampler_kernel_draws_the_tokens_torch_draws_from_the_same_seed(tmp_pa
     sampling = dict(temperature=0.8, top_k=20)
     torch.manual_seed(5)
     plain = generate(model, prompts, 12, **sampling)[0]
+    model.sampler = triton_ops.draw  # on a CPU model it declines the CPU logits: torch's own sampling
+    torch.manual_seed(5)
+    assert generate(model, prompts, 12, **sampling)[0] == plain
+    monkeypatch.setattr(triton_ops, "sample_supported", lambda logits: True)  # the kernel on CPU logits too
     calls = []
 
-    def draw(logits, temperature, top_k):  # triton_ops.draw without its GPU-only check
+    def draw(logits, temperature, top_k):  # triton_ops.draw, counting its calls
         calls.append(logits.shape)
-        noise = torch.empty(logits.shape, dtype=torch.float32).exponential_(1)
-        return triton_ops.sample(logits, noise, max(temperature, 1e-5), top_k or 0)
+        return triton_ops.draw(logits, temperature, top_k)
 
     model.sampler = draw
     torch.manual_seed(5)
@@ -208,13 +211,10 @@ def test_a_sampler_kernel_draws_the_tokens_torch_draws_from_the_same_seed(tmp_pa
     generate(model, prompts, 4, temperature=0)
     generate(model, prompts, 4, temperature=0.8, top_p=0.9)
     assert len(calls) == 12
-    model.sampler = triton_ops.draw  # what a CPU model would get: it declines CPU logits
-    torch.manual_seed(5)
-    assert generate(model, prompts, 12, **sampling)[0] == plain
     # compiled with fullgraph, the decode step takes the kernel as a custom op (no graph break), same token
     import generate as gen
 
-    monkeypatch.setattr(triton_ops, "sample_supported", lambda logits: True)
+    model.sampler = triton_ops.draw
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # eager's random stream when compiled
     x, pos = torch.tensor([[3], [4]], dtype=torch.int), torch.tensor([20])
     torch.manual_seed(7)

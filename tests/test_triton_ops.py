@@ -14,7 +14,7 @@ import torch
 from torch.testing import assert_close
 
 import triton_ops
-from bench_kernels import make_weights, norm_pair
+from bench_kernels import make_weights, norm_pair, sample_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -448,14 +448,6 @@ def test_masked_keys_do_not_count():
     assert_close(triton_ops.attention(q, k, v, mask), ref, atol=1e-6, rtol=1e-6)
 
 
-def sampling_reference(logits, noise, temperature, top_k):
-    # generate.sample's exponential race on the masked logits: what the kernel must draw
-    import generate
-
-    masked = generate.masked_logits(logits, temperature, top_k if top_k > 0 else None)
-    return torch.argmax(masked - noise.log(), dim=-1, keepdim=True).to(torch.int32)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("top_k", [1, 7, 200, 0, 1000])
 def test_sample_kernel_draws_what_generate_sample_draws(dtype, top_k):
@@ -470,7 +462,7 @@ def test_sample_kernel_draws_what_generate_sample_draws(dtype, top_k):
         noise = torch.empty(3, 1000).exponential_(1, generator=torch.Generator().manual_seed(seed))
         token = triton_ops.sample(logits, noise, temperature, top_k)
         assert token.shape == (3, 1) and token.dtype == torch.int32
-        assert torch.equal(token, sampling_reference(logits, noise, temperature, top_k))
+        assert torch.equal(token, sample_reference(logits, noise, temperature, top_k))
     if top_k == 1:  # only the largest logit may be drawn, whatever the noise
         assert torch.equal(token[:, 0].long(), logits.float().argmax(-1))
     # the k-th largest is 0: the -0 logits tie with it and stay in (a small noise lets index 360 win)
@@ -488,7 +480,7 @@ def test_sample_kernel_reads_the_last_position_of_a_strided_view():
     noise = torch.empty(2, 1000).exponential_(1, generator=torch.Generator().manual_seed(0))
     last = logits[:, -1]
     assert last.stride(0) == 3000
-    assert torch.equal(triton_ops.sample(last, noise, 0.8, 50), sampling_reference(last, noise, 0.8, 50))
+    assert torch.equal(triton_ops.sample(last, noise, 0.8, 50), sample_reference(last, noise, 0.8, 50))
     assert not triton_ops.sample_supported(last)  # a CPU tensor: generate.py keeps torch's sampling
     assert not triton_ops.sample_supported(torch.empty(1, triton_ops.SAMPLE_MAX_V + 1, device="meta"))
 
