@@ -539,27 +539,30 @@ def sample_reference(logits: torch.Tensor, noise: torch.Tensor, temperature: flo
 
 
 def check_sampling() -> None:
-    """triton_ops.sample against generate.sample's torch path on the same noise: the same token, for the 7B
-    vocabulary and the largest the kernel takes, bf16 and fp32 logits, several top-k (0: none) and rows."""
-    for V, dtype, top_k, B in itertools.product((32000, triton_ops.SAMPLE_MAX_V), (torch.bfloat16, torch.float32), (1, 50, 200, 0), (1, 3)):
+    """triton_ops.sample against generate.sample's torch path on the same noise: the same token, for the 7B and
+    Llama 3 vocabularies, bf16 and fp32 logits, several top-k (0: none) and rows, through one reused scratch."""
+    scratch = torch.zeros(3, triton_ops.SAMPLE_SLOTS, dtype=torch.int64, device="cuda")
+    for V, dtype, top_k, B in itertools.product((32000, 128256), (torch.bfloat16, torch.float32), (1, 50, 200, 0), (1, 3)):
         logits = (torch.randn(B, V, device="cuda") * 3).to(dtype)
         noise = torch.empty(B, V, device="cuda").exponential_(1)
         ref = sample_reference(logits, noise, 0.8, top_k)
-        got = triton_ops.sample(logits, noise, 0.8, top_k)
+        got = triton_ops.sample(logits, noise, 0.8, top_k, scratch)
         assert torch.equal(got, ref), f"sample V={V} {dtype} top_k={top_k} B={B}: {got.tolist()} vs {ref.tolist()}"
-    print("check sample: the kernel's tokens equal torch's (V 32000 and 32768, bf16 and fp32, top-k 1/50/200/none)")
+        assert not scratch.any(), "the scratch was not left zeroed"
+    print("check sample: the kernels' tokens equal torch's (V 32000 and 128256, bf16 and fp32, top-k 1/50/200/none)")
 
 
 def bench_sampling() -> None:
     """One token from [1, V] logits at temperature 0.8, top-k 200 (the benchmark's sampling), replayed from a
-    CUDA graph: torch's path as generate.sample runs it (compiled, as in the decode step) against triton_ops.draw."""
-    for V in (32000, triton_ops.SAMPLE_MAX_V):
+    CUDA graph: torch's path as generate.sample runs it (compiled, as in the decode step) against the Sampler."""
+    sampler = triton_ops.Sampler(torch.device("cuda"))
+    for V in (32000, 128256):
         logits = torch.randn(1, 1, V, device="cuda", dtype=torch.bfloat16)
         torch_path = torch.compile(lambda x: generate.sample(x, temperature=0.8, top_k=200)[0])
-        kernel_path = lambda x: triton_ops.draw(x[:, -1], 0.8, 200)  # noqa: E731
-        for name, fn in (("torch (compiled)", torch_path), ("triton_ops.draw", kernel_path)):
+        kernel_path = lambda x: sampler(x[:, -1], 0.8, 200)  # noqa: E731
+        for name, fn in (("torch (compiled)", torch_path), ("triton_ops.Sampler", kernel_path)):
             us = graph_time([lambda fn=fn: fn(logits)], reps=20, rounds=20) * 1e6
-            print(f"sample V={V:6d} top-k 200 {name:17s} {us:6.1f} us")
+            print(f"sample V={V:6d} top-k 200 {name:18s} {us:6.1f} us")
 
 
 def main() -> None:

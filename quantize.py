@@ -20,7 +20,8 @@ FASTGEN_KERNELS: by default int8, fp8 and int4 matmuls, attention, the SwiGLU ep
 the matmuls' epilogues (NormFusedBlock, NormFusedTransformer) and the decode step's rotary and KV cache write
 inside the attention kernel (RopeAttention): "int8,fp8,int4,attn,glu,norm,rope", what beat or matched the
 stock paths end to end (README); "all" adds bf16 matmuls and "sample" (the decode step's top-k and exponential
-race in one kernel, triton_ops.draw, which prepare_for_device gives the model as its sampler), "stock" turns
+race in three Triton kernels where torch runs about ten, triton_ops.Sampler, which prepare_for_device gives the
+model as its sampler), "stock" turns
 everything off, or list names ("int8,int4,attn").
 """
 import argparse
@@ -530,10 +531,13 @@ def prepare_for_device(model: nn.Module, kernel: str | None = None) -> nn.Module
         elif type(m) is nn.Linear and triton:
             m.__class__ = TritonLinear  # same parameters and state dict: only forward changes
     device = next(itertools.chain(model.parameters(), model.buffers())).device
+    if device.type == "cuda":
+        load_kernels()
+        triton_ops.register_inductor_fallbacks()  # before any decode step compiles (see there)
     names = ("attn", "glu", "rope", "norm", "sample")
     attention, glu, rope, norm, sampler = (kernel == "triton",) * 5 if kernel else (use_triton(device, name) for name in names)
     if sampler and isinstance(model, Transformer):
-        model.sampler = triton_ops.draw  # generate.next_token: the top-k and the race in one kernel
+        model.sampler = triton_ops.Sampler(device)  # generate.next_token: the top-k and the race in Triton kernels
     scratch = {}  # dim -> the blocks' shared norm_scratch
     counters = None  # the attention layers' shared DecodeAttention counters
     for m in model.modules():

@@ -28,7 +28,8 @@ into key ranges whose partial results are combined by their log-sum-exp. `rope_a
 rotary and KV cache write in the same kernel, from the qkv matmul's output (quantize.RopeAttention).
 
 Sampling: `sample(logits, noise, temperature, top_k)` draws a decode step's token (generate.sample's top-k and
-exponential race) in one kernel where torch runs about ten; `draw` is the sampler a GPU model carries.
+exponential race) in three kernels for 16-bit logits (a radix select of the k-th largest, 8 bits per launch,
+then the race), where torch runs about ten; `Sampler` is the sampler a GPU model carries.
 
 When to call the matmuls: `supported(x, n, k)`: a CUDA tensor with at most MAX_M rows (decode, speculative
 verification); anything else (prefill, CPU) should take the stock path (F.linear, tinygemm, _scaled_mm).
@@ -69,6 +70,13 @@ FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 NORM_SLOT = 8  # outputs per partial sum of squares that linear_add_norm returns
 _SLOT: tl.constexpr = tl.constexpr(NORM_SLOT)
 X_EXP: tl.constexpr = tl.constexpr(76)  # int4 M = 1: x is prescaled by 2^(X_EXP - bit offset), see _int4_gemv_step
+SAMPLE_SLOTS = 264  # int64 scratch per row of sample(): a 256-bin histogram, then the slots below
+_SAMPLE_SLOTS: tl.constexpr = tl.constexpr(SAMPLE_SLOTS)
+_RADIX_COUNT: tl.constexpr = tl.constexpr(256)  # programs of a _radix_kernel launch done
+_RACE_COUNT: tl.constexpr = tl.constexpr(257)  # programs of the _race_kernel launch done
+_PREFIX: tl.constexpr = tl.constexpr(258)  # the digits of the k-th largest key found so far
+_NEED: tl.constexpr = tl.constexpr(259)  # its rank among the keys that share them
+_BEST: tl.constexpr = tl.constexpr(260)  # the race's packed best score and index
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -643,43 +651,90 @@ def _combine_ranges(part_ptrs, lse_ptrs, o_ptrs, row_ok, cnt_ptr, BLOCK_R: tl.co
 
 
 @triton.jit
-def _sample_kernel(logits_ptr, noise_ptr, out_ptr, V, stride_l, temperature, top_k,
-                   BLOCK_V: tl.constexpr, KEY_BITS: tl.constexpr, TOP_K: tl.constexpr, PDL: tl.constexpr = False):
-    # One program per row b: logits [B, V] (rows stride_l apart, bf16 / fp16: KEY_BITS 16, fp32: 32), noise
-    # [B, V] float32 (exponential), out [B] int32 = argmax over the top_k largest x = logits / temperature of
-    # x - log(noise): generate.sample's exponential race, whose top-k took ten kernels (a radix top-k, its
-    # minimum, the mask, the argmax). The row lives in registers. The k-th largest value is found by bisection on
-    # the logits' bits read as integers ordered like the floats (negative floats get their magnitude bits
-    # flipped; -0 counts as +0): the largest key t with at least top_k keys >= t, in KEY_BITS halvings of the
-    # key range. Dividing by the temperature keeps 16-bit logits distinct and in order, so their own bits serve.
-    b = tl.program_id(0)
-    v = tl.arange(0, BLOCK_V)
+def _sample_key(raw, temperature, KEY_BITS: tl.constexpr):
+    # logits -> int64 keys in [0, 2^KEY_BITS) ordered like the values, -0 counted as +0: the bits of 16-bit
+    # logits themselves (dividing them by the temperature in float32 keeps them distinct and in order), of
+    # logits / temperature for float32 ones (the division may round distinct logits together, as the reference's)
+    if KEY_BITS == 16:
+        bits = raw.to(tl.int16, bitcast=True).to(tl.int32)
+        bits = tl.where(bits == -32768, 0, bits)
+        key = (bits ^ ((bits >> 15) & 0x7FFF)).to(tl.int64)  # negative values: magnitude bits flipped
+    else:
+        bits = (raw / temperature).to(tl.int32, bitcast=True).to(tl.int64)
+        bits = tl.where(bits == -2147483648, 0, bits)
+        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return key + (1 << (KEY_BITS - 1))
+
+
+@triton.jit
+def _radix_kernel(logits_ptr, scratch_ptr, V, stride_l, temperature, top_k,
+                  LEVEL: tl.constexpr, KEY_BITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    # One digit (8 bits, LEVEL 0 the highest) of the top_k-th largest key of each row (_sample_key), by radix
+    # select over KEY_BITS / 8 launches. grid: (programs along V, B); program p counts the keys of its BLOCK that
+    # share the digits found so far (scratch PREFIX) by their next digit, and adds the counts into the row's
+    # histogram; the last program to arrive picks the largest digit d with at least NEED keys at or above it,
+    # appends d to PREFIX, takes the keys above d off NEED (level 0 starts from top_k) and zeroes the histogram
+    # and its count. scratch: one row of SAMPLE_SLOTS int64 per batch row (see sample).
+    p, b = tl.program_id(0), tl.program_id(1)
+    v = p * BLOCK + tl.arange(0, BLOCK)
     ok = v < V
+    row = scratch_ptr + b * _SAMPLE_SLOTS
+    bins = tl.arange(0, 256)
+    SHIFT: tl.constexpr = KEY_BITS - 8 * (LEVEL + 1)
     _pdl_wait(PDL)
+    key = _sample_key(tl.load(logits_ptr + b * stride_l + v, mask=ok, other=0.0), temperature, KEY_BITS)
+    match = ok
+    if LEVEL > 0:
+        match = ok & ((key >> (SHIFT + 8)) == tl.load(row + _PREFIX))
+    counts = tl.histogram(((key >> SHIFT) & 255).to(tl.int32), 256, mask=match)
+    tl.atomic_add(row + bins, counts.to(tl.int64), mask=counts > 0, sem="relaxed")
+    # as in _combine_ranges: the barrier and the count's acquire-release order the adds before the count
+    tl.debug_barrier()
+    if tl.atomic_add(row + _RADIX_COUNT, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+        total = tl.load(row + bins, cache_modifier=".cg")  # every program's counts
+        need = tl.zeros([], tl.int64) + top_k  # (a top_k of 1 arrives as a constexpr)
+        prefix = tl.zeros([], tl.int64)
+        if LEVEL > 0:
+            need, prefix = tl.load(row + _NEED), tl.load(row + _PREFIX)
+        at_least = tl.cumsum(total, 0, reverse=True)  # keys with this digit or a larger one
+        d = tl.max(tl.where(at_least >= need, bins, -1), 0)
+        tl.store(row + _NEED, need - tl.sum(tl.where(bins > d, total, 0), 0))
+        tl.store(row + _PREFIX, prefix * 256 + d)
+        tl.store(row + bins, tl.zeros([256], tl.int64))
+        tl.store(row + _RADIX_COUNT, 0)
+
+
+@triton.jit
+def _race_kernel(logits_ptr, noise_ptr, out_ptr, scratch_ptr, V, stride_l, temperature,
+                 KEY_BITS: tl.constexpr, TOP_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    # The exponential race: out[b] = the index of the largest logits / temperature - log(noise) among the keys
+    # >= the top_k-th largest (scratch PREFIX, from _radix_kernel; all keys unless TOP_K), lowest index on ties
+    # as torch.argmax. grid: (programs along V, B); each program packs its BLOCK's best (the score's ordered
+    # bits above the complement of its index) into one int64 and takes the row's atomic maximum (BEST); the last
+    # to arrive writes the index and zeroes the row's scratch for the next call.
+    p, b = tl.program_id(0), tl.program_id(1)
+    v = p * BLOCK + tl.arange(0, BLOCK)
+    ok = v < V
+    row = scratch_ptr + b * _SAMPLE_SLOTS
+    _pdl_wait(PDL)
+    raw = tl.load(logits_ptr + b * stride_l + v, mask=ok, other=0.0)
     keep = ok
     if TOP_K:
-        raw = tl.load(logits_ptr + b * stride_l + v, mask=ok, other=0.0)
-        if KEY_BITS == 16:
-            bits = raw.to(tl.int16, bitcast=True).to(tl.int32)
-            bits = tl.where(bits == -32768, 0, bits)  # -0 as +0
-            key = bits ^ ((bits >> 15) & 0x7FFF)
-            lo, hi = tl.full([], -32768, tl.int32), tl.full([], 32768, tl.int32)
-        else:  # float32 logits: the bits of x itself (the division may round distinct logits together)
-            x = raw / temperature
-            bits = x.to(tl.int32, bitcast=True).to(tl.int64)
-            bits = tl.where(bits == -2147483648, 0, bits)
-            key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-            lo, hi = tl.full([], -2147483648, tl.int64), tl.full([], 2147483648, tl.int64)
-        key = tl.where(ok, key, lo - 1)  # past V: below every key
-        for _ in range(KEY_BITS):  # invariant: at least top_k keys >= lo, fewer than top_k >= hi
-            mid = (lo + hi) >> 1
-            take = tl.sum((key >= mid).to(tl.int32), axis=0) >= top_k
-            lo, hi = tl.where(take, mid, lo), tl.where(take, hi, mid)
-        keep = key >= lo
-    x = tl.load(logits_ptr + b * stride_l + v, mask=ok, other=0.0).to(tl.float32) / temperature
+        keep = ok & (_sample_key(raw, temperature, KEY_BITS) >= tl.load(row + _PREFIX))
     noise = tl.load(noise_ptr + b * V + v, mask=ok, other=1.0)
-    score = tl.where(keep, x - tl.log(noise), float("-inf"))
-    tl.store(out_ptr + b, tl.argmax(score, axis=0).to(tl.int32))
+    score = tl.where(keep, raw.to(tl.float32) / temperature - tl.log(noise), float("-inf"))
+    best, i = tl.max(score, 0, return_indices=True, return_indices_tie_break_left=True)
+    bits = best.to(tl.int32, bitcast=True).to(tl.int64)
+    bits = tl.where(bits == -2147483648, 0, bits)  # -0 as +0
+    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)) + 2147483648  # [0, 2^32), ordered like the scores
+    tl.atomic_max(row + _BEST, (ordered << 31) | (2147483647 - (p * BLOCK + i)), sem="relaxed")
+    tl.debug_barrier()
+    if tl.atomic_add(row + _RACE_COUNT, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+        packed = tl.atomic_xchg(row + _BEST, 0, sem="relaxed")
+        tl.store(out_ptr + b, (2147483647 - (packed & 2147483647)).to(tl.int32))
+        tl.store(row + _PREFIX, 0)
+        tl.store(row + _NEED, 0)
+        tl.store(row + _RACE_COUNT, 0)
 
 
 # ----------------------------------------------------------------------------- launch configurations
@@ -967,6 +1022,28 @@ def _check(x: Tensor, w: Tensor, k: int, glu: bool = False) -> None:
     assert w.is_contiguous() and w.device == x.device, "weight must be contiguous and on x's device"
 
 
+_OP_NAMES: list[str] = []  # every fastgen:: op, for register_inductor_fallbacks
+
+
+def register_inductor_fallbacks() -> None:
+    """Give inductor its fallback for each fastgen:: op up front, the one it would make on first meeting the op.
+    torch 2.11's inductor then formats all the op's arguments into a log line, built even when nothing is
+    logged; an argument that is another custom op's output prints that op's inputs in turn. The sampler's
+    logits come after the whole model's chain of ops, several outputs of each feeding the next, so that string
+    grew exponentially with the layers: a 7B quantized decode step with the sampler never finished compiling
+    (H100, seventh session). Best effort: inductor internals, left alone where they differ."""
+    try:
+        from torch._inductor import lowering
+        from torch._library.utils import get_layout_constraint_tag
+    except ImportError:
+        return
+    for name in _OP_NAMES:
+        op = getattr(torch.ops.fastgen, name).default
+        if op not in lowering.lowerings and hasattr(lowering, "tag_to_layout_constraint"):
+            constraint = lowering.tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
+            lowering.make_fallback(op, layout_constraint=constraint, warn=False)
+
+
 def _op(name: str, fake, mutates: tuple[str, ...] = ()):
     """Register fn as the custom op fastgen::name with its fake (shape-only) implementation. An opaque op
     rather than a triton_op: inductor then leaves the launch code alone, so symbolic shapes (a dynamically
@@ -975,6 +1052,7 @@ def _op(name: str, fake, mutates: tuple[str, ...] = ()):
     def register(fn):
         op = torch.library.custom_op(f"fastgen::{name}", fn, mutates_args=mutates)
         op.register_fake(fake)
+        _OP_NAMES.append(name)
 
         @functools.wraps(fn)
         def call(*args, **kwargs):
@@ -1309,45 +1387,71 @@ def fp8_ok(device: torch.device) -> bool:
 
 # ----------------------------------------------------------------------------- sampling
 
-SAMPLE_MAX_V = 32768  # one program holds the row in registers; on the H100 it beat torch's compiled path at
-# V = 32000 (30.1 against 73.0 us per token with the noise, bench_kernels.py --sample) and lost at 128256 (169.9
-# against 147.3: one SM's bisection over 128K keys); larger vocabularies, not measured between, keep torch's
+SAMPLE_ROWS = 64  # batch rows whose scratch a Sampler keeps; more rows get a fresh zeroed scratch per call
 
 
 def sample_supported(logits: Tensor) -> bool:
-    """Whether sample() takes these logits [B, V]: a GPU tensor of a float dtype with V <= SAMPLE_MAX_V."""
-    return logits.is_cuda and logits.dim() == 2 and logits.dtype in FLOAT_DTYPES and logits.shape[1] <= SAMPLE_MAX_V
+    """Whether sample() takes these logits [B, V]: a GPU tensor of a float dtype."""
+    return logits.is_cuda and logits.dim() == 2 and logits.dtype in FLOAT_DTYPES
 
 
-def draw(logits: Tensor, temperature: float, top_k: int | None) -> Tensor | None:
+def draw(logits: Tensor, temperature: float, top_k: int | None, scratch: Tensor | None = None) -> Tensor | None:
     """generate.sample's token [B, 1] int32 for logits [B, V] at temperature > 0, from the same exponential noise
-    (the same random stream), or None where sample_supported() declines the logits. What
-    quantize.prepare_for_device gives a model on a GPU as its sampler (generate.next_token)."""
+    (the same random stream), or None where sample_supported() declines the logits. scratch: as in sample."""
     if not sample_supported(logits):
         return None
     noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device).exponential_(1)
-    return sample(logits, noise, max(temperature, 1e-5), top_k or 0)
+    if scratch is not None and scratch.shape[0] < logits.shape[0]:
+        scratch = None
+    return sample(logits, noise, max(temperature, 1e-5), top_k or 0, scratch)
 
 
-def _fake_sample(logits: Tensor, noise: Tensor, temperature: float, top_k: int) -> Tensor:
+class Sampler(torch.nn.Module):
+    """draw as a module that holds its scratch: what quantize.prepare_for_device gives a model on a GPU as its
+    sampler (generate.next_token), so that the scratch is a (static) buffer, as DecodeAttention's counters."""
+
+    def __init__(self, device: torch.device, rows: int = SAMPLE_ROWS):
+        super().__init__()
+        self.register_buffer("scratch", torch.zeros(rows, SAMPLE_SLOTS, dtype=torch.int64, device=device), persistent=False)
+
+    def forward(self, logits: Tensor, temperature: float, top_k: int | None) -> Tensor | None:
+        return draw(logits, temperature, top_k, self.scratch)
+
+
+def _sample_block(V: int) -> int:
+    # logits per program: about one program per SM for a Llama 3 vocabulary (128256 in 126 blocks), 63 for 32000
+    return max(512, triton.next_power_of_2(_cdiv(V, 128)))
+
+
+def _fake_sample(logits: Tensor, noise: Tensor, temperature: float, top_k: int, scratch: Tensor | None = None) -> Tensor:
     return logits.new_empty(logits.shape[0], 1, dtype=torch.int32)
 
 
-@_op("sample", _fake_sample)
-def sample(logits: Tensor, noise: Tensor, temperature: float, top_k: int) -> Tensor:
+@_op("sample", _fake_sample, mutates=("scratch",))
+def sample(logits: Tensor, noise: Tensor, temperature: float, top_k: int, scratch: Tensor | None = None) -> Tensor:
     """The token [B, 1] int32 that generate.sample draws from logits [B, V] with exponential noise [B, V]
     (float32): argmax of logits / temperature - log(noise) over the top_k largest logits (top_k <= 0 or >= V:
-    all of them). One kernel per call; ties go to the lowest index, as torch.argmax."""
+    all of them), ties to the lowest index as torch.argmax. The k-th largest logit is found by radix select,
+    8 bits of its key per launch (2 launches for 16-bit logits, 4 for float32), then one launch races; each
+    launch spreads the row over up to ~128 programs. scratch: at least B rows of SAMPLE_SLOTS zeroed int64,
+    which the call leaves zeroed (one buffer serves every call: Sampler), or None for a fresh one."""
     B, V = logits.shape
-    assert V <= SAMPLE_MAX_V and noise.shape == (B, V) and noise.dtype == torch.float32, "noise [B, V] float32 expected"
+    assert noise.shape == (B, V) and noise.dtype == torch.float32, "noise [B, V] float32 expected"
     assert logits.stride(1) == 1 and noise.is_contiguous(), "rows must be contiguous"
+    if scratch is None:
+        scratch = torch.zeros(B, SAMPLE_SLOTS, dtype=torch.int64, device=logits.device)
+    assert scratch.dtype == torch.int64 and scratch.is_contiguous() and scratch.shape[0] >= B \
+        and scratch.shape[1] == SAMPLE_SLOTS and scratch.device == logits.device, \
+        f"scratch must be [>= {B}, {SAMPLE_SLOTS}] zeroed int64 on the logits' device"  # fmt: skip
     out = torch.empty(B, 1, dtype=torch.int32, device=logits.device)
-    block_v = triton.next_power_of_2(V)
-    _sample_kernel[(B,)](
-        logits, noise, out, V, logits.stride(0), float(temperature), int(top_k),
-        BLOCK_V=block_v, KEY_BITS=8 * logits.element_size(), TOP_K=0 < top_k < V,
-        num_warps=min(32, max(4, block_v // 2048)), **_pdl_args(logits.device),
-    )  # fmt: skip
+    block = _sample_block(V)
+    grid, key_bits, top_k = (_cdiv(V, block), B), 8 * logits.element_size(), int(top_k)
+    if 0 < top_k < V:
+        for level in range(key_bits // 8):
+            _radix_kernel[grid](logits, scratch, V, logits.stride(0), float(temperature), top_k, LEVEL=level,
+                                KEY_BITS=key_bits, BLOCK=block, num_warps=4, **_pdl_args(logits.device))  # fmt: skip
+    _race_kernel[grid](logits, noise, out, scratch, V, logits.stride(0), float(temperature), KEY_BITS=key_bits,
+                       TOP_K=0 < top_k < V, BLOCK=block, num_warps=4, **_pdl_args(logits.device))  # fmt: skip
     return out
 
 

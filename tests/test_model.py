@@ -182,8 +182,8 @@ def test_sampling_draws_from_the_top_k_softmax():
 
 
 def test_a_sampler_kernel_draws_the_tokens_torch_draws_from_the_same_seed(tmp_path, monkeypatch):
-    # On a GPU, prepare_for_device gives the model triton_ops.draw as its sampler (one kernel for the top-k and
-    # the exponential race). Here the same kernel runs in Triton's interpreter on the CPU: generate() with it
+    # On a GPU, prepare_for_device gives the model a triton_ops.Sampler (Triton kernels for the top-k and the
+    # exponential race). Here the same kernels run in Triton's interpreter on the CPU: generate() with them
     # must draw the very tokens torch's sampling draws from the same seed, prompt and decode steps alike
     import triton_ops
 
@@ -214,7 +214,8 @@ def test_a_sampler_kernel_draws_the_tokens_torch_draws_from_the_same_seed(tmp_pa
     # compiled with fullgraph, the decode step takes the kernel as a custom op (no graph break), same token
     import generate as gen
 
-    model.sampler = triton_ops.draw
+    model.sampler = triton_ops.Sampler(torch.device("cpu"))  # what prepare_for_device gives: its scratch a buffer
+    triton_ops.register_inductor_fallbacks()  # as prepare_for_device does on a GPU
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # eager's random stream when compiled
     x, pos = torch.tensor([[3], [4]], dtype=torch.int), torch.tensor([20])
     torch.manual_seed(7)
@@ -223,3 +224,4 @@ def test_a_sampler_kernel_draws_the_tokens_torch_draws_from_the_same_seed(tmp_pa
     torch.manual_seed(7)
     compiled = torch.compile(gen.decode_one_token, fullgraph=True)(model, x, pos, **sampling)
     assert torch.equal(compiled, eager) and compiled.dtype == torch.int32
+    assert not model.sampler.scratch.any()  # left zeroed for the next step

@@ -482,7 +482,27 @@ def test_sample_kernel_reads_the_last_position_of_a_strided_view():
     assert last.stride(0) == 3000
     assert torch.equal(triton_ops.sample(last, noise, 0.8, 50), sample_reference(last, noise, 0.8, 50))
     assert not triton_ops.sample_supported(last)  # a CPU tensor: generate.py keeps torch's sampling
-    assert not triton_ops.sample_supported(torch.empty(1, triton_ops.SAMPLE_MAX_V + 1, device="meta"))
+
+
+def test_sample_kernel_spreads_a_row_over_programs_and_leaves_its_scratch_zeroed():
+    # 5000 logits in 10 programs of 512: the k-th largest and the race's winner are found across programs, ties
+    # to the lowest index wherever they lie; the scratch a Sampler keeps is zeroed again after every call
+    assert triton_ops._sample_block(5000) == 512
+    scratch = torch.zeros(4, triton_ops.SAMPLE_SLOTS, dtype=torch.int64)
+    g = torch.Generator().manual_seed(0)
+    for dtype, top_k, temperature in ((torch.bfloat16, 200, 0.8), (torch.float32, 3000, 1.3), (torch.float16, 1, 0.5)):
+        logits = (torch.randn(3, 5000, generator=g) * 3).to(dtype)
+        noise = torch.empty(3, 5000).exponential_(1, generator=g)
+        ref = sample_reference(logits, noise, temperature, top_k)
+        assert torch.equal(triton_ops.sample(logits, noise, temperature, top_k, scratch), ref)
+        assert not scratch.any()
+    flat, ones = torch.zeros(1, 5000), torch.ones(1, 5000)
+    flat[0, :600] = -1.0
+    assert triton_ops.sample(flat, ones, 1.0, 0, scratch).item() == 600  # the first of 4400 equal scores
+    assert triton_ops.sample(flat, ones, 1.0, 10, scratch).item() == 600
+    flat[0, 4999] = 2.0
+    assert triton_ops.sample(flat, ones, 1.0, 1, scratch).item() == 4999  # the last program's only key
+    assert not scratch.any()
 
 
 def test_fake_implementations_agree_with_the_kernels():
@@ -509,6 +529,16 @@ def test_fake_implementations_agree_with_the_kernels():
         torch.library.opcheck(triton_ops.norm_linear.op, (fmt, hn, w, aux, ss, 1e-5, True))
     logits, noise = torch.randn(2, 300, dtype=torch.bfloat16), torch.rand(2, 300) + 0.1
     torch.library.opcheck(triton_ops.sample.op, (logits, noise, 0.8, 20))
+
+
+def test_inductor_gets_a_fallback_for_every_op_up_front():
+    # prepare_for_device registers them on a GPU: inductor then never builds its implicit-fallback message, which
+    # printed a deep op's arguments recursively (torch 2.11: a 7B decode step with the sampler never compiled)
+    from torch._inductor import lowering
+
+    triton_ops.register_inductor_fallbacks()
+    assert {"linear", "int4_linear", "linear_add_norm", "rope_attention", "sample"} <= set(triton_ops._OP_NAMES)
+    assert all(getattr(torch.ops.fastgen, name).default in lowering.lowerings for name in triton_ops._OP_NAMES)
 
 
 def test_sdpa_sends_only_decode_sized_gpu_inputs_to_the_kernel():
@@ -670,13 +700,19 @@ for g, split, rope in ((1, False, False), (4, True, False), (1, False, True), (4
         assert re.search(r"bar[.]sync[^;]*;(?:(?!ld[.]global).)*atom[.]global[.]gpu[.]acq_rel[.]add", ptx, re.S), "barrier, count"
         assert "ld.global.cg" in ptx
 assert all(stores[split, True] > stores[split, False] for split in (False, True))  # the cache writes
-# sampling: the 7B vocabulary's row in registers (16 warps, as sample() launches it), bf16 and fp32 logits
+# sampling: radix select levels and the race, bf16 and fp32 logits (a 128256 vocabulary's block, as sample()
+# launches them): after the PDL wait, each program's adds before the count, acquire-release, then L2 loads
 for logits in ("*bf16", "*fp32"):
-    sig = {"logits_ptr": logits, "noise_ptr": "*fp32", "out_ptr": "*i32", "V": "i32", "stride_l": "i32",
-           "temperature": "fp32", "top_k": "i32"}
-    ptx = build(triton_ops._sample_kernel, sig, dict(BLOCK_V=32768, KEY_BITS=16 if logits == "*bf16" else 32,
-                                                   TOP_K=True, PDL=True), num_warps=16).asm["ptx"]
-    assert "griddepcontrol.wait" in ptx and "st.global" in ptx
+    bits = 16 if logits == "*bf16" else 32
+    sig = {"logits_ptr": logits, "scratch_ptr": "*i64", "V": "i32", "stride_l": "i32", "temperature": "fp32", "top_k": "i32"}
+    for level in range(bits // 8):
+        ptx = build(triton_ops._radix_kernel, sig, dict(LEVEL=level, KEY_BITS=bits, BLOCK=1024, PDL=True)).asm["ptx"]
+        assert "griddepcontrol.wait" in ptx and "ld.global.cg" in ptx
+        assert re.search(r"bar[.]sync[^;]*;(?:(?!ld[.]global).)*atom[.]global[.]gpu[.]acq_rel[.]add", ptx, re.S), "barrier, count"
+    sig = {"logits_ptr": logits, "noise_ptr": "*fp32", "out_ptr": "*i32", "scratch_ptr": "*i64", "V": "i32",
+           "stride_l": "i32", "temperature": "fp32"}
+    ptx = build(triton_ops._race_kernel, sig, dict(KEY_BITS=bits, TOP_K=True, BLOCK=1024, PDL=True)).asm["ptx"]
+    assert "griddepcontrol.wait" in ptx and re.search(r"(atom|red)[.]global[.][a-z.]*max[.]s64", ptx), "the packed maximum"
 # the prefill path's int4 dequantization: whole groups of contiguous stores, 16 bytes at a time
 for out in ("*bf16", "*fp32"):
     sig = {"w_ptr": "*i32", "sz_ptr": "*bf16", "out_ptr": out, "K": "i32"}
