@@ -4,7 +4,7 @@
     python bench.py --shape 7B --mode int8 int4 --kernels all stock   # triton_ops.py vs torch's own kernels
     python bench.py --shape 7B --mode int8 --kernels int8 int8,attn int8,attn,glu   # what each kernel adds
     python bench.py --shape 7B --mode int8 fp8 --pdl off on   # programmatic dependent launch off and on
-    python bench.py --shape 7B --mode int4 --kernels default int8,fp8,int4,attn,glu,norm,rope,sample   # the sampler
+    python bench.py --shape 7B --mode int4 --kernels int8,fp8,int4,attn,glu,norm,rope default   # the sampler's effect
     python bench.py --shape 7B --mode int4 --kernels default all --repeat 2   # interleaved A/B: A B A B
     python bench.py --shape 7B --mode int8 --configs kernel_configs.json old.json --repeat 2   # two tunings
     python bench.py --shape 7B --mode int4 --prefill_graph off on --repeat 2   # prefill as a CUDA graph replay
@@ -257,7 +257,7 @@ def main(argv=None) -> None:
     p.add_argument("--no_compile", dest="compile", action="store_false")
     p.add_argument("--compile_prefill", action="store_true")
     p.add_argument("--kernels", nargs="+", default=["default"],
-                   help="what uses triton_ops.py (FASTGEN_KERNELS): default (int8,fp8,int4,attn,glu,norm,rope), all, stock "
+                   help="what uses triton_ops.py (FASTGEN_KERNELS): default (int8,fp8,int4,attn,glu,norm,rope,sample), all, stock "
                         "(torch's own: cuBLAS, tinygemm, inductor, sdpa), or a list of bf16 int8 fp8 int4 attn glu rope "
                         "norm sample such as int8,attn")
     p.add_argument("--repeat", type=int, default=1, help="run the list of configurations this many times, interleaved")

@@ -169,12 +169,12 @@ def test_glu_call_of_each_module_is_silu_of_gate_times_up(mode, rows, monkeypatc
     assert (m(x, glu=True).double() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
-@pytest.mark.parametrize("setting,formats", [(None, {"int8", "fp8", "int4", "attn", "glu", "norm", "rope"}),
+@pytest.mark.parametrize("setting,formats", [(None, {"int8", "fp8", "int4", "attn", "glu", "norm", "rope", "sample"}),
                                              ("all", {"bf16", "int8", "fp8", "int4", "attn", "glu", "rope", "norm", "sample"}),
                                              ("stock", set()), ("int8,int4", {"int8", "int4"})])  # fmt: skip
 def test_which_formats_use_the_triton_kernels(setting, formats, monkeypatch):
     # FASTGEN_KERNELS picks the formats (and attention); by default those that beat the stock path end to
-    # end (all but bf16 and the sampler); never on CPU
+    # end (all but bf16); never on CPU
     if setting is None:
         monkeypatch.delenv("FASTGEN_KERNELS", raising=False)
     else:
