@@ -651,6 +651,14 @@ def _combine_ranges(part_ptrs, lse_ptrs, o_ptrs, row_ok, cnt_ptr, BLOCK_R: tl.co
 
 
 @triton.jit
+def _ordered32(x):
+    # float32 -> int64 in [0, 2^32) ordered like the values, -0 counted as +0 (negative values: magnitude bits flipped)
+    bits = x.to(tl.int32, bitcast=True).to(tl.int64)
+    bits = tl.where(bits == -2147483648, 0, bits)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)) + 2147483648
+
+
+@triton.jit
 def _sample_key(raw, temperature, KEY_BITS: tl.constexpr):
     # logits -> int64 keys in [0, 2^KEY_BITS) ordered like the values, -0 counted as +0: the bits of 16-bit
     # logits themselves (dividing them by the temperature in float32 keeps them distinct and in order), of
@@ -658,12 +666,10 @@ def _sample_key(raw, temperature, KEY_BITS: tl.constexpr):
     if KEY_BITS == 16:
         bits = raw.to(tl.int16, bitcast=True).to(tl.int32)
         bits = tl.where(bits == -32768, 0, bits)
-        key = (bits ^ ((bits >> 15) & 0x7FFF)).to(tl.int64)  # negative values: magnitude bits flipped
+        key = (bits ^ ((bits >> 15) & 0x7FFF)).to(tl.int64) + 32768  # as _ordered32, on 16 bits
     else:
-        bits = (raw / temperature).to(tl.int32, bitcast=True).to(tl.int64)
-        bits = tl.where(bits == -2147483648, 0, bits)
-        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return key + (1 << (KEY_BITS - 1))
+        key = _ordered32(raw / temperature)
+    return key
 
 
 @triton.jit
@@ -724,10 +730,7 @@ def _race_kernel(logits_ptr, noise_ptr, out_ptr, scratch_ptr, V, stride_l, tempe
     noise = tl.load(noise_ptr + b * V + v, mask=ok, other=1.0)
     score = tl.where(keep, raw.to(tl.float32) / temperature - tl.log(noise), float("-inf"))
     best, i = tl.max(score, 0, return_indices=True, return_indices_tie_break_left=True)
-    bits = best.to(tl.int32, bitcast=True).to(tl.int64)
-    bits = tl.where(bits == -2147483648, 0, bits)  # -0 as +0
-    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)) + 2147483648  # [0, 2^32), ordered like the scores
-    tl.atomic_max(row + _BEST, (ordered << 31) | (2147483647 - (p * BLOCK + i)), sem="relaxed")
+    tl.atomic_max(row + _BEST, (_ordered32(best) << 31) | (2147483647 - (p * BLOCK + i)), sem="relaxed")
     tl.debug_barrier()
     if tl.atomic_add(row + _RACE_COUNT, 1, sem="acq_rel") == tl.num_programs(0) - 1:
         packed = tl.atomic_xchg(row + _BEST, 0, sem="relaxed")
@@ -1037,9 +1040,11 @@ def register_inductor_fallbacks() -> None:
         from torch._library.utils import get_layout_constraint_tag
     except ImportError:
         return
+    if not hasattr(lowering, "tag_to_layout_constraint"):
+        return
     for name in _OP_NAMES:
         op = getattr(torch.ops.fastgen, name).default
-        if op not in lowering.lowerings and hasattr(lowering, "tag_to_layout_constraint"):
+        if op not in lowering.lowerings:
             constraint = lowering.tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
             lowering.make_fallback(op, layout_constraint=constraint, warn=False)
 
