@@ -126,13 +126,13 @@ def run(args, mode: str, copy_gbs: float, kernels: str, pdl: str, configs: str |
         prefill.append(stats["ttft"])
         decode.append((stats["decode_steps"] - 1) / (stats["time"] - stats["ttft"]))  # the decode steps alone
     tok_s = statistics.median(speeds)
-    breakdown = profile_step(model, prompt, sampling) if args.breakdown else None
+    breakdown = profile_step(model, prompt, sampling, args.max_new_tokens) if args.breakdown else None
     gbs = nbytes * tok_s / 1e9
     peak = torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else None
     return {
         "shape": args.shape, "mode": mode, "kernels": kernels, "configs": configs or "default", "pdl": pdl_used(device),
         "prefetch_kib": os.environ.get("FASTGEN_PREFETCH", "0"), "compile": args.compile,
-        "preload": pdl_used(device) and quantize.triton_ops.preloads(torch.device(device)),
+        "preload": [w for w in ("matmul", "attn") if pdl_used(device) and quantize.triton_ops.preloads(torch.device(device), w)],
         "prefill_graph": gen.prefill_graphs is not None and device.startswith("cuda"),
         "tok_s": round(tok_s, 2),
         "runs_tok_s": [round(s, 2) for s in speeds], "prefill_ms": round(1e3 * statistics.median(prefill), 2),
@@ -150,13 +150,14 @@ KERNEL_KINDS = [  # (kind, substrings of GPU kernel names), first match wins
 ]
 
 
-def profile_step(model: Transformer, prompt: list[int], sampling: dict, tokens: int = 50) -> dict:
+def profile_step(model: Transformer, prompt: list[int], sampling: dict, tokens: int = 200) -> dict:
     """Where a decoded token's GPU time goes, from torch.profiler over one generate() call of `tokens` tokens:
     kernel launches per token; GPU time per token by kind of kernel (matmul / attention / everything else) and
     the twelve largest 'other' kernels (us and launches per token); and the critical path (critical_path): the
     time each kernel adds to the step, which under programmatic dependent launch is what it costs (its own
     GPU time then includes its wait for the kernel before it), by kind and for the sixteen costliest kernels
-    by name and grid, plus the time the GPU sat idle and the eight kernels it most waited for (idle_before)."""
+    by name and grid, plus the time the GPU sat idle and the eight kernels it most waited for (idle_before: µs
+    per token, the number of gaps, the longest gap in µs)."""
     import tempfile
 
     from torch.profiler import ProfilerActivity, profile
@@ -182,7 +183,7 @@ def profile_step(model: Transformer, prompt: list[int], sampling: dict, tokens: 
     kernels = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), kernel_key(e)) for e in events
                if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]  # fmt: skip
     path, idle_before = critical_path(kernels)
-    idle = sum(idle_before.values())
+    idle = sum(map(sum, idle_before.values()))
     by_kind = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
     for key, (us, _) in path.items():
         by_kind[kernel_kind(key)] += us
@@ -191,8 +192,8 @@ def profile_step(model: Transformer, prompt: list[int], sampling: dict, tokens: 
             "top_other": {k: [round(us / tokens, 1), round(n / tokens, 1)] for k, (us, n) in top},
             "critical_path": {**{k: round(v / tokens, 1) for k, v in by_kind.items()}, "idle": round(idle / tokens, 1),
                               "top": {k: [round(us / tokens, 2), round(n / tokens, 2)] for k, (us, n) in costly},
-                              "idle_before": {k: round(us / tokens, 2) for k, us in
-                                              sorted(idle_before.items(), key=lambda kv: -kv[1])[:8]}}}  # fmt: skip
+                              "idle_before": {k: [round(sum(gaps) / tokens, 2), len(gaps), round(max(gaps), 1)]
+                                              for k, gaps in sorted(idle_before.items(), key=lambda kv: -sum(kv[1]))[:8]}}}  # fmt: skip
 
 
 def kernel_kind(name: str) -> str:
@@ -205,19 +206,19 @@ def kernel_key(event: dict) -> str:
     return event["name"][:60] + (f" grid={grid}" if grid else "")
 
 
-def critical_path(kernels: list[tuple[float, float, str]]) -> tuple[dict[str, tuple[float, int]], dict[str, float]]:
+def critical_path(kernels: list[tuple[float, float, str]]) -> tuple[dict[str, tuple[float, int]], dict[str, list[float]]]:
     """kernels: (start, end, key) of every kernel on one GPU -> ({key: (time added to the busy span, count)},
-    {key: idle time just before that kernel started}). Taken in order of start, a kernel adds what it extends
-    the busy span by: overlapped by an earlier kernel (programmatic dependent launch lets it start and wait
-    early) it adds only its end past theirs. The added times plus the idle gaps make the span from the first
-    start to the last end."""
+    {key: the idle gaps just before that kernel started}). Taken in order of start, a kernel adds what it
+    extends the busy span by: overlapped by an earlier kernel (programmatic dependent launch lets it start and
+    wait early) it adds only its end past theirs. The added times plus the idle gaps make the span from the
+    first start to the last end."""
     path: dict[str, tuple[float, int]] = {}
-    idle: dict[str, float] = {}
+    idle: dict[str, list[float]] = {}
     frontier = None
     for start, end, key in sorted(kernels):
         if frontier is None or start > frontier:
             if frontier is not None:
-                idle[key] = idle.get(key, 0.0) + start - frontier
+                idle.setdefault(key, []).append(start - frontier)
             frontier = start
         added = max(0.0, end - frontier)
         frontier = max(frontier, end)

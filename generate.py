@@ -220,10 +220,13 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     model.kv_valid[:B, :T].copy_(valid)
     input_pos = torch.arange(T, device=device)
     t0 = time.perf_counter()
+    start = gpu_event(device)
     next_token = prefill(model, ids, input_pos, **sampling)
     if callback is not None:
         callback(next_token)
-    sync(device)
+    # the time to the first token, from events on a GPU: a sync here would leave the GPU idle while the host
+    # launches the first decode step
+    first = gpu_event(device)
     ttft = time.perf_counter() - t0
     tokens = [next_token.clone()]
     if max_new_tokens > 1 and not (stop_ids and torch.isin(next_token.cpu(), torch.tensor(sorted(stop_ids))).all()):
@@ -231,6 +234,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     out = torch.cat(tokens, dim=1).tolist()  # [B, N]
     sync(device)
     elapsed = time.perf_counter() - t0
+    if first is not None:  # the wall time up to the start event (the prefill's launch is host-bound) and after it
+        ttft = start[0] + start[1].elapsed_time(first[1]) / 1e3 - t0
     rows = [cut_at_stop(row, stop_ids) for row in out]
     return rows, {"ttft": ttft, "time": elapsed, "decode_steps": len(tokens)}
 
@@ -240,6 +245,15 @@ def cut_at_stop(row: list[int], stop_ids: set[int] | None) -> list[int]:
         if stop_ids and t in stop_ids:
             return row[: i + 1]
     return row
+
+
+def gpu_event(device) -> tuple[float, torch.cuda.Event] | None:
+    # (host time, a timing event recorded on device's current stream), or None off CUDA
+    if torch.device(device).type != "cuda":
+        return None
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(torch.cuda.current_stream(device))
+    return time.perf_counter(), event
 
 
 def sync(device) -> None:
