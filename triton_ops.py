@@ -41,7 +41,8 @@ mode="reduce-overhead") captures it in the CUDA graph without a graph break; an 
 the kernel without the op's dispatch (`_op`). On sm_90+ every kernel is
 launched with programmatic dependent launch (`uses_pdl`; FASTGEN_PDL=0 turns it off) and waits for the
 previous kernel in `_pdl_wait` before its first load of x; the matrix-vector loops (M = 1) request their first
-weight tile before that wait (`preloads`; FASTGEN_PRELOAD=0 turns it off).
+weight tile before that wait, and the decode attention its first block of cached keys and values (`preloads`;
+FASTGEN_PRELOAD=0 turns it off).
 Block sizes come from kernel_configs.json (written once per GPU model by `python bench_kernels.py --tune`),
 else from a heuristic; nothing is tuned at start-up. Without a GPU the same kernels run in Triton's
 interpreter (numpy): slow, but it lets CPU CI test them on small shapes.
@@ -526,12 +527,31 @@ def _dot(a, b, acc, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def _attend(q, k, v, m_rows, t, t_ok, row_ok, pos, m_i, l_i, acc, qk_scale, ROPE: tl.constexpr, DOT_F32: tl.constexpr):
+    # one block of keys of the online softmax: q [R, D], k/v [BLOCK_T, D] at slots t [BLOCK_T] (t_ok: in the
+    # range), m_rows [R, 1] the mask rows -> (max m_i, sum l_i [R], acc [R, D]) updated, in base 2
+    allowed = tl.load(m_rows + t[None, :], mask=row_ok[:, None] & t_ok[None, :], other=0) != 0  # [R, BLOCK_T]
+    if ROPE:  # the new slot's store may not be visible yet, even in this program: it joins after the loop
+        allowed = allowed & (t != pos)[None, :]
+    scores = _dot_t(q, k, tl.zeros([q.shape[0], k.shape[0]], dtype=tl.float32), DOT_F32) * qk_scale
+    scores = tl.where(allowed, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet stay at 0
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(scores - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = _dot(p, v, acc * alpha[:, None], DOT_F32)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, part_ptr, lse_ptr, cnt_ptr,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sm_b, sm_s,
     HKV, S, T, t_len, qk_scale, cos_ptr, sin_ptr, pos_ptr, new_k, new_v,
     G: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT: tl.constexpr,
     DOT_F32: tl.constexpr, ROPE: tl.constexpr = False, PDL: tl.constexpr = False, P_POW2: tl.constexpr = 1,
+    PRELOAD: tl.constexpr = False,
 ):  # fmt: skip
     # q: [B, H, S, D], k/v: [B, HKV, T, D], mask: [B, 1, S, T] bool (True: may attend); D contiguous everywhere.
     # grid: (B * HKV, P). This program: key/value head hk of batch row b with the G = H / HKV query heads that
@@ -549,13 +569,25 @@ def _attention_kernel(
     # program whose range holds slot pos (pos_ptr) writes the new key and value there; the loop skips that
     # slot and the owning program adds it from registers afterwards: rotary, the cache write and attention in
     # one kernel.
+    # PRELOAD (ROPE under PDL): the range's first block of keys and values is requested before the PDL wait.
+    # In a decode step only this kernel writes the caches, and the slots before pos were written by earlier
+    # steps, whose kernels have all finished once the kernel before this one has passed its own wait; the new
+    # slot, read stale there, is skipped as above. (Without ROPE a kernel just before this one writes the caches.)
     pid_bh, pid_p = tl.program_id(0), tl.program_id(1)
     b, hk = pid_bh // HKV, pid_bh % HKV
     r, d = tl.arange(0, BLOCK_R), tl.arange(0, D)
     h, s = hk * G + r // S, r % S
     row_ok = r < G * S
-    t_end = tl.minimum(pid_p * t_len + t_len, T)
+    t_first = pid_p * t_len
+    t_end = tl.minimum(t_first + t_len, T)
+    k_ptrs = k_ptr + b * sk_b + hk * sk_h + d[None, :]  # [1, D] at slot 0
+    v_ptrs = v_ptr + b * sv_b + hk * sv_h + d[None, :]
+    if PRELOAD:
+        t = t_first + tl.arange(0, BLOCK_T)
+        k0 = tl.load(k_ptrs + t[:, None] * sk_t, mask=(t < t_end)[:, None], other=0.0)  # [BLOCK_T, D]
+        v0 = tl.load(v_ptrs + t[:, None] * sv_t, mask=(t < t_end)[:, None], other=0.0)
     _pdl_wait(PDL)
+    pos = 0
     if ROPE:
         cache_t: tl.constexpr = k_ptr.dtype.element_ty
         pair = (d + D // 2) % D
@@ -571,7 +603,7 @@ def _attention_kernel(
         v_new = tl.load(row + new_v + hk * D + d).to(cache_t)
         pos = tl.load(pos_ptr)
         slot = pos + 0 * d  # [D]: the store masks below as tensors (the interpreter rejects a scalar mask)
-        mine = (slot >= pid_p * t_len) & (slot < t_end)  # this program's range holds the new slot
+        mine = (slot >= t_first) & (slot < t_end)  # this program's range holds the new slot
         tl.store(k_ptr + b * sk_b + hk * sk_h + pos * sk_t + d, k_new, mask=mine)
         tl.store(v_ptr + b * sv_b + hk * sv_h + pos * sv_t + d, v_new, mask=mine)
     else:
@@ -579,28 +611,26 @@ def _attention_kernel(
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, D], tl.float32)
-    for t0 in range(pid_p * t_len, t_end, BLOCK_T):
+    m_rows = mask_ptr + b * sm_b + s[:, None] * sm_s  # [BLOCK_R, 1]
+    t_loop = t_first
+    if PRELOAD:
+        t = t_first + tl.arange(0, BLOCK_T)
+        # the new slot, read stale, is zeroed: a value after the wait, so the compiler keeps the blocks' move
+        # into the dot layouts (through shared memory, which waits for the loads) after it too
+        fresh = (t != pos)[:, None]
+        k0, v0 = tl.where(fresh, k0, 0.0), tl.where(fresh, v0, 0.0)
+        m_i, l_i, acc = _attend(q, k0, v0, m_rows, t, t < t_end, row_ok, pos, m_i, l_i, acc, qk_scale, ROPE, DOT_F32)
+        t_loop += BLOCK_T
+    for t0 in range(t_loop, t_end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         t_ok = t < t_end
-        m_ptrs = mask_ptr + b * sm_b + s[:, None] * sm_s + t[None, :]
-        allowed = tl.load(m_ptrs, mask=row_ok[:, None] & t_ok[None, :], other=0) != 0  # [R, BLOCK_T]
-        if ROPE:  # the new slot's store above may not be visible yet, even in this program: it joins after the loop
-            allowed = allowed & (t != pos)[None, :]
-        k = tl.load(k_ptr + b * sk_b + hk * sk_h + t[:, None] * sk_t + d[None, :], mask=t_ok[:, None], other=0.0)
-        v = tl.load(v_ptr + b * sv_b + hk * sv_h + t[:, None] * sv_t + d[None, :], mask=t_ok[:, None], other=0.0)
-        scores = _dot_t(q, k, tl.zeros([BLOCK_R, BLOCK_T], dtype=tl.float32), DOT_F32) * qk_scale
-        scores = tl.where(allowed, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet stay at 0
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(scores - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = _dot(p, v, acc * alpha[:, None], DOT_F32)
-        m_i = m_new
+        k = tl.load(k_ptrs + t[:, None] * sk_t, mask=t_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs + t[:, None] * sv_t, mask=t_ok[:, None], other=0.0)
+        m_i, l_i, acc = _attend(q, k, v, m_rows, t, t_ok, row_ok, pos, m_i, l_i, acc, qk_scale, ROPE, DOT_F32)
     if ROPE:
         # the new key and value from registers, one more column of the online softmax, in the program whose
         # range holds the slot (a score of -inf, so no change, in the others)
-        own = (pos >= pid_p * t_len) & (pos < t_end)
+        own = (pos >= t_first) & (pos < t_end)
         score = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * qk_scale  # [R]
         ok = (tl.load(mask_ptr + b * sm_b + s * sm_s + pos, mask=row_ok, other=0) != 0) & own
         score = tl.where(ok, score, float("-inf"))
@@ -933,10 +963,12 @@ def _pdl_args(device: torch.device) -> dict:
     return {"PDL": True, "launch_pdl": True} if uses_pdl(device) else {}
 
 
-def preloads(device: torch.device) -> bool:
-    # under PDL, M = 1 matmuls request their first weight tile before waiting for the previous kernel
-    # (FASTGEN_PRELOAD=0 turns it off)
-    return uses_pdl(device) and os.environ.get("FASTGEN_PRELOAD", "1") != "0"
+def preloads(device: torch.device, what: str = "matmul") -> bool:
+    # under PDL, what ("matmul": M = 1 matmuls, their first weight tile; "attn": the decode attention with
+    # rotary, its first block of cached keys and values) loads before waiting for the previous kernel.
+    # FASTGEN_PRELOAD=0 turns both off, a list such as "attn" keeps those it names
+    env = os.environ.get("FASTGEN_PRELOAD", "1")
+    return uses_pdl(device) and env != "0" and (env == "1" or what in env.split(","))
 
 
 def prefetch_bytes(device: torch.device) -> int:
@@ -1287,6 +1319,7 @@ def _attention_launch(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, counters: T
         G=g, D=D, BLOCK_R=max(16, triton.next_power_of_2(g * S)), BLOCK_T=block_t, SPLIT=splits > 1,
         DOT_F32=k.dtype == torch.float32 or (INTERPRET and k.dtype == torch.bfloat16), ROPE=rope is not None,
         P_POW2=triton.next_power_of_2(splits), num_warps=8, num_stages=2 if splits == 1 else 3, **_pdl_args(q.device),
+        **({"PRELOAD": True} if rope is not None and preloads(q.device, "attn") else {}),
     )  # fmt: skip
     return o
 

@@ -437,6 +437,41 @@ def test_rope_attention_is_rotary_then_cache_write_then_attention(b, h, hkv, t, 
     assert torch.equal(v_cache, v_ref)  # the value is only copied
 
 
+@pytest.mark.parametrize("b,h,hkv,t,d,dtype,splits,pos", [
+    (1, 4, 4, 200, 32, torch.float32, 1, 150),  # one pass over two blocks: the first preloaded, then the loop
+    (1, 4, 4, 200, 32, torch.float32, 3, 5),  # ranges, the new slot in the first (preloaded) block
+    (2, 8, 2, 130, 128, torch.bfloat16, 2, 121),  # grouped heads, the slot in the last range's partial block
+])  # fmt: skip
+def test_rope_attention_first_block_loaded_before_the_pdl_wait_changes_nothing(b, h, hkv, t, d, dtype, splits, pos,
+                                                                                monkeypatch):  # fmt: skip
+    # Under PDL the rotary attention requests its range's first block of cached keys and values before waiting
+    # for the previous kernel (triton_ops.preloads(device, "attn")); that block, stale at the new slot, is
+    # peeled off the loop: the output and the caches must come out bit for bit the same
+    outs = []
+    for preload in (False, True):
+        monkeypatch.setattr(triton_ops, "preloads", lambda device, what="matmul", on=preload: on)
+        qkv, cos, sin, slot, caches, mask = rope_case(b, h, hkv, t, d, dtype, pos=pos)
+        out = triton_ops.rope_attention(qkv, cos, sin, slot, *caches, mask, h, None, splits)
+        outs.append((out, *caches))
+    for before, after in zip(*outs):
+        assert torch.equal(before, after)
+
+
+def test_preloads_follows_fastgen_preload(monkeypatch):
+    # FASTGEN_PRELOAD: unset or 1 both loads, 0 neither, a list the ones it names (under PDL only)
+    monkeypatch.setattr(triton_ops, "uses_pdl", lambda device: True)
+    cuda = torch.device("cuda")
+    for env, on in ((None, (True, True)), ("1", (True, True)), ("0", (False, False)), ("attn", (False, True)),
+                    ("matmul", (True, False)), ("matmul,attn", (True, True))):  # fmt: skip
+        if env is None:
+            monkeypatch.delenv("FASTGEN_PRELOAD", raising=False)
+        else:
+            monkeypatch.setenv("FASTGEN_PRELOAD", env)
+        assert (triton_ops.preloads(cuda), triton_ops.preloads(cuda, "attn")) == on, env
+    monkeypatch.setattr(triton_ops, "uses_pdl", lambda device: False)
+    assert not triton_ops.preloads(cuda, "attn")
+
+
 def test_masked_keys_do_not_count():
     # keys past the position (cache slots not written yet) and padding slots change nothing, whatever they hold
     q, k, v, mask = attention_case(2, 2, 2, 1, 256, 64, torch.float32, pos=70)
@@ -694,8 +729,16 @@ for g, split, rope in ((1, False, False), (4, True, False), (1, False, True), (4
            "t_len": "i32", "qk_scale": "fp32", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "pos_ptr": "*i64", "new_k": "i32",
            "new_v": "i32"}
     ptx = build(triton_ops._attention_kernel, sig, dict(G=g, D=128, BLOCK_R=16, BLOCK_T=64, SPLIT=split,
-                                                     DOT_F32=False, ROPE=rope, PDL=split, P_POW2=8 if split else 1)).asm["ptx"]
+                                                     DOT_F32=False, ROPE=rope, PDL=split, P_POW2=8 if split else 1,
+                                                     PRELOAD=rope and split)).asm["ptx"]  # fmt: skip
     stores[split, rope] = ptx.count("st.global")
+    if rope and split:  # PRELOAD: the first block of keys and values before the wait, nothing else (no store)
+        before = ptx[: ptx.index("griddepcontrol.wait")]
+        assert "st.global" not in before and "atom" not in before
+        # keys and values, 64 x 128 bf16 each, in 16-byte loads over 4 warps' 128 threads, all issued before
+        # the wait: their move into the dot layouts (shared memory, which waits for the data) comes after it
+        loads = re.findall(r"ld[.]global[.a-z0-9]*", before)
+        assert loads == ["ld.global.v4.b32"] * (2 * 64 * 128 * 2 // 16 // 128) and "st.shared" not in before, loads
     if split:  # the combine: the count after a barrier, acquire-release at GPU scope, then loads that bypass L1
         assert re.search(r"bar[.]sync[^;]*;(?:(?!ld[.]global).)*atom[.]global[.]gpu[.]acq_rel[.]add", ptx, re.S), "barrier, count"
         assert "ld.global.cg" in ptx
