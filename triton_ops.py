@@ -570,9 +570,10 @@ def _attention_kernel(
     # slot and the owning program adds it from registers afterwards: rotary, the cache write and attention in
     # one kernel.
     # PRELOAD (ROPE under PDL): the range's first block of keys and values is requested before the PDL wait.
-    # In a decode step only this kernel writes the caches, and the slots before pos were written by earlier
-    # steps, whose kernels have all finished once the kernel before this one has passed its own wait; the new
-    # slot, read stale there, is skipped as above. (Without ROPE a kernel just before this one writes the caches.)
+    # In a decode step only this kernel writes the caches; the slots before pos were written by the prefill or
+    # earlier steps: earlier CUDA graph replays, finished before this one began, or (no graph) kernels many
+    # launches back, with matmuls between that each wait for the kernel before them. The new slot, read stale
+    # there, is skipped as above. (Without ROPE a kernel just before this one may write the caches.)
     pid_bh, pid_p = tl.program_id(0), tl.program_id(1)
     b, hk = pid_bh // HKV, pid_bh % HKV
     r, d = tl.arange(0, BLOCK_R), tl.arange(0, D)
