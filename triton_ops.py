@@ -584,9 +584,9 @@ def _attention_kernel(
     k_ptrs = k_ptr + b * sk_b + hk * sk_h + d[None, :]  # [1, D] at slot 0
     v_ptrs = v_ptr + b * sv_b + hk * sv_h + d[None, :]
     if PRELOAD:
-        t = t_first + tl.arange(0, BLOCK_T)
-        k0 = tl.load(k_ptrs + t[:, None] * sk_t, mask=(t < t_end)[:, None], other=0.0)  # [BLOCK_T, D]
-        v0 = tl.load(v_ptrs + t[:, None] * sv_t, mask=(t < t_end)[:, None], other=0.0)
+        t0 = t_first + tl.arange(0, BLOCK_T)  # the first block's slots
+        k0 = tl.load(k_ptrs + t0[:, None] * sk_t, mask=(t0 < t_end)[:, None], other=0.0)  # [BLOCK_T, D]
+        v0 = tl.load(v_ptrs + t0[:, None] * sv_t, mask=(t0 < t_end)[:, None], other=0.0)
     _pdl_wait(PDL)
     pos = 0
     if ROPE:
@@ -615,15 +615,14 @@ def _attention_kernel(
     m_rows = mask_ptr + b * sm_b + s[:, None] * sm_s  # [BLOCK_R, 1]
     t_loop = t_first
     if PRELOAD:
-        t = t_first + tl.arange(0, BLOCK_T)
         # the new slot, read stale, is zeroed: a value after the wait, so the compiler keeps the blocks' move
         # into the dot layouts (through shared memory, which waits for the loads) after it too
-        fresh = (t != pos)[:, None]
+        fresh = (t0 != pos)[:, None]
         k0, v0 = tl.where(fresh, k0, 0.0), tl.where(fresh, v0, 0.0)
-        m_i, l_i, acc = _attend(q, k0, v0, m_rows, t, t < t_end, row_ok, pos, m_i, l_i, acc, qk_scale, ROPE, DOT_F32)
+        m_i, l_i, acc = _attend(q, k0, v0, m_rows, t0, t0 < t_end, row_ok, pos, m_i, l_i, acc, qk_scale, ROPE, DOT_F32)
         t_loop += BLOCK_T
-    for t0 in range(t_loop, t_end, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
+    for t_block in range(t_loop, t_end, BLOCK_T):
+        t = t_block + tl.arange(0, BLOCK_T)
         t_ok = t < t_end
         k = tl.load(k_ptrs + t[:, None] * sk_t, mask=t_ok[:, None], other=0.0)
         v = tl.load(v_ptrs + t[:, None] * sv_t, mask=t_ok[:, None], other=0.0)
@@ -682,11 +681,17 @@ def _combine_ranges(part_ptrs, lse_ptrs, o_ptrs, row_ok, cnt_ptr, BLOCK_R: tl.co
 
 
 @triton.jit
+def _ordered(bits, BITS: tl.constexpr):
+    # a float's bits as a signed integer of BITS bits (held in a wider type) -> a key in [0, 2^BITS) ordered like
+    # the values, -0 counted as +0 (negative values: magnitude bits flipped)
+    bits = tl.where(bits == -(2 ** (BITS - 1)), 0, bits)
+    return (bits ^ ((bits >> (BITS - 1)) & (2 ** (BITS - 1) - 1))) + 2 ** (BITS - 1)
+
+
+@triton.jit
 def _ordered32(x):
-    # float32 -> int64 in [0, 2^32) ordered like the values, -0 counted as +0 (negative values: magnitude bits flipped)
-    bits = x.to(tl.int32, bitcast=True).to(tl.int64)
-    bits = tl.where(bits == -2147483648, 0, bits)
-    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)) + 2147483648
+    # float32 -> int64 in [0, 2^32) ordered like the values (_ordered)
+    return _ordered(x.to(tl.int32, bitcast=True).to(tl.int64), 32)
 
 
 @triton.jit
@@ -695,9 +700,7 @@ def _sample_key(raw, temperature, KEY_BITS: tl.constexpr):
     # logits themselves (dividing them by the temperature in float32 keeps them distinct and in order), of
     # logits / temperature for float32 ones (the division may round distinct logits together, as the reference's)
     if KEY_BITS == 16:
-        bits = raw.to(tl.int16, bitcast=True).to(tl.int32)
-        bits = tl.where(bits == -32768, 0, bits)
-        key = (bits ^ ((bits >> 15) & 0x7FFF)).to(tl.int64) + 32768  # as _ordered32, on 16 bits
+        key = _ordered(raw.to(tl.int16, bitcast=True).to(tl.int32), 16).to(tl.int64)
     else:
         key = _ordered32(raw / temperature)
     return key
