@@ -174,24 +174,59 @@ def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor, **samplin
     return next_token(model, logits, **sampling)
 
 
+STOP_LAG = 4  # decode steps the host may run ahead of the tokens it has looked at (GPU; see decode_n_tokens)
+
+
 def decode_n_tokens(model, cur_token: Tensor, input_pos: Tensor, num_new_tokens: int, stop_ids: set[int] | None = None,
-                    callback=None, **sampling) -> list[Tensor]:  # fmt: skip
-    """Decode up to num_new_tokens after cur_token. Without stop_ids or callback the loop never waits for
-    the GPU, so CUDA graph replays queue back to back."""
+                    callback=None, lag: int | None = None, **sampling) -> list[Tensor]:  # fmt: skip
+    """Decode up to num_new_tokens after cur_token. The loop never waits for the GPU, so CUDA graph replays
+    queue back to back: with stop_ids or a callback, each token is copied to the host without blocking, and
+    looked at (the callback called on that copy, the stop checked) lag steps later (default: STOP_LAG on a GPU,
+    0 on the CPU), when the steps after it are already queued. Up to lag tokens past the one that ends the last
+    row may then be returned; generate() cuts every row after its first stop token. The lag is a fixed number
+    of steps, not whether the copy is ready, so tensor-parallel ranks stop at the same step."""
     new_tokens = []
     finished = torch.zeros(cur_token.shape[0], dtype=torch.bool)
+    stop = torch.tensor(sorted(stop_ids)) if stop_ids else None
+    lag = (STOP_LAG if cur_token.is_cuda else 0) if lag is None else lag
+    pending = []  # tokens on the host not looked at yet, oldest first: (copy, event that marks it done)
+
+    def look(token: Tensor, done: torch.cuda.Event | None) -> bool:  # True: every row has met a stop id
+        nonlocal finished
+        if done is not None:
+            done.synchronize()
+        if callback is not None:
+            callback(token)
+        if stop is not None:
+            finished |= torch.isin(token[:, 0], stop)
+        return bool(finished.all())
+
     for _ in range(num_new_tokens):
         next_token = decode_one_token(model, cur_token, input_pos, **sampling)
         input_pos = input_pos + 1
         cur_token = next_token.clone()  # a CUDA graph overwrites its output buffer on the next replay
         new_tokens.append(cur_token)
-        if callback is not None:
-            callback(next_token)
-        if stop_ids:
-            finished |= torch.isin(next_token[:, 0].cpu(), torch.tensor(sorted(stop_ids)))
-            if finished.all():
-                break
+        if stop is None and callback is None:
+            continue
+        pending.append(host_copy(cur_token))
+        if len(pending) > lag and look(*pending.pop(0)):
+            return new_tokens
+    for token, done in pending:
+        if look(token, done):
+            break
     return new_tokens
+
+
+def host_copy(t: Tensor) -> tuple[Tensor, torch.cuda.Event | None]:
+    # t copied to pinned host memory without waiting for the GPU, with an event recorded after the copy
+    # (None: t was on the host already)
+    if not t.is_cuda:
+        return t, None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(t.device))
+    return host, done
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:

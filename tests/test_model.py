@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+import generate as gen
 from generate import generate, sample
 from model import ModelArgs, Transformer
 from tests.helpers import FAMILIES, load_tiny, make_checkpoint
@@ -78,8 +79,6 @@ def test_prompts_padded_for_the_prefill_graph_generate_the_same(family, tmp_path
     # On a GPU, PrefillGraphs pads short prompts on the right to 16 positions to replay one CUDA graph: the
     # padding must change neither the prompt's logits nor anything generated after it (ragged rows: left
     # padding too; a sliding window of 8)
-    import generate as gen
-
     _, checkpoint = make_checkpoint(family, tmp_path)
     model = load_tiny(checkpoint, batch_size=2)
     prompts = [list(range(3, 14)), list(range(40, 45))]
@@ -89,8 +88,6 @@ def test_prompts_padded_for_the_prefill_graph_generate_the_same(family, tmp_path
 
 
 def test_prefill_graph_takes_short_prompts_that_fit_and_matches_the_plain_forward(tmp_path):
-    import generate as gen
-
     _, checkpoint = make_checkpoint("llama_gqa", tmp_path)
     model = load_tiny(checkpoint, max_seq_length=40)
     padded = gen.PrefillGraphs(capture=False)
@@ -111,6 +108,26 @@ def test_generation_stops_at_stop_token(tmp_path):
     stop = free[5]
     rows, _ = generate(model, [[1, 2, 3]], 20, temperature=0, stop_ids={stop})
     assert rows[0] == free[: free.index(stop) + 1]
+
+
+def test_stop_and_callback_looked_at_a_few_steps_late_change_nothing(tmp_path):
+    # decode_n_tokens looks at each token `lag` steps after decoding it (on a GPU, so that it never waits for
+    # the step just queued): the callback sees the same tokens in the same order, up to the stop, and at most
+    # lag tokens more are decoded past it
+    _, checkpoint = make_checkpoint("llama_gqa", tmp_path)
+    model = load_tiny(checkpoint)
+    free = generate(model, [[1, 2, 3]], 20, temperature=0)[0][0]
+    stop = free[6]
+    first, pos = torch.tensor([[free[0]]]), torch.tensor([3])
+    for lag in (0, 1, 3, 30):
+        seen = []
+        with torch.no_grad():
+            model(torch.tensor([[1, 2, 3]]), torch.arange(3))  # the prompt's cache entries again
+            out = gen.decode_n_tokens(model, first, pos, 19, {stop}, lambda t: seen.append(int(t[0, 0])), lag=lag,
+                                      temperature=0)  # fmt: skip
+        out = [int(t[0, 0]) for t in out]
+        assert seen == free[1 : free.index(stop) + 1]  # the callback: up to the stop, not past it
+        assert out[: len(seen)] == seen and len(seen) <= len(out) <= min(len(seen) + lag, 19)
 
 
 def test_compiled_equals_eager(tmp_path):
