@@ -16,12 +16,12 @@ Kernels: on a GPU, decode-sized matmuls (at most triton_ops.MAX_M rows) go to th
 larger inputs (prefill) take the stock path (cuBLAS on the dequantized or upcast weight, or tinygemm for int4).
 prepare_for_device() makes that choice once per module after loading, and also swaps in the decode attention
 kernel (Attention.sdpa) and GluFeedForward (the SwiGLU in w13's kernel). What uses the Triton ops is
-FASTGEN_KERNELS: by default int8, fp8 and int4 matmuls, attention, the SwiGLU epilogue, the RMSNorms inside
+FASTGEN_KERNELS: by default bf16, int8, fp8 and int4 matmuls, attention, the SwiGLU epilogue, the RMSNorms inside
 the matmuls' epilogues (NormFusedBlock, NormFusedTransformer) and the decode step's rotary and KV cache write
 inside the attention kernel (RopeAttention), and the decode step's top-k and exponential race in three Triton
 kernels where torch runs about ten (triton_ops.Sampler, which prepare_for_device gives the model as its
-sampler): "int8,fp8,int4,attn,glu,norm,rope,sample", what beat or matched the stock paths end to end (README);
-"all" adds bf16 matmuls, "stock" turns everything off, or list names ("int8,int4,attn").
+sampler): "bf16,int8,fp8,int4,attn,glu,norm,rope,sample", what beat or matched the stock paths end to end
+(README); "all" names the same set, "stock" turns everything off, or list names ("int8,int4,attn").
 """
 import argparse
 import itertools
@@ -129,17 +129,22 @@ class WeightOnlyFp8Linear(WeightOnlyInt8Linear):
 
 class TritonLinear(nn.Linear):
     """nn.Linear whose decode-sized matmuls use triton_ops.linear; swapped in by prepare_for_device for
-    unquantized layers when FASTGEN_KERNELS names bf16 (on the H100 it streams faster than cuBLAS in
-    isolation but was not faster end to end). Same parameters, same state dict."""
+    unquantized layers when FASTGEN_KERNELS names bf16 (the default: with the norm and SwiGLU epilogues and the
+    weight preload it beat cuBLAS end to end on the H100). Same parameters, same state dict."""
+
+    def ours(self, x: Tensor) -> bool:
+        # one row (a batch-1 decode step): where ours was measured faster end to end; a speculative verify step
+        # or a batch keeps cuBLAS, whose speed there was measured and ours not
+        return x.numel() == x.shape[-1] and x.dtype == self.weight.dtype
 
     def kernel_args(self, x: Tensor) -> tuple[str, Tensor, None] | None:
         # as WeightOnlyInt8Linear.kernel_args: the weight's dtype names the format
-        ok = self.bias is None and x.dtype == self.weight.dtype
+        ok = self.bias is None and self.ours(x)
         return (str(self.weight.dtype).removeprefix("torch."), self.weight, None) if ok else None
 
     def forward(self, x: Tensor, glu: bool = False) -> Tensor:
         fused = glu and self.bias is None
-        if triton_ops.supported(x, self.out_features, self.in_features, fused) and x.dtype == self.weight.dtype:
+        if triton_ops.supported(x, self.out_features, self.in_features, fused) and self.ours(x):
             y = triton_ops.linear(x, self.weight, fused).to(x.dtype)
             return y if self.bias is None else y + self.bias
         return apply_glu(F.linear(x, self.weight, self.bias), glu)
@@ -490,8 +495,9 @@ def load_kernels() -> None:
         triton_ops = k
 
 
-TRITON_BY_DEFAULT = "int8,fp8,int4,attn,glu,norm,rope,sample"  # cuBLAS / inductor (bf16) was faster end to end
-# on the H100 and the H200; "sample" since the seventh session (+1.6% to +4.9% end to end on the H100, README)
+TRITON_BY_DEFAULT = "bf16,int8,fp8,int4,attn,glu,norm,rope,sample"
+# on the H100 and the H200; "sample" since the seventh session (+1.6% to +4.9% end to end on the H100, README);
+# "bf16" since the ninth (H100: 7B +2.9%, 8B +6% to +12% over cuBLAS with the fused epilogues; H200 not measured)
 
 
 def use_triton(device: torch.device, fmt: str) -> bool:
