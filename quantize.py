@@ -130,11 +130,12 @@ class WeightOnlyFp8Linear(WeightOnlyInt8Linear):
 class TritonLinear(nn.Linear):
     """nn.Linear whose decode-sized matmuls use triton_ops.linear; swapped in by prepare_for_device for
     unquantized layers when FASTGEN_KERNELS names bf16 (the default: with the norm and SwiGLU epilogues and the
-    weight preload it beat cuBLAS end to end on the H100). Same parameters, same state dict."""
+    weight preload it was ahead of cuBLAS end to end on the H100 for 8B, level for 7B). Same parameters, same
+    state dict."""
 
     def ours(self, x: Tensor) -> bool:
-        # one row (a batch-1 decode step): where ours was measured faster end to end; a speculative verify step
-        # or a batch keeps cuBLAS, whose speed there was measured and ours not
+        # one row (a batch-1 decode step): where ours was measured end to end (ahead for 8B, level for 7B); a
+        # speculative verify step or a batch keeps cuBLAS, whose speed there was measured and ours not
         return x.numel() == x.shape[-1] and x.dtype == self.weight.dtype
 
     def kernel_args(self, x: Tensor) -> tuple[str, Tensor, None] | None:
@@ -497,7 +498,8 @@ def load_kernels() -> None:
 
 TRITON_BY_DEFAULT = "bf16,int8,fp8,int4,attn,glu,norm,rope,sample"
 # on the H100 and the H200; "sample" since the seventh session (+1.6% to +4.9% end to end on the H100, README);
-# "bf16" since the ninth (H100: 7B +2.9%, 8B +6% to +12% over cuBLAS with the fused epilogues; H200 not measured)
+# "bf16" since the ninth (H100: 8B +6% and +12%, steadier; 7B level, +2.9% on one machine and -2.2% on another;
+# H200 not measured)
 
 
 def use_triton(device: torch.device, fmt: str) -> bool:
