@@ -3,6 +3,7 @@
     python bench_kernels.py --check          # every op vs its dequantized float32 reference, compiled capture,
                                              # and two model layers vs torch's kernels
     python bench_kernels.py --tune           # time candidate configs on the 7B shapes, write kernel_configs.json
+    python bench_kernels.py --tune --calls add_norm --tune_m 1   # only wo and w2 as linear_add_norm calls
     python bench_kernels.py                  # GB/s per primitive and shape, next to the device copy GB/s
     python bench_kernels.py --check --tune --bench --shapes 7b 8b
 
@@ -301,18 +302,28 @@ def model_check(formats: list[str], device="cuda", cfg=None, kernels: tuple = (N
 # ----------------------------------------------------------------------------- tuning
 
 
-def _compile(work: list[tuple[str, int, triton_ops.Config, bool]]) -> int:
+def add_norm_args(m: int, n: int, dtype: torch.dtype) -> tuple:
+    # what NormFusedBlock passes linear_add_norm besides x and the weight: residual [m, n], norm weight [n] and
+    # the zeroed scratch of split-K calls
+    residual = torch.randn(m, n, device="cuda", dtype=dtype)
+    scratch = torch.zeros(triton_ops.scratch_numel(m, n), device="cuda", dtype=torch.int32)
+    return residual, torch.rand(n, device="cuda", dtype=dtype) + 0.5, scratch
+
+
+def _compile(work: list[tuple[str, int, triton_ops.Config, str, bool]]) -> int:
     # one worker: launch each config once on a tiny problem with the same Triton specialisation as the real
-    # one (dtypes, M == 1 or not, GLU or not, ints divisible by 16), which leaves the binary in Triton's disk cache
-    for fmt, m, cfg, glu in work:
-        n, k = max(cfg.block_n, 128) * (2 if glu else 1), cfg.block_k * cfg.split_k
+    # one (dtypes, M == 1 or not, the call: "plain", "glu" or "add_norm", ints divisible by 16), which leaves
+    # the binary in Triton's disk cache
+    for fmt, m, cfg, call, tail in work:  # tail: the real K ends in a part-tile (_launch's TAIL)
+        n, k = max(cfg.block_n, 128) * (2 if call == "glu" else 1), cfg.block_k * cfg.split_k + (128 if tail else 0)
         x = torch.randn(m, k, device="cuda", dtype=triton_ops.act_dtype(fmt))
-        triton_ops.run_with(fmt, x, make_weights(fmt, n, k, "cuda"), cfg, glu)
+        fused = add_norm_args(m, n, x.dtype) if call == "add_norm" else None
+        triton_ops.run_with(fmt, x, make_weights(fmt, n, k, "cuda"), cfg, call == "glu", fused)
     torch.cuda.synchronize()
     return len(work)
 
 
-def precompile(work: list[tuple[str, int, triton_ops.Config, bool]], jobs: int) -> None:
+def precompile(work: list[tuple[str, int, triton_ops.Config, str, bool]], jobs: int) -> None:
     """Triton compiles a kernel on its first launch, one at a time: compile them in parallel processes first."""
     work = sorted(set(work), key=str)
     chunks = [work[i::jobs] for i in range(jobs) if work[i::jobs]]
@@ -331,51 +342,63 @@ def weight_copies(fmt: str, n: int, k: int, seed: int = 0) -> list[tuple]:
     return [base] + [tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in base) for _ in range(extra)]
 
 
-def tune(cases: list[tuple[str, int, int, int]], jobs: int, glu_shapes: set[tuple[int, int]] = frozenset()) -> None:
+def tune_calls(fmt: str, n: int, k: int, m: int, sms: int, call: str) -> list[triton_ops.Config]:
+    # the candidates a call can run: GLU calls cannot split K, add_norm ones need whole NORM_SLOTs per program
+    cands = triton_ops.candidates(fmt, n, k, m, sms)
+    if call == "glu":
+        return [c for c in cands if c.split_k == 1]
+    return [c for c in cands if c.block_n % triton_ops.NORM_SLOT == 0] if call == "add_norm" else cands
+
+
+def tune(cases: list[tuple[str, int, int, int]], jobs: int, calls: dict[tuple[int, int], tuple[str, ...]]) -> None:
     """Time triton_ops.candidates(...) for each (fmt, N, K, M) and store the fastest in kernel_configs.json under
     this GPU's name. Each candidate is timed as the benchmark times it: replayed from a CUDA graph (no launch
-    overhead: a decode step is one graph) over weight copies that overflow L2. (N, K) in glu_shapes (the
-    feed-forward's gate|up weight) are also timed as GLU calls, whole-K configs only, stored under ":glu".
+    overhead: a decode step is one graph) over weight copies that overflow L2. calls[(N, K)] names how the
+    model calls that weight: "plain" (stored under the key itself), "glu" (the feed-forward's gate|up weight
+    with the SwiGLU, whole-K configs only, stored under ":glu") or "add_norm" (wo and w2 through
+    linear_add_norm, whose split-K epilogue counts its programs and finishes the norm: stored under ":add_norm").
     Run once per GPU model; the kernels never tune at start-up."""
     device = torch.device("cuda", torch.cuda.current_device())
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     if jobs > 1:
-        work = [(f, m, c, False) for f, n, k, m in cases for c in triton_ops.candidates(f, n, k, m, sms)]
-        work += [(f, m, c, True) for f, n, k, m in cases if (n, k) in glu_shapes
-                 for c in triton_ops.candidates(f, n, k, m, sms) if c.split_k == 1]  # fmt: skip
+        work = [(f, m, c, call, k % c.block_k > 0) for f, n, k, m in cases for call in calls[n, k]
+                for c in tune_calls(f, n, k, m, sms, call)]  # fmt: skip
         precompile(work, jobs)
     best = {}
     for fmt, n, k, m in cases:
         copies = weight_copies(fmt, n, k)
         x = torch.randn(m, k, device=device, dtype=triton_ops.act_dtype(fmt))
-        ref = x.double() @ triton_ops.dequantize(fmt, *copies[0]).double().T
         key, size = triton_ops.config_key(fmt, n, k, m), nbytes(copies[0])
-        for glu in (False, True) if (n, k) in glu_shapes else (False,):
-            if glu:
+        for call in calls[n, k]:
+            ref = x.double() @ triton_ops.dequantize(fmt, *copies[0]).double().T
+            fused = None
+            if call == "glu":
                 ref = F.silu(ref[:, : n // 2]) * ref[:, n // 2 :]
+            elif call == "add_norm":
+                fused = add_norm_args(m, n, x.dtype)
+                ref = ref + fused[0].double()
             timed = []
-            for cfg in triton_ops.candidates(fmt, n, k, m, sms):
-                if glu and cfg.split_k > 1:
-                    continue
+            for cfg in tune_calls(fmt, n, k, m, sms, call):
                 try:
-                    err = rel_err(triton_ops.run_with(fmt, x, copies[0], cfg, glu), ref)
+                    err = rel_err(triton_ops.run_with(fmt, x, copies[0], cfg, call == "glu", fused), ref)
                     assert err < BOUND[x.dtype], f"relative error {err:.2e}"
-                    calls = [lambda w=w, cfg=cfg: triton_ops.run_with(fmt, x, w, cfg, glu) for w in copies]
-                    timed.append((graph_time(calls, reps=10, rounds=2), cfg))
+                    assert fused is None or not fused[2].any(), "the scratch was left dirty"
+                    runs = [lambda w=w, c=cfg: triton_ops.run_with(fmt, x, w, c, call == "glu", fused) for w in copies]
+                    timed.append((graph_time(runs, reps=10, rounds=2), cfg))
                 except Exception as e:  # a config this GPU or Triton version cannot build: skip it, and say so
                     print(f"  skip {cfg}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}")
-            name = key + (":glu" if glu else "")
+            name = key + ("" if call == "plain" else ":" + call)
             if not timed:
                 print(f"{name}: no candidate worked; the heuristic stays")
                 continue
             t, best[name] = min(timed, key=lambda t: t[0])
-            if best[name].split_k > 1:  # GLU calls cannot split K: keep the fastest whole-K config for them too
+            if call == "plain" and best[name].split_k > 1:  # GLU calls cannot split K: keep the best whole-K one too
                 whole = [tc for tc in timed if tc[1].split_k == 1]
                 if whole:
                     best[key + ":k1"] = min(whole, key=lambda t: t[0])[1]
-            default = triton_ops.heuristic(fmt, n, k, m, sms)
+            default = triton_ops.plan(fmt, m, n // (2 if call == "glu" else 1), k, device, call == "glu", call == "add_norm")
             t_default = next((t for t, c in timed if c == default), float("nan"))
-            print(f"{name:32s} {t * 1e6:7.1f} us {size / t / 1e9:6.0f} GB/s (heuristic {t_default * 1e6:7.1f} us)  "
+            print(f"{name:32s} {t * 1e6:7.1f} us {size / t / 1e9:6.0f} GB/s (the table's {t_default * 1e6:7.1f} us)  "
                   f"{best[name]}")  # fmt: skip
         del copies
     triton_ops.store_configs(best, device)
@@ -574,6 +597,9 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["7b"], choices=sorted(SHAPES))
     parser.add_argument("--m", nargs="+", type=int, default=[1, 4, 16], help="rows of x to benchmark")
     parser.add_argument("--tune_m", nargs="+", type=int, default=[1, 4, 16], help="rows of x to tune for")
+    parser.add_argument("--calls", nargs="+", choices=["plain", "glu", "add_norm"], default=["plain", "glu", "add_norm"],
+                        help="which calls --tune times: plain matmuls, w13 with the SwiGLU, wo and w2 as "
+                        "linear_add_norm (default: all)")
     parser.add_argument("--attention", action="store_true", help="only the attention benchmark, with a sweep over "
                         "the number of key ranges")
     parser.add_argument("--sample", action="store_true", help="only the sampling kernel: its check and its timing")
@@ -601,8 +627,12 @@ def main() -> None:
         print(f"check passed in {time.time() - t0:.0f} s")
     if args.tune:
         t1 = time.time()
-        cases = [(f, n, k, m) for s in args.shapes for _, n, k in SHAPES[s] for f in formats for m in args.tune_m]
-        tune(cases, args.jobs, {(n, k) for s in args.shapes for name, n, k in SHAPES[s] if name == "w13"})
+        calls = {}  # (N, K) -> how the model calls that weight (wo and w2: linear_add_norm; w13: with the SwiGLU)
+        for name, n, k in (w for s in args.shapes for w in SHAPES[s]):
+            how = {"w13": ("plain", "glu"), "wo": ("plain", "add_norm"), "w2": ("plain", "add_norm")}.get(name, ("plain",))
+            calls[n, k] = tuple(c for c in how if c in args.calls)
+        cases = [(f, n, k, m) for (n, k), how in calls.items() if how for f in formats for m in args.tune_m]
+        tune(cases, args.jobs, calls)
         print(f"tuned {len(cases)} cases in {time.time() - t1:.0f} s -> {triton_ops.CONFIG_FILE}")
     if args.bench or not (args.check or args.tune):
         t1 = time.time()

@@ -926,12 +926,14 @@ def store_configs(configs: dict[str, Config], device: torch.device, path: Path =
     _TABLE.update(table)
 
 
-def get_config(fmt: str, n: int, k: int, m: int, device: torch.device, split: bool = True) -> Config:
+def get_config(fmt: str, n: int, k: int, m: int, device: torch.device, split: bool = True,
+               add_norm: bool = False) -> Config:  # fmt: skip
     # split=False (GLU calls, which cannot split K): prefer the tuner's best GLU config (key + ":glu", timed as
     # GLU calls), else its best whole-K config, stored under key + ":k1" where the fastest overall splits K;
-    # plan() runs whichever entry with split_k = 1
+    # plan() runs whichever entry with split_k = 1. add_norm (linear_add_norm calls): prefer the best config
+    # timed as such calls (key + ":add_norm"), whose split-K epilogue costs more than a plain call's
     key = config_key(fmt, n, k, m)
-    keys = ([] if split else [key + ":glu", key + ":k1"]) + [key]
+    keys = ([] if split else [key + ":glu", key + ":k1"]) + ([key + ":add_norm"] if add_norm else []) + [key]
     mine = _TABLE.get(_device_name(device), {})
     entry = next((mine[c] for c in keys if c in mine), None)
     if entry is None:  # tuned on another GPU model: still a better guess than the heuristic
@@ -946,7 +948,7 @@ def get_config(fmt: str, n: int, k: int, m: int, device: torch.device, split: bo
 def plan(fmt: str, m: int, n: int, k: int, device: torch.device, glu: bool = False, add_norm: bool = False) -> Config:
     # the config a call with m rows, n outputs and k inputs runs with; a GLU call runs the [2n, K] shape's
     # config without split-K (its epilogue needs whole sums)
-    cfg = get_config(fmt, 2 * n if glu else n, k, m, device, split=not glu)
+    cfg = get_config(fmt, 2 * n if glu else n, k, m, device, split=not glu, add_norm=add_norm)
     if add_norm and cfg.block_n < NORM_SLOT:  # add_norm writes a sum of squares per NORM_SLOT outputs
         # the same tile area, as valid as the tuned one
         block_k = max(cfg.block_k * cfg.block_n // NORM_SLOT, _group(fmt))
@@ -1555,8 +1557,12 @@ def call(fmt: str, x: Tensor, *weights, glu: bool = False) -> Tensor:
     return y.to(x.dtype)
 
 
-def run_with(fmt: str, x: Tensor, weights: tuple, cfg: Config, glu: bool = False) -> Tensor:
-    # the kernel with an explicit config, outside the custom op: for tuning and for tests of every code path
+def run_with(fmt: str, x: Tensor, weights: tuple, cfg: Config, glu: bool = False,
+             add_norm: tuple[Tensor, Tensor, Tensor | None] | None = None) -> Tensor:  # fmt: skip
+    # the kernel with an explicit config, outside the custom op: for tuning and for tests of every code path.
+    # add_norm (residual, norm weight, scratch): linear_add_norm's call, returning only h = x @ W^T + residual
+    if add_norm:
+        return _dispatch(fmt, x, weights, glu, cfg, add_norm=add_norm)[0]
     return _dispatch(fmt, x, weights, glu, cfg).to(x.dtype)
 
 

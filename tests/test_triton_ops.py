@@ -258,6 +258,13 @@ def test_tuned_table_overrides_the_heuristic(monkeypatch):
     triton_ops._TABLE[triton_ops._device_name(device)][key + ":k1"] = json.loads(json.dumps(whole.__dict__))
     assert triton_ops.plan("int8", 1, 2048, 4096, device, glu=True) == whole
     assert triton_ops.get_config("int8", 4096, 4096, 1, device) == tuned  # calls that may split keep theirs
+    # linear_add_norm calls take the config tuned as such calls where there is one, and only they do
+    assert triton_ops.plan("int8", 1, 4096, 4096, device, add_norm=True) == tuned
+    fused = triton_ops.Config(block_n=8, block_k=512, num_warps=4)
+    triton_ops._TABLE[triton_ops._device_name(device)][key + ":add_norm"] = json.loads(json.dumps(fused.__dict__))
+    assert triton_ops.plan("int8", 1, 4096, 4096, device, add_norm=True) == fused
+    assert triton_ops.plan("int8", 1, 4096, 4096, device) == tuned
+    assert triton_ops.plan("int8", 1, 2048, 4096, device, glu=True) == whole
 
 
 def test_heuristic_tiles_every_shape():
@@ -330,6 +337,19 @@ def test_add_norm_outputs_and_its_plan(monkeypatch):
     assert_close(ss, h.view(2, -1, triton_ops.NORM_SLOT).pow(2).sum(-1))
     monkeypatch.setattr(triton_ops, "get_config", lambda *a, **kw: triton_ops.Config(4, 256, split_k=2))
     assert triton_ops.plan("int8", 1, 256, 512, x.device, add_norm=True) == triton_ops.Config(8, 128, split_k=2)
+
+
+def test_the_tuner_times_add_norm_calls_with_an_explicit_config():
+    # bench_kernels.py --tune times wo and w2 as linear_add_norm calls through run_with: h = x @ W^T + residual
+    # with the config it is given (here split K, into the caller's scratch, which it leaves zeroed)
+    x, (w, scale), ref = case("int8", 1, 256, 512, torch.float32)
+    residual, g = torch.randn(1, 256), torch.rand(256) + 0.5
+    scratch = torch.zeros(triton_ops.scratch_numel(1, 256), dtype=torch.int32)
+    cfg = triton_ops.Config(8, 128, split_k=2)
+    h = triton_ops.run_with("int8", x, (w, scale), cfg, add_norm=(residual, g, scratch))
+    assert h.shape == (1, 256) and rel_err(h, ref + residual.double()) < BOUND[torch.float32]
+    assert not scratch.any()
+    assert rel_err(h, triton_ops.linear_add_norm("int8", x, w, scale, residual, g)[0].double()) < 1e-6
 
 
 @pytest.mark.parametrize("fmt", ["bfloat16", "int8", "int4g32"])
