@@ -315,7 +315,8 @@ def _compile(work: list[tuple[str, int, triton_ops.Config, str, bool]]) -> int:
     # one (dtypes, M == 1 or not, the call: "plain", "glu" or "add_norm", ints divisible by 16), which leaves
     # the binary in Triton's disk cache
     for fmt, m, cfg, call, tail in work:  # tail: the real K ends in a part-tile (_launch's TAIL)
-        n, k = max(cfg.block_n, 128) * (2 if call == "glu" else 1), cfg.block_k * cfg.split_k + (128 if tail else 0)
+        past = max(128, triton_ops._group(fmt)) if tail else 0  # a part-tile of whole int4 groups
+        n, k = max(cfg.block_n, 128) * (2 if call == "glu" else 1), cfg.block_k * cfg.split_k + past
         x = torch.randn(m, k, device="cuda", dtype=triton_ops.act_dtype(fmt))
         fused = add_norm_args(m, n, x.dtype) if call == "add_norm" else None
         triton_ops.run_with(fmt, x, make_weights(fmt, n, k, "cuda"), cfg, call == "glu", fused)
@@ -369,9 +370,9 @@ def tune(cases: list[tuple[str, int, int, int]], jobs: int, calls: dict[tuple[in
         copies = weight_copies(fmt, n, k)
         x = torch.randn(m, k, device=device, dtype=triton_ops.act_dtype(fmt))
         key, size = triton_ops.config_key(fmt, n, k, m), nbytes(copies[0])
+        product = x.double() @ triton_ops.dequantize(fmt, *copies[0]).double().T
         for call in calls[n, k]:
-            ref = x.double() @ triton_ops.dequantize(fmt, *copies[0]).double().T
-            fused = None
+            ref, fused = product, None
             if call == "glu":
                 ref = F.silu(ref[:, : n // 2]) * ref[:, n // 2 :]
             elif call == "add_norm":
