@@ -118,6 +118,8 @@ def check(formats: list[str], trials: int) -> None:
     paths = {  # the code paths, forced, on top of the configured one
         "gemv": lambda: triton_ops.Config(32, 256),
         "gemv_split": lambda: triton_ops.Config(16, 256, split_k=3),
+        "gemv_stages": lambda: triton_ops.Config(16, 256, stages=3),  # tiles in flight through shared memory
+        "gemv_split_stages": lambda: triton_ops.Config(8, 256, split_k=2, stages=4),
         "dot_m1": lambda: triton_ops.Config(32, 256, dot=True),
     }
     worst = {}

@@ -246,14 +246,15 @@ def _linear_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
     ADD_NORM: tl.constexpr = False, NORM_IN: tl.constexpr = False, PARTS_IN: tl.constexpr = 1,
-    TAIL: tl.constexpr = False, PRELOAD: tl.constexpr = False,
+    TAIL: tl.constexpr = False, PRELOAD: tl.constexpr = False, STAGES: tl.constexpr = 1,
 ):  # fmt: skip
     # x: [M, K], w: [N, K] (float, int8 or fp8), s: [N] per-output-channel scale, y: [M, N]
     # GLU: w is [2N, K], gate rows then up rows, and y = silu(x @ gate^T) * (x @ up^T) (no split-K)
     # grid: (N / BLOCK_N, split-K, cdiv(M, BLOCK_M)); this program: BLOCK_N outputs over inputs
     # [pid_k * k_len, (pid_k + 1) * k_len) cut at K; k_len is a multiple of BLOCK_K. TAIL (M = 1 on CUDA
     # cores only): BLOCK_K does not divide K, so the last tile's loads are masked (zeros add nothing);
-    # otherwise no masks along K
+    # otherwise no masks along K. STAGES (M = 1 on CUDA cores): the loop after the first tile keeps STAGES - 1
+    # tiles of weights (and x) in flight through cp.async into shared memory, which holds them without registers
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -289,7 +290,7 @@ def _linear_kernel(
             if GLU:
                 acc_up = _int8_gemv_step(acc_up, q0_up, x0, x1, x2, x3)
             k_first = BLOCK_K
-        for k in range(k_first, k_end, BLOCK_K):
+        for k in tl.range(k_first, k_end, BLOCK_K, num_stages=STAGES):
             ok = _in_k(tl.arange(0, BLOCK_K // 4)[None, :], (k_end - k) // 4, TAIL)
             x0, x1, x2, x3 = _x_lanes(tl.load(x_ptrs + k // 4, mask=ok, other=0), X_BF16)
             acc = _int8_gemv_step(acc, tl.load(q_ptrs + k // 4, mask=ok, other=0), x0, x1, x2, x3)
@@ -320,7 +321,7 @@ def _linear_kernel(
             if GLU:
                 acc_up += tl.where(ok, _int8_to_f32(w0_up) if W_INT8 else w0_up.to(tl.float32), 0.0) * xk
             k_first = BLOCK_K
-        for k in range(k_first, k_end, BLOCK_K):
+        for k in tl.range(k_first, k_end, BLOCK_K, num_stages=STAGES):
             ok = _in_k(tl.arange(0, BLOCK_K)[None, :], k_end - k, TAIL)
             xk = tl.load(x_ptrs + k, mask=ok, other=0.0).to(tl.float32)
             w = tl.load(w_ptrs + k, mask=ok)  # (no other=: fp8 has no literal zero; masked weights are zeroed)
@@ -413,7 +414,7 @@ def _int4_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
     ADD_NORM: tl.constexpr = False, NORM_IN: tl.constexpr = False, PARTS_IN: tl.constexpr = 1,
-    TAIL: tl.constexpr = False, PRELOAD: tl.constexpr = False,
+    TAIL: tl.constexpr = False, PRELOAD: tl.constexpr = False, STAGES: tl.constexpr = 1,
 ):  # fmt: skip
     # x: [M, K]; w: [N, K/8] int32 from pack_int4; sz: [N, K/GROUP, 2] (scale, zero); KW = K / 8 and
     # KW_LEN = k_len / 8 are passed as arguments so Triton sees they are multiples of 16 (16-byte word loads)
@@ -422,7 +423,8 @@ def _int4_kernel(
     # 1 + q/256 for even i, so W = 16 * scale * f + (zero - 24 * scale), or 256 * scale * f + (zero - 264 * scale);
     # M = 1 multiplies the nibbles as denormal floats instead (_int4_gemv_step).
     # GLU: w, sz hold 2N rows (gate, then up) and y = silu(x @ gate^T) * (x @ up^T), as in _linear_kernel.
-    # TAIL (M = 1 only): the last tile runs past K, its loads masked by group, as in _linear_kernel.
+    # TAIL (M = 1 only): the last tile runs past K, its loads masked by group, as in _linear_kernel. STAGES (M = 1):
+    # tiles kept in flight through shared memory, as in _linear_kernel.
     G: tl.constexpr = BLOCK_K // GROUP  # groups per tile
     WG: tl.constexpr = GROUP // 8  # words per group
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -467,7 +469,7 @@ def _int4_kernel(
                 q0_up, sz0_up = tl.reshape(q0_up, [BLOCK_N, G, WG]), tl.reshape(sz0_up, [BLOCK_N, G, 2])
                 acc_up += _int4_gemv_step(q0_up, sz0_up, x_ptrs, x_ok, WG)
             k_first = BLOCK_K
-        for k in range(k_first, k_end, BLOCK_K):
+        for k in tl.range(k_first, k_end, BLOCK_K, num_stages=STAGES):
             groups = (k_end - k) // GROUP  # left in the range: whole groups (K is a multiple of GROUP)
             q_ok = _in_k(tl.arange(0, G * WG)[None, :] // WG, groups, TAIL)
             s_ok = _in_k(tl.arange(0, 2 * G)[None, :] // 2, groups, TAIL)
@@ -790,6 +792,7 @@ class Config:
     num_warps: int = 4
     num_stages: int = 2
     dot: bool = False  # M == 1 only: use the tensor-core path too (M > 1 always does)
+    stages: int = 1  # M == 1 on CUDA cores: weight tiles in flight through cp.async and shared memory (1: none)
 
 
 def m_bucket(m: int) -> int:
@@ -820,7 +823,8 @@ def valid(cfg: Config, fmt: str, n: int, k: int) -> bool:
     group = _group(fmt)
     tiles_k = _cdiv(k, cfg.block_k)
     whole_k = k % cfg.block_k == 0 or not cfg.dot
-    return n % cfg.block_n == 0 and whole_k and k % group == 0 and cfg.block_k % group == 0 and cfg.split_k <= tiles_k
+    return (n % cfg.block_n == 0 and whole_k and k % group == 0 and cfg.block_k % group == 0 and cfg.split_k <= tiles_k
+            and (cfg.stages == 1 or not cfg.dot))
 
 
 _TABLE: dict[str, dict[str, dict]] = {}  # {gpu name: {config_key: Config fields}}, from store_configs
@@ -879,7 +883,9 @@ def candidates(fmt: str, n: int, k: int, m: int, sms: int = 132) -> list[Config]
     """The configs bench_kernels.py --tune tries: weight tiles of 4-16 KB per loop step (int4 on CUDA cores
     2-32 KB, as wide as BLOCK_K = 4096 and as short as 2 rows: see _int4_kernel), shaped from wide (BLOCK_K up to
     1024) to tall (BLOCK_N up to 128; on CUDA cores a K like 11008 = 2^8 * 43 ends in a masked tile), 2-8 warps (_warps),
-    split-K 1-8 (while that leaves < 8 programs per SM); for M == 1 also the tensor-core path."""
+    split-K 1-8 (while that leaves < 8 programs per SM); for M == 1 also the tensor-core path, and CUDA-core tiles
+    with 2-4 stages in flight (Config.stages) where the loop after the first tile has more steps than stages and
+    the stages hold at most 32 KB."""
     bits, out = _bits(fmt), []
     for dot in (False, True) if m == 1 else (True,):
         int4_cores = bits == 4 and not dot
@@ -890,10 +896,15 @@ def candidates(fmt: str, n: int, k: int, m: int, sms: int = 132) -> list[Config]
                 if not (16 if dot else 2 if int4_cores else 8) <= block_n <= (64 if dot else 128):
                     continue
                 for split_k in (1, 2, 4, 8):
+                    # tiles after the first (loaded before the PDL wait) along this split of K
+                    loop = _cdiv(_cdiv(k, block_k), split_k) - 1
                     for warps in _warps(tile_bytes, bits, dot):
-                        cfg = Config(block_n, block_k, split_k, warps, 3 if dot else 2, dot)
-                        if valid(cfg, fmt, n, k) and (split_k == 1 or (n // block_n) * split_k // 2 < 4 * sms):
-                            out.append(cfg)
+                        for stages in (1,) if dot or m > 1 else (1, 2, 3, 4):
+                            cfg = Config(block_n, block_k, split_k, warps, 3 if dot else 2, dot, stages)
+                            if stages > 1 and (loop < stages or tile_bytes * stages > 32768):
+                                continue
+                            if valid(cfg, fmt, n, k) and (split_k == 1 or (n // block_n) * split_k // 2 < 4 * sms):
+                                out.append(cfg)
     return out
 
 
@@ -903,7 +914,8 @@ def heuristic(fmt: str, n: int, k: int, m: int, sms: int = 132) -> Config:
     2 warps and BLOCK_K up to 2048, so every thread holds one group of 8 rows (what the H200 tuning chose)."""
     dot = m > 1
     int4_cores = _bits(fmt) == 4 and not dot
-    cands = [c for c in candidates(fmt, n, k, m, sms) if c.dot == dot and c.num_warps == (2 if int4_cores else 4)]
+    cands = [c for c in candidates(fmt, n, k, m, sms)
+             if c.dot == dot and c.num_warps == (2 if int4_cores else 4) and c.stages == 1]
     if not cands:  # tiny or odd shapes: the smallest tile that always fits (N, K multiples of 128)
         return Config(16, max(128, _group(fmt)), 1, 4, 3 if dot else 2, dot)
     def score(c: Config) -> tuple:
@@ -939,7 +951,7 @@ def get_config(fmt: str, n: int, k: int, m: int, device: torch.device, split: bo
     if entry is None:  # tuned on another GPU model: still a better guess than the heuristic
         entry = next((t[c] for c in keys for t in _TABLE.values() if c in t), None)
     cfg = Config(**entry) if entry is not None else heuristic(fmt, n, k, m, _sm_count(device))
-    return cfg if m == 1 else replace(cfg, dot=True)
+    return cfg if m == 1 else replace(cfg, dot=True, stages=1)  # several rows: the tensor-core loop
 
 
 # ----------------------------------------------------------------------------- launching
@@ -1045,7 +1057,7 @@ def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | N
         DOT_F32=x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **fused, **constexprs, **_pdl_args(x.device),
-        **({"PRELOAD": True} if preloads(x.device) else {}),
+        **({"PRELOAD": True} if preloads(x.device) else {}), **({"STAGES": cfg.stages} if block_m == 1 else {}),
     )  # fmt: skip
     shape = x.shape[:-1]
     if add_norm:

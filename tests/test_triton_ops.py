@@ -4,6 +4,7 @@ Without a GPU, triton_ops.py builds its kernels for Triton's interpreter (numpy)
 kernel code on the CPU; shapes stay small. bench_kernels.py --check repeats the comparison on a GPU.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -110,6 +111,29 @@ def test_matrix_vector_tiles_may_run_past_k(fmt):
     with pytest.raises(AssertionError, match="runs past K"):  # rows > 1 take the tensor-core loop, unmasked
         triton_ops.run_with(fmt, x.expand(2, -1), weights, triton_ops.Config(block_n=16, block_k=512))
     assert any(1408 % c.block_k for c in triton_ops.candidates(fmt, 256, 1408, 1))
+
+
+@pytest.mark.parametrize("fmt", ["bfloat16", "int8", "fp8", "int4g32"])
+def test_one_row_tiles_in_flight_through_shared_memory(fmt):
+    # Config.stages > 1: the M = 1 loop keeps tiles in flight (cp.async on the GPU; the interpreter runs the
+    # loop as written): the same sums as with stages = 1, over several tiles, a masked tail (K = 1408), split K
+    # and GLU. The tuner offers stages only to one-row CUDA-core tiles with a loop long enough to fill them,
+    # and a several-row call of a config with stages takes the tensor-core loop without them.
+    x, weights, ref = case(fmt, 1, 256, 1408, torch.bfloat16)
+    glu_ref = triton_ops.glu_reference(fmt, x, *weights)
+    for block_k, split_k in ((256, 1), (256, 2)):
+        plain = triton_ops.Config(block_n=8, block_k=block_k, split_k=split_k)
+        piped = triton_ops.Config(block_n=8, block_k=block_k, split_k=split_k, stages=3)
+        assert triton_ops.valid(piped, fmt, 256, 1408) and 1408 % block_k
+        y = triton_ops.run_with(fmt, x, weights, piped)
+        assert rel_err(y, ref) < BOUND[torch.bfloat16] and torch.equal(y, triton_ops.run_with(fmt, x, weights, plain))
+        if split_k == 1:
+            assert rel_err(triton_ops.run_with(fmt, x, weights, piped, glu=True), glu_ref) < BOUND[torch.bfloat16]
+    assert not triton_ops.valid(triton_ops.Config(block_n=16, block_k=128, dot=True, stages=3), fmt, 256, 1408)
+    cands = triton_ops.candidates(fmt, 4096, 4096, 1)
+    assert any(c.stages > 1 for c in cands) and all(not c.dot for c in cands if c.stages > 1)
+    assert all(math.ceil(4096 / c.block_k / c.split_k) > c.stages for c in cands if c.stages > 1)
+    assert all(c.stages == 1 for c in triton_ops.candidates(fmt, 4096, 4096, 16))
 
 
 @pytest.mark.parametrize("fmt", ["bfloat16", "int8", "fp8", "int4g32"])
@@ -667,6 +691,8 @@ def build(fn, sig, consts, num_warps=4):
     # pointers and the K-sized ints are 16-divisible, as the JIT would specialise them at a real launch
     if "PRELOAD" in fn.arg_names:  # a constexpr with a default must still be given here (triton 3.9)
         consts = {"PRELOAD": False, **consts}
+    if "STAGES" in fn.arg_names:
+        consts = {"STAGES": 1, **consts}
     attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(sig.items())
              if t[0] == "*" or name not in ("M", "n_in", "eps")}
     src = ASTSource(fn=fn, signature={**sig, **{c: "constexpr" for c in consts}}, constexprs=consts, attrs=attrs)
@@ -740,6 +766,16 @@ ptx = build(triton_ops._linear_kernel, sig8, dict(HAS_SCALE=True, W_INT8=True, X
                                                PREFETCH=0, ADD_NORM=False, NORM_IN=False, PARTS_IN=1, TAIL=False,
                                                PRELOAD=True)).asm["ptx"]
 assert "ld.global" in ptx[: ptx.index("griddepcontrol.wait")], "int8: no weight load before the wait"
+# STAGES (one row): the loop's weight tiles are copied ahead into shared memory (cp.async), in each M = 1 loop;
+# with STAGES = 1 none are
+for fn, s, w in ((triton_ops._int4_kernel, sig, dict(GROUP=32)), (triton_ops._linear_kernel, sig8, dict(
+        HAS_SCALE=True, W_INT8=True, X16=True, X_BF16=True)), (triton_ops._linear_kernel, sig8, dict(
+        HAS_SCALE=True, W_INT8=True, X16=False, X_BF16=True))):  # fmt: skip
+    for stages in (1, 3):
+        ptx = build(fn, s, dict(**w, GLU=True, ATOMIC=False, DOT_F32=False, BLOCK_M=1, BLOCK_N=8, BLOCK_K=512, PDL=True,
+                                PREFETCH=0, ADD_NORM=False, NORM_IN=False, PARTS_IN=1, TAIL=False, PRELOAD=True,
+                                STAGES=stages)).asm["ptx"]  # fmt: skip
+        assert ("cp.async.cg" in ptx or "cp.async.ca" in ptx) == (stages > 1), (fn.__name__, w, stages)
 strides = {f"s{t}_{d}": "i32" for t, dims in (("q", "bhs"), ("k", "bht"), ("v", "bht"), ("m", "bs")) for d in dims}
 # one pass (7B heads), split ranges with grouped query heads (8B); each also with rotary and the cache write
 stores = {}
