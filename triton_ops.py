@@ -884,8 +884,8 @@ def candidates(fmt: str, n: int, k: int, m: int, sms: int = 132) -> list[Config]
     2-32 KB, as wide as BLOCK_K = 4096 and as short as 2 rows: see _int4_kernel), shaped from wide (BLOCK_K up to
     1024) to tall (BLOCK_N up to 128; on CUDA cores a K like 11008 = 2^8 * 43 ends in a masked tile), 2-8 warps (_warps),
     split-K 1-8 (while that leaves < 8 programs per SM); for M == 1 also the tensor-core path, and CUDA-core tiles
-    with 2-4 stages in flight (Config.stages) where the loop after the first tile has more steps than stages and
-    the stages hold at most 32 KB."""
+    with 2-4 stages in flight (Config.stages) where the loop after the first tile has at least as many steps as
+    stages and the stages hold at most 32 KB."""
     bits, out = _bits(fmt), []
     for dot in (False, True) if m == 1 else (True,):
         int4_cores = bits == 4 and not dot
