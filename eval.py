@@ -461,6 +461,7 @@ def main(argv=None) -> None:
         if tp.rank() == 0:
             write_json(args.output_path, out)
             print(f"wrote {args.output_path}", file=sys.stderr)
+    tp.teardown()  # torchrun: every rank, before the interpreter shuts down (see tp.teardown)
 
 
 if __name__ == "__main__":

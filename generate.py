@@ -550,6 +550,7 @@ def main(argv=None) -> None:
             model.setup_caches(max_batch_size=1, max_seq_length=min(block, 4096))
         setup_compile(args.compile, args.compile_prefill)
         chat(model, tokenizer, args, sampling)
+        tp.teardown()
         return
 
     if args.prompt_file is not None:
@@ -609,6 +610,7 @@ def main(argv=None) -> None:
               file=sys.stderr)  # fmt: skip
         if args.speculate:
             print(speculative.acceptance_line(stats, k), file=sys.stderr)
+    tp.teardown()  # torchrun: every rank, before the interpreter shuts down (see tp.teardown)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,11 @@ def maybe_init_dist(device_type: str, timeout_s: int = 300) -> int | None:
     local_rank = int(os.environ["LOCAL_RANK"])
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
+    # before the group exists: dynamo (which the first functional all-reduce imports anyway) loads
+    # torch.distributed.nn.functional, whose default arguments would hold group.WORLD if loaded after it,
+    # and then destroy_process_group (teardown) could neither free the group nor join its worker threads
+    import torch._dynamo  # noqa: F401
+
     backend = "nccl" if device_type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     _WORLD, _RANK, _TIMEOUT_S = dist.get_world_size(), dist.get_rank(), timeout_s
@@ -50,13 +55,24 @@ def maybe_init_dist(device_type: str, timeout_s: int = 300) -> int | None:
 def setup(device: str) -> str:
     """For a script's main(): under torchrun join the process group, silence every rank but rank 0 (each
     script's __main__ restores stderr on a crash) and return this rank's device (cuda:LOCAL_RANK); else
-    return device unchanged."""
+    return device unchanged. main() ends with teardown()."""
     local_rank = maybe_init_dist(torch.device(device).type)
     if local_rank is None:
         return device
     if _RANK != 0:
         sys.stdout = sys.stderr = open(os.devnull, "w")
     return f"cuda:{local_rank}" if device.startswith("cuda") else device
+
+
+def teardown() -> None:
+    """For the end of a script's main(), on every rank (not on errors: a rank that crashed never meets the
+    others): wait for the others, then destroy the process group, which joins gloo's worker threads. A worker
+    still dropping its last all-reduce when the interpreter shuts down must take the GIL to free the output
+    tensor's Python object; Python ends the thread there, inside a C++ destructor, so std::terminate aborts
+    the rank ("terminate called without an active exception") and torchrun fails after the run succeeded."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def check_shardable(config, world: int) -> None:

@@ -38,6 +38,7 @@ def probe_all(out: Path, named_checkpoints: list[str]) -> None:
         results[name] = probe(load_model(Path(checkpoint), "cpu", torch.float32))
     if tp.rank() == 0:
         torch.save(results, out)
+    tp.teardown()
 
 
 def stall(checkpoint: Path) -> None:
