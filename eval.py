@@ -461,12 +461,12 @@ def main(argv=None) -> None:
         if tp.rank() == 0:
             write_json(args.output_path, out)
             print(f"wrote {args.output_path}", file=sys.stderr)
-    tp.teardown()  # torchrun: every rank, before the interpreter shuts down (see tp.teardown)
 
 
 if __name__ == "__main__":
     try:
         main()
+        tp.teardown()  # torchrun: every rank, after a run that ended well (see tp.teardown)
     except (gen.UserError, ValueError, FileNotFoundError, KeyError) as e:  # every rank: the same bad input
         print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
         sys.exit(1)

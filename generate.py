@@ -550,7 +550,6 @@ def main(argv=None) -> None:
             model.setup_caches(max_batch_size=1, max_seq_length=min(block, 4096))
         setup_compile(args.compile, args.compile_prefill)
         chat(model, tokenizer, args, sampling)
-        tp.teardown()
         return
 
     if args.prompt_file is not None:
@@ -610,13 +609,13 @@ def main(argv=None) -> None:
               file=sys.stderr)  # fmt: skip
         if args.speculate:
             print(speculative.acceptance_line(stats, k), file=sys.stderr)
-    tp.teardown()  # torchrun: every rank, before the interpreter shuts down (see tp.teardown)
 
 
 if __name__ == "__main__":
     sys.modules["generate"] = sys.modules["__main__"]  # one module: speculative.py and quantize.py import it by name
     try:
         main()
+        tp.teardown()  # torchrun: every rank, after a run that ended well (see tp.teardown)
     except (UserError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -55,7 +55,7 @@ def maybe_init_dist(device_type: str, timeout_s: int = 300) -> int | None:
 def setup(device: str) -> str:
     """For a script's main(): under torchrun join the process group, silence every rank but rank 0 (each
     script's __main__ restores stderr on a crash) and return this rank's device (cuda:LOCAL_RANK); else
-    return device unchanged. main() ends with teardown()."""
+    return device unchanged. The script's __main__ calls teardown() after main() returns."""
     local_rank = maybe_init_dist(torch.device(device).type)
     if local_rank is None:
         return device
@@ -65,11 +65,12 @@ def setup(device: str) -> str:
 
 
 def teardown() -> None:
-    """For the end of a script's main(), on every rank (not on errors: a rank that crashed never meets the
-    others): wait for the others, then destroy the process group, which joins gloo's worker threads. A worker
-    still dropping its last all-reduce when the interpreter shuts down must take the GIL to free the output
-    tensor's Python object; Python ends the thread there, inside a C++ destructor, so std::terminate aborts
-    the rank ("terminate called without an active exception") and torchrun fails after the run succeeded."""
+    """For a script's __main__ once main() has returned, on every rank (not on errors: a rank that crashed
+    never meets the others): wait for the others, then destroy the process group, which joins gloo's worker
+    threads. A worker still dropping its last all-reduce when the interpreter shuts down must take the GIL to
+    free the output tensor's Python object; Python ends the thread there, inside a C++ destructor, so
+    std::terminate aborts the rank ("terminate called without an active exception") and torchrun fails after
+    the run succeeded."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
