@@ -347,7 +347,7 @@ def weight_copies(fmt: str, n: int, k: int, seed: int = 0) -> list[tuple]:
 
 def tune_calls(fmt: str, n: int, k: int, m: int, sms: int, call: str) -> list[triton_ops.Config]:
     # the candidates a call can run: GLU calls cannot split K, add_norm ones need whole NORM_SLOTs per program
-    cands = triton_ops.candidates(fmt, n, k, m, sms)
+    cands = triton_ops.candidates(fmt, n, k, m, sms, tma=torch.cuda.get_device_capability()[0] >= 9)
     if call == "glu":
         return [c for c in cands if c.split_k == 1]
     return [c for c in cands if c.block_n % triton_ops.NORM_SLOT == 0] if call == "add_norm" else cands

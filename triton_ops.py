@@ -63,6 +63,7 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_M = 16  # rows up to which the kernels beat the prefill paths; also the tensor-core tile height
@@ -246,7 +247,8 @@ def _linear_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
     ADD_NORM: tl.constexpr = False, NORM_IN: tl.constexpr = False, PARTS_IN: tl.constexpr = 1,
-    TAIL: tl.constexpr = False, PRELOAD: tl.constexpr = False, STAGES: tl.constexpr = 1,
+    TAIL: tl.constexpr = False, PRELOAD: tl.constexpr = False, STAGES: tl.constexpr = 1, w_desc=None,
+    TMA: tl.constexpr = False,
 ):  # fmt: skip
     # x: [M, K], w: [N, K] (float, int8 or fp8), s: [N] per-output-channel scale, y: [M, N]
     # GLU: w is [2N, K], gate rows then up rows, and y = silu(x @ gate^T) * (x @ up^T) (no split-K)
@@ -254,7 +256,9 @@ def _linear_kernel(
     # [pid_k * k_len, (pid_k + 1) * k_len) cut at K; k_len is a multiple of BLOCK_K. TAIL (M = 1 on CUDA
     # cores only): BLOCK_K does not divide K, so the last tile's loads are masked (zeros add nothing);
     # otherwise no masks along K. STAGES (M = 1 on CUDA cores): the loop after the first tile keeps STAGES - 1
-    # tiles of weights (and x) in flight through cp.async into shared memory, which holds them without registers
+    # tiles of weights (and x) in flight through cp.async into shared memory, which holds them without registers.
+    # TMA (M = 1, float weights, sm_90): the weight tiles come through w_desc, a tensor descriptor of w
+    # [rows, K] with block [BLOCK_N, BLOCK_K]: one bulk copy per tile into shared memory, STAGES - 1 in flight
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -301,6 +305,32 @@ def _linear_kernel(
         x_sum = tl.sum(xs, axis=1)[None, :]
         out = tl.sum(acc, axis=1)[None, :] * 2.0 ** (149 - X_EXP) - 128.0 * x_sum
         out_up = tl.sum(acc_up, axis=1)[None, :] * 2.0 ** (149 - X_EXP) - 128.0 * x_sum
+    elif BLOCK_M == 1 and TMA:
+        # as below, the weights through the copy engine: no address arithmetic per thread, and the tiles in
+        # flight wait in shared memory. Rows past K read as zeros (the descriptor's bounds); x is masked
+        n0, k0 = pid_n * BLOCK_N, pid_k * k_len
+        rk1 = tl.arange(0, BLOCK_K)
+        x_row = x_ptr + pid_m * K + k0
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        k_first = 0
+        if PRELOAD:  # the first tile's weights before the wait (see _int4_kernel)
+            w0 = w_desc.load([n0, k0])
+            w0_up = w0
+            if GLU:
+                w0_up = w_desc.load([N + n0, k0])
+            _pdl_wait(PDL)
+            xk = tl.load(x_row + rk1, mask=rk1 < k_end, other=0.0).to(tl.float32)[None, :]
+            acc += w0.to(tl.float32) * xk
+            if GLU:
+                acc_up += w0_up.to(tl.float32) * xk
+            k_first = BLOCK_K
+        for k in tl.range(k_first, k_end, BLOCK_K, num_stages=STAGES):
+            xk = tl.load(x_row + k + rk1, mask=k + rk1 < k_end, other=0.0).to(tl.float32)[None, :]
+            acc += w_desc.load([n0, k0 + k]).to(tl.float32) * xk
+            if GLU:
+                acc_up += w_desc.load([N + n0, k0 + k]).to(tl.float32) * xk
+        out, out_up = tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :]  # [1, BLOCK_N]
     elif BLOCK_M == 1:
         # matrix-vector on CUDA cores: accumulate elementwise, reduce over K once at the end
         # x pointers broadcast over the rows: x is loaded in the weights' own layout (no shared-memory
@@ -793,6 +823,7 @@ class Config:
     num_stages: int = 2
     dot: bool = False  # M == 1 only: use the tensor-core path too (M > 1 always does)
     stages: int = 1  # M == 1 on CUDA cores: weight tiles in flight through cp.async and shared memory (1: none)
+    tma: bool = False  # M == 1, float weights (bf16, fp16, fp8), sm_90: weight tiles through tensor descriptors
 
 
 def m_bucket(m: int) -> int:
@@ -824,7 +855,14 @@ def valid(cfg: Config, fmt: str, n: int, k: int) -> bool:
     tiles_k = _cdiv(k, cfg.block_k)
     whole_k = k % cfg.block_k == 0 or not cfg.dot
     return (n % cfg.block_n == 0 and whole_k and k % group == 0 and cfg.block_k % group == 0 and cfg.split_k <= tiles_k
-            and (cfg.stages == 1 or not cfg.dot))
+            and (cfg.stages == 1 or not cfg.dot) and (not cfg.tma or tma_ok(cfg, fmt, k)))
+
+
+def tma_ok(cfg: Config, fmt: str, k: int) -> bool:
+    # a tensor descriptor's block: at most 256 elements a side, rows 16-byte aligned; float weights of 8 or 16
+    # bits on CUDA cores only (int8's one-row loop reads int32 words, int4 has its own kernel)
+    return (fmt in ("bfloat16", "float16", "fp8") and not cfg.dot and cfg.block_k <= 256 and cfg.block_n <= 256
+            and k * _bits(fmt) % 128 == 0)
 
 
 _TABLE: dict[str, dict[str, dict]] = {}  # {gpu name: {config_key: Config fields}}, from store_configs
@@ -879,13 +917,14 @@ def _warps(tile_bytes: int, bits: int, dot: bool) -> tuple[int, ...]:
     return (4, 8) if tile_bytes > 8192 else (4,)
 
 
-def candidates(fmt: str, n: int, k: int, m: int, sms: int = 132) -> list[Config]:
+def candidates(fmt: str, n: int, k: int, m: int, sms: int = 132, tma: bool = True) -> list[Config]:
     """The configs bench_kernels.py --tune tries: weight tiles of 4-16 KB per loop step (int4 on CUDA cores
     2-32 KB, as wide as BLOCK_K = 4096 and as short as 2 rows: see _int4_kernel), shaped from wide (BLOCK_K up to
     1024) to tall (BLOCK_N up to 128; on CUDA cores a K like 11008 = 2^8 * 43 ends in a masked tile), 2-8 warps (_warps),
     split-K 1-8 (while that leaves < 8 programs per SM); for M == 1 also the tensor-core path, and CUDA-core tiles
     with 2-4 stages in flight (Config.stages) where the loop after the first tile has at least as many steps as
-    stages and the stages hold at most 32 KB."""
+    stages and the stages hold at most 32 KB; for one-row float formats (bf16, fp16, fp8) and tma, also tiles
+    through tensor descriptors (_tma_candidates)."""
     bits, out = _bits(fmt), []
     for dot in (False, True) if m == 1 else (True,):
         int4_cores = bits == 4 and not dot
@@ -905,6 +944,25 @@ def candidates(fmt: str, n: int, k: int, m: int, sms: int = 132) -> list[Config]
                                 continue
                             if valid(cfg, fmt, n, k) and (split_k == 1 or (n // block_n) * split_k // 2 < 4 * sms):
                                 out.append(cfg)
+    if tma and m == 1 and fmt in ("bfloat16", "float16", "fp8"):  # tma: the GPU has the copy engine (sm_90)
+        out += _tma_candidates(fmt, n, k, sms)
+    return out
+
+
+def _tma_candidates(fmt: str, n: int, k: int, sms: int) -> list[Config]:
+    # one-row float tiles through tensor descriptors (Config.tma): 8-32 KB per step (BLOCK_K 128 or 256, the
+    # descriptor's limit), 2-4 steps in flight within 96 KB of shared memory, split-K as above
+    out = []
+    for block_k, tile_bytes in ((bk, tb) for bk in (128, 256) for tb in (8192, 16384, 32768)):
+        block_n = tile_bytes * 8 // (_bits(fmt) * block_k)
+        for split_k in (1, 2, 4, 8):
+            loop = _cdiv(_cdiv(k, block_k), split_k) - 1
+            for warps in (4, 8):
+                for stages in (2, 3, 4):
+                    cfg = Config(block_n, block_k, split_k, warps, 2, False, stages, tma=True)
+                    if (loop >= stages and tile_bytes * stages <= 98304 and valid(cfg, fmt, n, k)
+                            and (split_k == 1 or (n // block_n) * split_k // 2 < 4 * sms)):
+                        out.append(cfg)
     return out
 
 
@@ -951,7 +1009,9 @@ def get_config(fmt: str, n: int, k: int, m: int, device: torch.device, split: bo
     if entry is None:  # tuned on another GPU model: still a better guess than the heuristic
         entry = next((t[c] for c in keys for t in _TABLE.values() if c in t), None)
     cfg = Config(**entry) if entry is not None else heuristic(fmt, n, k, m, _sm_count(device))
-    return cfg if m == 1 else replace(cfg, dot=True, stages=1)  # several rows: the tensor-core loop
+    if cfg.tma and device.type == "cuda" and not INTERPRET and _gpu(device)[2] < 9:
+        cfg = replace(cfg, tma=False, stages=1)  # an entry from an sm_90 GPU on an older one: plain loads
+    return cfg if m == 1 else replace(cfg, dot=True, stages=1, tma=False)  # several rows: the tensor-core loop
 
 
 # ----------------------------------------------------------------------------- launching
@@ -1049,6 +1109,10 @@ def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | N
         constexprs.update(X16=x.element_size() == 2 and w_aligned, X_BF16=x.dtype == torch.bfloat16)
     if x2.data_ptr() % 16:  # the kernels load x in 16-byte vectors (int8 at M = 1: as int64 words)
         x2 = x2.clone()
+    if cfg.tma and block_m == 1:  # weight tiles through a tensor descriptor (see _linear_kernel)
+        w = weights[0]
+        assert w_aligned and w.is_contiguous(), "TMA configs need a contiguous, 16-byte aligned weight"
+        constexprs.update(TMA=True, w_desc=TensorDescriptor(w, list(w.shape), [k, 1], [cfg.block_n, cfg.block_k]))
     prefetch = prefetch_bytes(x.device) if w_aligned else 0
     if prefetch:
         constexprs.update(PREFETCH=prefetch)
