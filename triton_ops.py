@@ -239,6 +239,16 @@ def _int8_gemv_step(acc, q, x0, x1, x2, x3):
 
 
 @triton.jit
+def _w_tile(ptrs, ok, w_desc, row, col, TMA: tl.constexpr):
+    # one weight tile [BLOCK_N, BLOCK_K] of the one-row loop: through the tensor descriptor w_desc at (row, col)
+    # (TMA: columns past K read as zeros), else loaded from ptrs where ok (no other=: fp8 has no literal zero; the
+    # caller zeroes masked weights)
+    if TMA:
+        return w_desc.load([row, col])
+    return tl.load(ptrs, mask=ok)
+
+
+@triton.jit
 def _linear_kernel(
     x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, k_len, KW, KW_LEN, res_ptr, g_ptr, yn_ptr, ss_ptr, ss_in_ptr, n_in, eps,
     acc_ptr, cnt_ptr,
@@ -258,7 +268,8 @@ def _linear_kernel(
     # otherwise no masks along K. STAGES (M = 1 on CUDA cores): the loop after the first tile keeps STAGES - 1
     # tiles of weights (and x) in flight through cp.async into shared memory, which holds them without registers.
     # TMA (M = 1, float weights, sm_90): the weight tiles come through w_desc, a tensor descriptor of w
-    # [rows, K] with block [BLOCK_N, BLOCK_K]: one bulk copy per tile into shared memory, STAGES - 1 in flight
+    # [rows, K] with block [BLOCK_N, BLOCK_K] (_w_tile): one bulk copy per tile into shared memory, issued by the
+    # copy engine with no address arithmetic per thread, STAGES - 1 in flight
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -305,46 +316,25 @@ def _linear_kernel(
         x_sum = tl.sum(xs, axis=1)[None, :]
         out = tl.sum(acc, axis=1)[None, :] * 2.0 ** (149 - X_EXP) - 128.0 * x_sum
         out_up = tl.sum(acc_up, axis=1)[None, :] * 2.0 ** (149 - X_EXP) - 128.0 * x_sum
-    elif BLOCK_M == 1 and TMA:
-        # as below, the weights through the copy engine: no address arithmetic per thread, and the tiles in
-        # flight wait in shared memory. Rows past K read as zeros (the descriptor's bounds); x is masked
-        n0, k0 = pid_n * BLOCK_N, pid_k * k_len
-        rk1 = tl.arange(0, BLOCK_K)
-        x_row = x_ptr + pid_m * K + k0
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        k_first = 0
-        if PRELOAD:  # the first tile's weights before the wait (see _int4_kernel)
-            w0 = w_desc.load([n0, k0])
-            w0_up = w0
-            if GLU:
-                w0_up = w_desc.load([N + n0, k0])
-            _pdl_wait(PDL)
-            xk = tl.load(x_row + rk1, mask=rk1 < k_end, other=0.0).to(tl.float32)[None, :]
-            acc += w0.to(tl.float32) * xk
-            if GLU:
-                acc_up += w0_up.to(tl.float32) * xk
-            k_first = BLOCK_K
-        for k in tl.range(k_first, k_end, BLOCK_K, num_stages=STAGES):
-            xk = tl.load(x_row + k + rk1, mask=k + rk1 < k_end, other=0.0).to(tl.float32)[None, :]
-            acc += w_desc.load([n0, k0 + k]).to(tl.float32) * xk
-            if GLU:
-                acc_up += w_desc.load([N + n0, k0 + k]).to(tl.float32) * xk
-        out, out_up = tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :]  # [1, BLOCK_N]
     elif BLOCK_M == 1:
         # matrix-vector on CUDA cores: accumulate elementwise, reduce over K once at the end
         # x pointers broadcast over the rows: x is loaded in the weights' own layout (no shared-memory
-        # shuffle and barrier per step); the repeated loads hit L1
-        x_ptrs = x_ptr + pid_m * K + rk[None, :] + 0 * rn[:, None]  # [BLOCK_N, BLOCK_K]
+        # shuffle and barrier per step); the repeated loads hit L1. With TMA the weights come from shared memory
+        # in any layout and x stays one row, [1, BLOCK_K]: broadcast over the rows, the loop's stages would hold
+        # a copy of it per row in shared memory
+        x_ptrs = x_ptr + pid_m * K + rk[None, :]
+        if not TMA:
+            x_ptrs = x_ptrs + 0 * rn[:, None]  # [BLOCK_N, BLOCK_K]
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        n0, k0 = pid_n * BLOCK_N, pid_k * k_len  # the tile's origin in w_desc (TMA)
         k_first = 0
         if PRELOAD:  # the first tile's weights before the wait (see _int4_kernel)
             ok = _in_k(tl.arange(0, BLOCK_K)[None, :], k_end, True)
-            w0 = tl.load(w_ptrs, mask=ok)
+            w0 = _w_tile(w_ptrs, ok, w_desc, n0, k0, TMA)
             w0_up = w0
             if GLU:
-                w0_up = tl.load(up_ptrs, mask=ok)
+                w0_up = _w_tile(up_ptrs, ok, w_desc, N + n0, k0, TMA)
             _pdl_wait(PDL)
             xk = tl.load(x_ptrs, mask=ok, other=0.0).to(tl.float32)
             acc += tl.where(ok, _int8_to_f32(w0) if W_INT8 else w0.to(tl.float32), 0.0) * xk
@@ -354,10 +344,10 @@ def _linear_kernel(
         for k in tl.range(k_first, k_end, BLOCK_K, num_stages=STAGES):
             ok = _in_k(tl.arange(0, BLOCK_K)[None, :], k_end - k, TAIL)
             xk = tl.load(x_ptrs + k, mask=ok, other=0.0).to(tl.float32)
-            w = tl.load(w_ptrs + k, mask=ok)  # (no other=: fp8 has no literal zero; masked weights are zeroed)
+            w = _w_tile(w_ptrs + k, ok, w_desc, n0, k0 + k, TMA)
             acc += tl.where(ok, _int8_to_f32(w) if W_INT8 else w.to(tl.float32), 0.0) * xk
             if GLU:
-                w = tl.load(up_ptrs + k, mask=ok)
+                w = _w_tile(up_ptrs + k, ok, w_desc, N + n0, k0 + k, TMA)
                 acc_up += tl.where(ok, _int8_to_f32(w) if W_INT8 else w.to(tl.float32), 0.0) * xk
         out, out_up = tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :]  # [1, BLOCK_N]
     else:
@@ -858,10 +848,13 @@ def valid(cfg: Config, fmt: str, n: int, k: int) -> bool:
             and (cfg.stages == 1 or not cfg.dot) and (not cfg.tma or tma_ok(cfg, fmt, k)))
 
 
+TMA_FORMATS = ("bfloat16", "float16", "fp8")  # the formats whose one-row tiles may come through descriptors
+
+
 def tma_ok(cfg: Config, fmt: str, k: int) -> bool:
     # a tensor descriptor's block: at most 256 elements a side, rows 16-byte aligned; float weights of 8 or 16
     # bits on CUDA cores only (int8's one-row loop reads int32 words, int4 has its own kernel)
-    return (fmt in ("bfloat16", "float16", "fp8") and not cfg.dot and cfg.block_k <= 256 and cfg.block_n <= 256
+    return (fmt in TMA_FORMATS and not cfg.dot and cfg.block_k <= 256 and cfg.block_n <= 256
             and k * _bits(fmt) % 128 == 0)
 
 
@@ -942,9 +935,9 @@ def candidates(fmt: str, n: int, k: int, m: int, sms: int = 132, tma: bool = Tru
                             cfg = Config(block_n, block_k, split_k, warps, 3 if dot else 2, dot, stages)
                             if stages > 1 and (loop < stages or tile_bytes * stages > 32768):
                                 continue
-                            if valid(cfg, fmt, n, k) and (split_k == 1 or (n // block_n) * split_k // 2 < 4 * sms):
+                            if valid(cfg, fmt, n, k) and _split_ok(n, block_n, split_k, sms):
                                 out.append(cfg)
-    if tma and m == 1 and fmt in ("bfloat16", "float16", "fp8"):  # tma: the GPU has the copy engine (sm_90)
+    if tma and m == 1 and fmt in TMA_FORMATS:  # tma: the GPU has the copy engine (sm_90)
         out += _tma_candidates(fmt, n, k, sms)
     return out
 
@@ -960,10 +953,15 @@ def _tma_candidates(fmt: str, n: int, k: int, sms: int) -> list[Config]:
             for warps in (4, 8):
                 for stages in (2, 3, 4):
                     cfg = Config(block_n, block_k, split_k, warps, 2, False, stages, tma=True)
-                    if (loop >= stages and tile_bytes * stages <= 98304 and valid(cfg, fmt, n, k)
-                            and (split_k == 1 or (n // block_n) * split_k // 2 < 4 * sms)):
+                    in_flight = loop >= stages and tile_bytes * stages <= 98304
+                    if in_flight and valid(cfg, fmt, n, k) and _split_ok(n, block_n, split_k, sms):
                         out.append(cfg)
     return out
+
+
+def _split_ok(n: int, block_n: int, split_k: int, sms: int) -> bool:
+    # split K only while that leaves fewer than 8 programs per SM
+    return split_k == 1 or (n // block_n) * split_k // 2 < 4 * sms
 
 
 def heuristic(fmt: str, n: int, k: int, m: int, sms: int = 132) -> Config:
