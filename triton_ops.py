@@ -239,12 +239,14 @@ def _int8_gemv_step(acc, q, x0, x1, x2, x3):
 
 
 @triton.jit
-def _w_tile(ptrs, ok, w_desc, row, col, TMA: tl.constexpr):
+def _w_tile(ptrs, ok, w_desc, row, col, TMA: tl.constexpr, ZERO: tl.constexpr = False):
     # one weight tile [BLOCK_N, BLOCK_K] of the one-row loop: through the tensor descriptor w_desc at (row, col)
-    # (TMA: columns past K read as zeros), else loaded from ptrs where ok (no other=: fp8 has no literal zero; the
-    # caller zeroes masked weights)
+    # (TMA: columns past K read as zeros), else loaded from ptrs where ok, zeros elsewhere if ZERO (integer words;
+    # fp8 has no literal zero, so the float loop zeroes masked weights itself)
     if TMA:
         return w_desc.load([row, col])
+    if ZERO:
+        return tl.load(ptrs, mask=ok, other=0)
     return tl.load(ptrs, mask=ok)
 
 
@@ -287,17 +289,23 @@ def _linear_kernel(
         rj = pid_k * KW_LEN + tl.arange(0, BLOCK_K // 4)
         q_ptrs = w_ptr.to(tl.pointer_type(tl.int32)) + rn[:, None].to(tl.int64) * KW + rj[None, :]
         q_up = q_ptrs + N.to(tl.int64) * KW
-        x_ptrs = x_ptr.to(tl.pointer_type(tl.int64)) + pid_m * KW + rj[None, :] + 0 * rn[:, None]
+        x_ptrs = x_ptr.to(tl.pointer_type(tl.int64)) + pid_m * KW + rj[None, :]
+        if not TMA:  # x in the weights' layout, as in the float loop below
+            x_ptrs = x_ptrs + 0 * rn[:, None]  # [BLOCK_N, BLOCK_K // 4]
         acc = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.float32)
-        xs = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.float32)
+        if TMA:  # x stays one row: its sums once per tile, not once per weight row
+            xs = tl.zeros([1, BLOCK_K // 4], dtype=tl.float32)
+        else:
+            xs = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.float32)
+        n0, j0 = pid_n * BLOCK_N, pid_k * KW_LEN  # the tile's origin in w_desc, a descriptor of int32 words (TMA)
         k_first = 0
         if PRELOAD:  # the first tile's weights before the wait (see _int4_kernel)
             ok = _in_k(tl.arange(0, BLOCK_K // 4)[None, :], k_end // 4, True)
-            q0 = tl.load(q_ptrs, mask=ok, other=0)
+            q0 = _w_tile(q_ptrs, ok, w_desc, n0, j0, TMA, True)
             q0_up = q0
             if GLU:
-                q0_up = tl.load(q_up, mask=ok, other=0)
+                q0_up = _w_tile(q_up, ok, w_desc, N + n0, j0, TMA, True)
             _pdl_wait(PDL)
             x0, x1, x2, x3 = _x_lanes(tl.load(x_ptrs, mask=ok, other=0), X_BF16)
             acc = _int8_gemv_step(acc, q0, x0, x1, x2, x3)
@@ -308,10 +316,11 @@ def _linear_kernel(
         for k in tl.range(k_first, k_end, BLOCK_K, num_stages=STAGES):
             ok = _in_k(tl.arange(0, BLOCK_K // 4)[None, :], (k_end - k) // 4, TAIL)
             x0, x1, x2, x3 = _x_lanes(tl.load(x_ptrs + k // 4, mask=ok, other=0), X_BF16)
-            acc = _int8_gemv_step(acc, tl.load(q_ptrs + k // 4, mask=ok, other=0), x0, x1, x2, x3)
+            acc = _int8_gemv_step(acc, _w_tile(q_ptrs + k // 4, ok, w_desc, n0, j0 + k // 4, TMA, True), x0, x1, x2, x3)
             xs += (x0 + x1) + (x2 + x3)
             if GLU:
-                acc_up = _int8_gemv_step(acc_up, tl.load(q_up + k // 4, mask=ok, other=0), x0, x1, x2, x3)
+                q = _w_tile(q_up + k // 4, ok, w_desc, N + n0, j0 + k // 4, TMA, True)
+                acc_up = _int8_gemv_step(acc_up, q, x0, x1, x2, x3)
         # sum q x = sum (q + 128) x - 128 sum x
         x_sum = tl.sum(xs, axis=1)[None, :]
         out = tl.sum(acc, axis=1)[None, :] * 2.0 ** (149 - X_EXP) - 128.0 * x_sum
@@ -848,13 +857,14 @@ def valid(cfg: Config, fmt: str, n: int, k: int) -> bool:
             and (cfg.stages == 1 or not cfg.dot) and (not cfg.tma or tma_ok(cfg, fmt, k)))
 
 
-TMA_FORMATS = ("bfloat16", "float16", "fp8")  # the formats whose one-row tiles may come through descriptors
+TMA_FORMATS = ("bfloat16", "float16", "fp8", "int8")  # the formats whose one-row tiles may come through descriptors
 
 
 def tma_ok(cfg: Config, fmt: str, k: int) -> bool:
-    # a tensor descriptor's block: at most 256 elements a side, rows 16-byte aligned; float weights of 8 or 16
-    # bits on CUDA cores only (int8's one-row loop reads int32 words, int4 has its own kernel)
-    return (fmt in TMA_FORMATS and not cfg.dot and cfg.block_k <= 256 and cfg.block_n <= 256
+    # a tensor descriptor's block: at most 256 elements a side (int8's one-row loop reads int32 words: 1024
+    # weights), rows 16-byte aligned; CUDA cores only (int4 has its own kernel)
+    per_element = 4 if fmt == "int8" else 1
+    return (fmt in TMA_FORMATS and not cfg.dot and cfg.block_k <= 256 * per_element and cfg.block_n <= 256
             and k * _bits(fmt) % 128 == 0)
 
 
@@ -943,10 +953,10 @@ def candidates(fmt: str, n: int, k: int, m: int, sms: int = 132, tma: bool = Tru
 
 
 def _tma_candidates(fmt: str, n: int, k: int, sms: int) -> list[Config]:
-    # one-row float tiles through tensor descriptors (Config.tma): 8-32 KB per step (BLOCK_K 128 or 256, the
-    # descriptor's limit), 2-4 steps in flight within 96 KB of shared memory, split-K as above
-    out = []
-    for block_k, tile_bytes in ((bk, tb) for bk in (128, 256) for tb in (8192, 16384, 32768)):
+    # one-row tiles through tensor descriptors (Config.tma): 8-32 KB per step (128 or 256 elements along K, the
+    # descriptor's limit; int8: int32 words), 2-4 steps in flight within 96 KB of shared memory, split-K as above
+    out, per_element = [], 4 if fmt == "int8" else 1
+    for block_k, tile_bytes in ((bk * per_element, tb) for bk in (128, 256) for tb in (8192, 16384, 32768)):
         block_n = tile_bytes * 8 // (_bits(fmt) * block_k)
         for split_k in (1, 2, 4, 8):
             loop = _cdiv(_cdiv(k, block_k), split_k) - 1
@@ -1107,10 +1117,13 @@ def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | N
         constexprs.update(X16=x.element_size() == 2 and w_aligned, X_BF16=x.dtype == torch.bfloat16)
     if x2.data_ptr() % 16:  # the kernels load x in 16-byte vectors (int8 at M = 1: as int64 words)
         x2 = x2.clone()
-    if cfg.tma and block_m == 1:  # weight tiles through a tensor descriptor (see _linear_kernel)
-        w = weights[0]
+    as_words = weights[0].dtype == torch.int8  # int8's one-row loop reads int32 words (X16; float x: plain loads)
+    if cfg.tma and block_m == 1 and (constexprs.get("X16") or not as_words):  # weights through a tensor descriptor
+        w, block_k = weights[0], cfg.block_k
         assert w_aligned and w.is_contiguous(), "TMA configs need a contiguous, 16-byte aligned weight"
-        constexprs.update(TMA=True, w_desc=TensorDescriptor(w, list(w.shape), [k, 1], [cfg.block_n, cfg.block_k]))
+        if as_words:
+            w, block_k = w.view(torch.int32), block_k // 4
+        constexprs.update(TMA=True, w_desc=TensorDescriptor(w, list(w.shape), [w.shape[1], 1], [cfg.block_n, block_k]))
     prefetch = prefetch_bytes(x.device) if w_aligned else 0
     if prefetch:
         constexprs.update(PREFETCH=prefetch)

@@ -136,12 +136,12 @@ def test_one_row_tiles_in_flight_through_shared_memory(fmt):
     assert all(c.stages == 1 for c in triton_ops.candidates(fmt, 4096, 4096, 16))
 
 
-@pytest.mark.parametrize("fmt", ["bfloat16", "fp8"])
-def test_one_row_float_tiles_through_tensor_descriptors(fmt):
-    # Config.tma: float weights' one-row tiles come through a tensor descriptor (TMA bulk copies on the GPU;
-    # the interpreter reads the block, zeros past K): the same sums as plain loads, for a masked tail (K = 1408),
-    # split K, stages in flight, GLU and the add_norm epilogue. Descriptor blocks are at most 256 a side and
-    # only float formats of 8 or 16 bits have the path; several rows take the tensor-core loop without it.
+@pytest.mark.parametrize("fmt", ["bfloat16", "fp8", "int8"])
+def test_one_row_tiles_through_tensor_descriptors(fmt):
+    # Config.tma: one-row weight tiles come through a tensor descriptor (TMA bulk copies on the GPU; the
+    # interpreter reads the block, zeros past K): the same sums as plain loads, for a masked tail (K = 1408),
+    # split K, stages in flight, GLU and the add_norm epilogue. Descriptor blocks are at most 256 a side (int8:
+    # 256 int32 words of 4 weights); int4 has no such path; several rows take the tensor-core loop without it.
     x, weights, ref = case(fmt, 1, 256, 1408, torch.bfloat16)
     glu_ref = triton_ops.glu_reference(fmt, x, *weights)
     residual, g = torch.randn(1, 256, dtype=torch.bfloat16), torch.rand(256, dtype=torch.bfloat16) + 0.5
@@ -157,13 +157,18 @@ def test_one_row_float_tiles_through_tensor_descriptors(fmt):
         h = triton_ops.run_with(fmt, x, weights, tma, add_norm=(residual, g, scratch))
         assert torch.equal(h, triton_ops.run_with(fmt, x, weights, plain, add_norm=(residual, g, scratch)))
         assert not scratch.any()
-    for cfg in (triton_ops.Config(16, 512, tma=True), triton_ops.Config(16, 128, dot=True, tma=True)):
-        assert not triton_ops.valid(cfg, fmt, 256, 1408), cfg
-    for other in ("int8", "int4g32"):
-        assert not triton_ops.valid(triton_ops.Config(16, 128, tma=True), other, 256, 1408)
-        assert not any(c.tma for c in triton_ops.candidates(other, 4096, 4096, 1))
+    if fmt == "int8":  # float32 x: int8 reads bytes, not words, and takes plain loads whatever the entry says
+        x32, tma = x.float(), triton_ops.Config(16, 512, stages=2, tma=True)
+        assert torch.equal(triton_ops.run_with(fmt, x32, weights, tma),
+                           triton_ops.run_with(fmt, x32, weights, triton_ops.Config(16, 512, stages=2)))
+    limit = 1024 if fmt == "int8" else 256
+    for cfg in (triton_ops.Config(16, 2 * limit, tma=True), triton_ops.Config(16, 128, dot=True, tma=True)):
+        assert not triton_ops.valid(cfg, fmt, 256, 2816), cfg
+    assert triton_ops.valid(triton_ops.Config(16, limit, tma=True), fmt, 256, 2816)
+    assert not triton_ops.valid(triton_ops.Config(16, 128, tma=True), "int4g32", 256, 1408)
+    assert not any(c.tma for c in triton_ops.candidates("int4g32", 4096, 4096, 1))
     cands = triton_ops.candidates(fmt, 4096, 4096, 1)
-    assert any(c.tma for c in cands) and all(c.block_k <= 256 and c.stages > 1 for c in cands if c.tma)
+    assert any(c.tma for c in cands) and all(c.block_k <= limit and c.stages > 1 for c in cands if c.tma)
     assert not any(c.tma for c in triton_ops.candidates(fmt, 4096, 4096, 16))
     x4 = x.expand(4, -1).contiguous()  # several rows: the tensor-core loop, whatever the one-row entry says
     y4 = triton_ops.run_with(fmt, x4, weights, triton_ops.Config(16, 128, stages=2, tma=True))
@@ -182,7 +187,7 @@ def test_first_weight_tile_loaded_before_the_pdl_wait_changes_nothing(fmt, monke
             (1408, triton_ops.Config(block_n=16, block_k=512, split_k=2), False),
             (1024, triton_ops.Config(block_n=16, block_k=256, split_k=3), False),
             (wide, triton_ops.Config(block_n=8, block_k=wide, num_warps=2), True)]
-    if fmt in ("bfloat16", "fp8"):  # and the same through tensor descriptors (Config.tma)
+    if fmt != "int4g32":  # and the same through tensor descriptors (Config.tma)
         runs += [(1408, triton_ops.Config(block_n=16, block_k=256, stages=2, tma=True), True),
                  (1408, triton_ops.Config(block_n=16, block_k=256, split_k=2, tma=True), False),
                  (1024, triton_ops.Config(block_n=16, block_k=256, split_k=3, stages=2, tma=True), False)]
@@ -816,18 +821,20 @@ for fn, s, w in ((triton_ops._int4_kernel, sig, dict(GROUP=32)), (triton_ops._li
                                 PREFETCH=0, ADD_NORM=False, NORM_IN=False, PARTS_IN=1, TAIL=False, PRELOAD=True,
                                 STAGES=stages)).asm["ptx"]  # fmt: skip
         assert ("cp.async.cg" in ptx or "cp.async.ca" in ptx) == (stages > 1), (fn.__name__, w, stages)
-# TMA (one row, float weights): the weight tiles are bulk tensor copies, the first before the wait, the loop's in
-# flight (STAGES); without it, plain loads
+# TMA (one row; bf16, and int8 as int32 words): the weight tiles are bulk tensor copies, the first before the
+# wait, the loop's in flight (STAGES); without it, plain loads
 sig16 = {**sig8, "w_ptr": "*bf16"}
-for tma in (False, True):
-    s = {**sig16, "w_desc": "tensordesc<bf16[16, 256]>"} if tma else sig16
-    ptx = build(triton_ops._linear_kernel, s, dict(HAS_SCALE=False, W_INT8=False, X16=True, X_BF16=True, GLU=True,
+for tma, int8 in ((False, False), (True, False), (False, True), (True, True)):
+    s = {**sig8} if int8 else {**sig16}
+    if tma:
+        s["w_desc"] = "tensordesc<i32[16, 64]>" if int8 else "tensordesc<bf16[16, 256]>"
+    ptx = build(triton_ops._linear_kernel, s, dict(HAS_SCALE=int8, W_INT8=int8, X16=True, X_BF16=True, GLU=True,
                                                   ATOMIC=False, DOT_F32=False, BLOCK_M=1, BLOCK_N=16, BLOCK_K=256, PDL=True,
                                                   PREFETCH=0, ADD_NORM=False, NORM_IN=False, PARTS_IN=1, TAIL=False,
                                                   PRELOAD=True, STAGES=3, TMA=tma)).asm["ptx"]  # fmt: skip
     copies = ptx.count("cp.async.bulk.tensor")
     before = ptx[: ptx.index("griddepcontrol.wait")].count("cp.async.bulk.tensor")
-    assert (copies >= 4 and before == 2) if tma else copies == 0, (tma, copies, before)  # gate and up halves
+    assert (copies >= 4 and before == 2) if tma else copies == 0, (tma, int8, copies, before)  # gate and up halves
 strides = {f"s{t}_{d}": "i32" for t, dims in (("q", "bhs"), ("k", "bht"), ("v", "bht"), ("m", "bs")) for d in dims}
 # one pass (7B heads), split ranges with grouped query heads (8B); each also with rotary and the cache write
 stores = {}
