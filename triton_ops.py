@@ -269,7 +269,7 @@ def _linear_kernel(
     # cores only): BLOCK_K does not divide K, so the last tile's loads are masked (zeros add nothing);
     # otherwise no masks along K. STAGES (M = 1 on CUDA cores): the loop after the first tile keeps STAGES - 1
     # tiles of weights (and x) in flight through cp.async into shared memory, which holds them without registers.
-    # TMA (M = 1, float weights, sm_90): the weight tiles come through w_desc, a tensor descriptor of w
+    # TMA (M = 1, sm_90; int8 as int32 words): the weight tiles come through w_desc, a tensor descriptor of w
     # [rows, K] with block [BLOCK_N, BLOCK_K] (_w_tile): one bulk copy per tile into shared memory, issued by the
     # copy engine with no address arithmetic per thread, STAGES - 1 in flight
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
