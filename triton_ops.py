@@ -822,7 +822,7 @@ class Config:
     num_stages: int = 2
     dot: bool = False  # M == 1 only: use the tensor-core path too (M > 1 always does)
     stages: int = 1  # M == 1 on CUDA cores: weight tiles in flight through cp.async and shared memory (1: none)
-    tma: bool = False  # M == 1, float weights (bf16, fp16, fp8), sm_90: weight tiles through tensor descriptors
+    tma: bool = False  # M == 1, TMA_FORMATS, sm_90: weight tiles through tensor descriptors
 
 
 def m_bucket(m: int) -> int:
@@ -860,12 +860,16 @@ def valid(cfg: Config, fmt: str, n: int, k: int) -> bool:
 TMA_FORMATS = ("bfloat16", "float16", "fp8", "int8")  # the formats whose one-row tiles may come through descriptors
 
 
+def _tma_per_element(fmt: str) -> int:
+    # weights per element of the descriptor: int8's one-row loop reads int32 words of 4 (see _launch)
+    return 4 if fmt == "int8" else 1
+
+
 def tma_ok(cfg: Config, fmt: str, k: int) -> bool:
-    # a tensor descriptor's block: at most 256 elements a side (int8's one-row loop reads int32 words: 1024
-    # weights), rows 16-byte aligned; CUDA cores only (int4 has its own kernel)
-    per_element = 4 if fmt == "int8" else 1
-    return (fmt in TMA_FORMATS and not cfg.dot and cfg.block_k <= 256 * per_element and cfg.block_n <= 256
-            and k * _bits(fmt) % 128 == 0)
+    # a tensor descriptor's block: at most 256 elements a side, rows 16-byte aligned; CUDA cores only (int4 has
+    # its own kernel)
+    return (fmt in TMA_FORMATS and not cfg.dot and cfg.block_k <= 256 * _tma_per_element(fmt)
+            and cfg.block_n <= 256 and k * _bits(fmt) % 128 == 0)
 
 
 _TABLE: dict[str, dict[str, dict]] = {}  # {gpu name: {config_key: Config fields}}, from store_configs
@@ -926,8 +930,8 @@ def candidates(fmt: str, n: int, k: int, m: int, sms: int = 132, tma: bool = Tru
     1024) to tall (BLOCK_N up to 128; on CUDA cores a K like 11008 = 2^8 * 43 ends in a masked tile), 2-8 warps (_warps),
     split-K 1-8 (while that leaves < 8 programs per SM); for M == 1 also the tensor-core path, and CUDA-core tiles
     with 2-4 stages in flight (Config.stages) where the loop after the first tile has at least as many steps as
-    stages and the stages hold at most 32 KB; for one-row float formats (bf16, fp16, fp8) and tma, also tiles
-    through tensor descriptors (_tma_candidates)."""
+    stages and the stages hold at most 32 KB; for one-row TMA_FORMATS and tma, also tiles through tensor
+    descriptors (_tma_candidates)."""
     bits, out = _bits(fmt), []
     for dot in (False, True) if m == 1 else (True,):
         int4_cores = bits == 4 and not dot
@@ -955,7 +959,7 @@ def candidates(fmt: str, n: int, k: int, m: int, sms: int = 132, tma: bool = Tru
 def _tma_candidates(fmt: str, n: int, k: int, sms: int) -> list[Config]:
     # one-row tiles through tensor descriptors (Config.tma): 8-32 KB per step (128 or 256 elements along K, the
     # descriptor's limit; int8: int32 words), 2-4 steps in flight within 96 KB of shared memory, split-K as above
-    out, per_element = [], 4 if fmt == "int8" else 1
+    out, per_element = [], _tma_per_element(fmt)
     for block_k, tile_bytes in ((bk * per_element, tb) for bk in (128, 256) for tb in (8192, 16384, 32768)):
         block_n = tile_bytes * 8 // (_bits(fmt) * block_k)
         for split_k in (1, 2, 4, 8):
