@@ -353,13 +353,73 @@ def tune_calls(fmt: str, n: int, k: int, m: int, sms: int, call: str) -> list[tr
     return [c for c in cands if c.block_n % triton_ops.NORM_SLOT == 0] if call == "add_norm" else cands
 
 
-def tune(cases: list[tuple[str, int, int, int]], jobs: int, calls: dict[tuple[int, int], tuple[str, ...]]) -> None:
+def ffn_neighbours(shapes: list[str]) -> dict[tuple[int, int, str], tuple[int, int, str, bool]]:
+    """(N, K, call) -> (N', K', call', after) for the feed-forward's two calls: w13's GLU call runs right before
+    w2's linear_add_norm in every layer (after: the neighbour runs after the call). Under PDL a kernel's start
+    overlaps its predecessor's tail, so such a call is timed next to its neighbour (the table's config for it):
+    alone, a whole-K 16 x 512 int8 w2 tile beat the table's split-K one (17.7 against 19.4 µs, 7B) and after the
+    GLU took 27 µs, costing 8% of 7B int8 end to end."""
+    out = {}
+    for s in shapes:
+        w = {name: (n, k) for name, n, k in SHAPES[s]}
+        (n13, dim), (n2, hidden) = w["w13"], w["w2"]
+        out[n13, dim, "glu"] = (n2, hidden, "add_norm", True)
+        out[n2, hidden, "add_norm"] = (n13, dim, "glu", False)
+    return out
+
+
+def table_config(fmt: str, m: int, n: int, k: int, device: torch.device, call: str) -> triton_ops.Config:
+    # the config the model's call of an [n, k] weight runs now (a GLU call's n counts gate and up)
+    return triton_ops.plan(fmt, m, n // (2 if call == "glu" else 1), k, device, call == "glu", call == "add_norm")
+
+
+def neighbour_runs(fmt: str, m: int, device: torch.device, neighbour: tuple | None) -> tuple | None:
+    # the neighbour call's runs over its own weight copies with the table's config, whether it runs after the
+    # tuned call, and its time alone
+    if neighbour is None:
+        return None
+    n, k, call, after = neighbour
+    copies = weight_copies(fmt, n, k, seed=1)
+    x = torch.randn(m, k, device=device, dtype=triton_ops.act_dtype(fmt))
+    fused = add_norm_args(m, n, x.dtype) if call == "add_norm" else None
+    cfg = table_config(fmt, m, n, k, device, call)
+    runs = [lambda w=w: triton_ops.run_with(fmt, x, w, cfg, call == "glu", fused) for w in copies]
+    return runs, after, graph_time(runs, reps=20, rounds=2)
+
+
+def pair_runs(runs: list, neighbour: list, after: bool) -> list:
+    # the calls in the order a decode step makes them: copy i of the tuned weight, then copy i of the
+    # neighbour's (or the neighbour first), so both stream from memory
+    return [r for pair in zip(runs, neighbour) for r in (pair if after else pair[::-1])]
+
+
+def confirm(timed: list[tuple[float, triton_ops.Config]], time_fn, default: triton_ops.Config | None,
+            top: int = 4, rounds: int = 2) -> tuple[float, triton_ops.Config]:
+    """The best of timed after timing its `top` fastest and the table's default again, interleaved over `rounds`:
+    one timing per candidate can pick a config on a lucky run (the tuner once timed the table's 8B fp8 GLU tile
+    at 49.2 µs and a second run at 41.6), so the pick is by each finalist's best retimed figure."""
+    finalists = [c for _, c in sorted(timed, key=lambda tc: tc[0])[:top]]
+    if default is not None and default not in finalists and any(c == default for _, c in timed):
+        finalists.append(default)
+    again = {i: [] for i in range(len(finalists))}
+    for _ in range(rounds):
+        for i, cfg in enumerate(finalists):
+            again[i].append(time_fn(cfg))
+    best = min(again, key=lambda i: min(again[i]))
+    return min(again[best]), finalists[best]
+
+
+def tune(cases: list[tuple[str, int, int, int]], jobs: int, calls: dict[tuple[int, int], tuple[str, ...]],
+         neighbours: dict | None = None) -> None:
     """Time triton_ops.candidates(...) for each (fmt, N, K, M) and store the fastest in kernel_configs.json under
     this GPU's name. Each candidate is timed as the benchmark times it: replayed from a CUDA graph (no launch
     overhead: a decode step is one graph) over weight copies that overflow L2. calls[(N, K)] names how the
     model calls that weight: "plain" (stored under the key itself), "glu" (the feed-forward's gate|up weight
     with the SwiGLU, whole-K configs only, stored under ":glu") or "add_norm" (wo and w2 through
     linear_add_norm, whose split-K epilogue counts its programs and finishes the norm: stored under ":add_norm").
+    A call in neighbours (ffn_neighbours) is timed next to the call the model makes before or after it, that one
+    with the table's config, and its time is the pair's less the neighbour's alone. The fastest few of each call
+    are timed again (confirm) before one is stored.
     Run once per GPU model; the kernels never tune at start-up."""
     device = torch.device("cuda", torch.cuda.current_device())
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -380,29 +440,37 @@ def tune(cases: list[tuple[str, int, int, int]], jobs: int, calls: dict[tuple[in
             elif call == "add_norm":
                 fused = add_norm_args(m, n, x.dtype)
                 ref = ref + fused[0].double()
+            near = neighbour_runs(fmt, m, device, (neighbours or {}).get((n, k, call)))
+
+            def time_cfg(cfg: triton_ops.Config, reps: int = 10) -> float:
+                runs = [lambda w=w, c=cfg: triton_ops.run_with(fmt, x, w, c, call == "glu", fused) for w in copies]
+                if near is None:
+                    return graph_time(runs, reps=reps, rounds=2)
+                other, after, alone = near  # a pair's graph: twice as many calls, half of them the neighbour's
+                return 2 * graph_time(pair_runs(runs, other, after), reps=reps, rounds=2) - alone
+
             timed = []
             for cfg in tune_calls(fmt, n, k, m, sms, call):
                 try:
                     err = rel_err(triton_ops.run_with(fmt, x, copies[0], cfg, call == "glu", fused), ref)
                     assert err < BOUND[x.dtype], f"relative error {err:.2e}"
                     assert fused is None or not fused[2].any(), "the scratch was left dirty"
-                    runs = [lambda w=w, c=cfg: triton_ops.run_with(fmt, x, w, c, call == "glu", fused) for w in copies]
-                    timed.append((graph_time(runs, reps=10, rounds=2), cfg))
+                    timed.append((time_cfg(cfg), cfg))
                 except Exception as e:  # a config this GPU or Triton version cannot build: skip it, and say so
                     print(f"  skip {cfg}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}")
             name = key + ("" if call == "plain" else ":" + call)
             if not timed:
                 print(f"{name}: no candidate worked; the heuristic stays")
                 continue
-            t, best[name] = min(timed, key=lambda t: t[0])
+            default = table_config(fmt, m, n, k, device, call)
+            t, best[name] = confirm(timed, lambda c: time_cfg(c, reps=20), default)
             if call == "plain" and best[name].split_k > 1:  # GLU calls cannot split K: keep the best whole-K one too
                 whole = [tc for tc in timed if tc[1].split_k == 1]
                 if whole:
                     best[key + ":k1"] = min(whole, key=lambda t: t[0])[1]
-            default = triton_ops.plan(fmt, m, n // (2 if call == "glu" else 1), k, device, call == "glu", call == "add_norm")
             t_default = next((t for t, c in timed if c == default), float("nan"))
-            print(f"{name:32s} {t * 1e6:7.1f} us {size / t / 1e9:6.0f} GB/s (the table's {t_default * 1e6:7.1f} us)  "
-                  f"{best[name]}")  # fmt: skip
+            print(f"{name:32s} {t * 1e6:7.1f} us {size / t / 1e9:6.0f} GB/s (the table's {t_default * 1e6:7.1f} us in "
+                  f"the first pass){' after/before its neighbour' if near else ''}  {best[name]}")  # fmt: skip
         del copies
     triton_ops.store_configs(best, device)
 
@@ -635,7 +703,7 @@ def main() -> None:
             how = {"w13": ("plain", "glu"), "wo": ("plain", "add_norm"), "w2": ("plain", "add_norm")}.get(name, ("plain",))
             calls[n, k] = tuple(c for c in how if c in args.calls)
         cases = [(f, n, k, m) for (n, k), how in calls.items() if how for f in formats for m in args.tune_m]
-        tune(cases, args.jobs, calls)
+        tune(cases, args.jobs, calls, ffn_neighbours(args.shapes))
         print(f"tuned {len(cases)} cases in {time.time() - t1:.0f} s -> {triton_ops.CONFIG_FILE}")
     if args.bench or not (args.check or args.tune):
         t1 = time.time()
