@@ -373,6 +373,11 @@ def table_config(fmt: str, m: int, n: int, k: int, device: torch.device, call: s
     return triton_ops.plan(fmt, m, n // (2 if call == "glu" else 1), k, device, call == "glu", call == "add_norm")
 
 
+def call_runs(fmt: str, x: torch.Tensor, copies: list[tuple], cfg: triton_ops.Config, call: str, fused) -> list:
+    # one call per weight copy, as the model makes it ("plain", "glu" or "add_norm" with fused's tensors)
+    return [lambda w=w: triton_ops.run_with(fmt, x, w, cfg, call == "glu", fused) for w in copies]
+
+
 def neighbour_runs(fmt: str, m: int, device: torch.device, neighbour: tuple | None) -> tuple | None:
     # the neighbour call's runs over its own weight copies with the table's config, whether it runs after the
     # tuned call, and its time alone
@@ -382,8 +387,7 @@ def neighbour_runs(fmt: str, m: int, device: torch.device, neighbour: tuple | No
     copies = weight_copies(fmt, n, k, seed=1)
     x = torch.randn(m, k, device=device, dtype=triton_ops.act_dtype(fmt))
     fused = add_norm_args(m, n, x.dtype) if call == "add_norm" else None
-    cfg = table_config(fmt, m, n, k, device, call)
-    runs = [lambda w=w: triton_ops.run_with(fmt, x, w, cfg, call == "glu", fused) for w in copies]
+    runs = call_runs(fmt, x, copies, table_config(fmt, m, n, k, device, call), call, fused)
     return runs, after, graph_time(runs, reps=20, rounds=2)
 
 
@@ -443,7 +447,7 @@ def tune(cases: list[tuple[str, int, int, int]], jobs: int, calls: dict[tuple[in
             near = neighbour_runs(fmt, m, device, (neighbours or {}).get((n, k, call)))
 
             def time_cfg(cfg: triton_ops.Config, reps: int = 10) -> float:
-                runs = [lambda w=w, c=cfg: triton_ops.run_with(fmt, x, w, c, call == "glu", fused) for w in copies]
+                runs = call_runs(fmt, x, copies, cfg, call, fused)
                 if near is None:
                     return graph_time(runs, reps=reps, rounds=2)
                 other, after, alone = near  # a pair's graph: twice as many calls, half of them the neighbour's

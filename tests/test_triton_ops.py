@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-import triton_ops
 import bench_kernels
+import triton_ops
 from bench_kernels import make_weights, norm_pair, sample_reference
 
 ROOT = Path(__file__).resolve().parent.parent
