@@ -310,6 +310,27 @@ def test_supported_routes_only_decode_sized_gpu_inputs():
         assert not triton_ops.supported(torch.randn(17, 4096, device="cuda"), 4096, 4096)  # prefill
 
 
+def test_every_shipped_table_entry_is_a_config_its_call_can_run():
+    # kernel_configs.json is written by the tuner and edited by hand after end-to-end A/Bs: each entry must
+    # still be a Config its key's call accepts (GLU calls whole K and N / 2 rows a half, add_norm whole norm slots)
+    table = json.loads(triton_ops.CONFIG_FILE.read_text())
+    checked = 0
+    for gpu, entries in table.items():
+        for key, entry in entries.items():
+            fmt, shape, bucket, *call = key.split(":")
+            n, k = map(int, shape.split("x"))
+            cfg = triton_ops.Config(**entry)
+            assert bucket in ("m1", "m4", "m16") and call in ([], ["glu"], ["add_norm"], ["k1"]), (gpu, key)
+            assert triton_ops.valid(cfg, fmt, n // 2 if call == ["glu"] else n, k), (gpu, key, cfg)
+            assert cfg.dot or bucket == "m1", (gpu, key, cfg)  # more rows than one: tensor cores only
+            if call in (["glu"], ["k1"]):
+                assert cfg.split_k == 1, (gpu, key, cfg)
+            if call == ["add_norm"]:
+                assert cfg.block_n % triton_ops.NORM_SLOT == 0, (gpu, key, cfg)
+            checked += 1
+    assert checked > 100
+
+
 def test_tuned_table_overrides_the_heuristic(monkeypatch):
     key = triton_ops.config_key("int8", 4096, 4096, 1)
     tuned = triton_ops.Config(block_n=64, block_k=256, split_k=2, num_warps=8)
