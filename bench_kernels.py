@@ -424,7 +424,8 @@ def tune(cases: list[tuple[str, int, int, int]], jobs: int, calls: dict[tuple[in
     A call in neighbours (ffn_neighbours) is timed next to the call the model makes before or after it, that one
     with the table's config, and its time is the pair's less the neighbour's alone. The fastest few of each call
     are timed again (confirm) before one is stored.
-    Run once per GPU model; the kernels never tune at start-up."""
+    Run once per GPU model; the kernels never tune at start-up. Check the GLU picks end to end (bench.py
+    --configs OLD.json NEW.json) before keeping them: for int4 the fastest here lost 5-14% in the model."""
     device = torch.device("cuda", torch.cuda.current_device())
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     if jobs > 1:
