@@ -345,18 +345,10 @@ def weight_copies(fmt: str, n: int, k: int, seed: int = 0) -> list[tuple]:
     return [base] + [tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in base) for _ in range(extra)]
 
 
-def call_accepts(cfg: triton_ops.Config, call: str) -> bool:
-    # whether a call ("plain", "glu" or "add_norm") can run cfg: GLU calls cannot split K, add_norm ones need
-    # whole NORM_SLOTs per program
-    if call == "glu":
-        return cfg.split_k == 1
-    return cfg.block_n % triton_ops.NORM_SLOT == 0 if call == "add_norm" else True
-
-
 def tune_calls(fmt: str, n: int, k: int, m: int, sms: int, call: str) -> list[triton_ops.Config]:
     # the candidates a call can run
     cands = triton_ops.candidates(fmt, n, k, m, sms, tma=torch.cuda.get_device_capability()[0] >= 9)
-    return [c for c in cands if call_accepts(c, call)]
+    return [c for c in cands if triton_ops.call_accepts(c, call == "glu", call == "add_norm")]
 
 
 def ffn_neighbours(shapes: list[str]) -> dict[tuple[int, int, str], tuple[int, int, str, bool]]:

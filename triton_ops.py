@@ -857,6 +857,12 @@ def valid(cfg: Config, fmt: str, n: int, k: int) -> bool:
             and (cfg.stages == 1 or not cfg.dot) and (not cfg.tma or tma_ok(cfg, fmt, k)))
 
 
+def call_accepts(cfg: Config, glu: bool = False, add_norm: bool = False) -> bool:
+    # whether a GLU call (whole K: its epilogue needs whole sums) or a linear_add_norm call (a sum of squares per
+    # NORM_SLOT outputs: whole slots per program) can run cfg; a plain call runs any valid one
+    return not (glu and cfg.split_k > 1) and not (add_norm and cfg.block_n % NORM_SLOT)
+
+
 TMA_FORMATS = ("bfloat16", "float16", "fp8", "int8")  # the formats whose one-row tiles may come through descriptors
 
 
@@ -1082,8 +1088,8 @@ def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | N
         return (y, y.clone(), x.new_empty(*x.shape[:-1], n // NORM_SLOT, dtype=torch.float32)) if add_norm else y
     cfg = cfg or plan(fmt, m, n, k, x.device, glu, add_norm is not None)
     assert valid(cfg, fmt, n, k), f"config {cfg} does not tile {fmt} {n}x{k}"
-    assert not (glu and cfg.split_k > 1), "GLU calls cannot split K"
-    assert not (add_norm and cfg.block_n % NORM_SLOT), f"add_norm needs BLOCK_N a multiple of {NORM_SLOT}"
+    assert call_accepts(cfg, glu, add_norm is not None), \
+        f"config {cfg}: GLU calls cannot split K, add_norm needs BLOCK_N a multiple of {NORM_SLOT}"
     block_m = MAX_M if (m > 1 or cfg.dot) else 1
     atomic = cfg.split_k > 1
     grid = (n // cfg.block_n, cfg.split_k, _cdiv(m, block_m))

@@ -323,8 +323,8 @@ def test_every_shipped_table_entry_is_a_config_its_call_can_run():
             assert bucket in ("m1", "m4", "m16") and call in ([], ["glu"], ["add_norm"], ["k1"]), (gpu, key)
             assert triton_ops.valid(cfg, fmt, n // 2 if call == ["glu"] else n, k), (gpu, key, cfg)
             assert cfg.dot or bucket == "m1", (gpu, key, cfg)  # more rows than one: tensor cores only
-            how = {"glu": "glu", "k1": "glu", "add_norm": "add_norm"}[call[0]] if call else "plain"  # k1: for GLU calls
-            assert bench_kernels.call_accepts(cfg, how), (gpu, key, cfg)
+            glu = call in (["glu"], ["k1"])  # k1: the whole-K entry GLU calls fall back to
+            assert triton_ops.call_accepts(cfg, glu, call == ["add_norm"]), (gpu, key, cfg)
             checked += 1
     assert checked > 100
 
