@@ -417,6 +417,44 @@ def _int4_gemv_step(q, sz, x_ptrs, x_ok, WG: tl.constexpr):
 
 
 @triton.jit
+def _int4_gemv_words(q, sz, x64_ptrs, x_ok, X_BF16: tl.constexpr):
+    # _int4_gemv_step for GROUP 32 and 16-bit x (Config.x_words): q [BLOCK_N, G, 4] (a thread holds each
+    # group's four words), x64_ptrs [1, G, 2] int64 pointers at x of nibbles 0 and 1 of each group. Nibble i of
+    # the four words meets x[32 g + 4 i .. 4 i + 3], one int64 of four x: a thread reads two nibbles' x in one
+    # 16-byte load and unpacks the words (_x_lanes), where _int4_gemv_step's 8-byte loads of x a group apart take
+    # an L1 wavefront per thread pair. Fewer instructions and registers, yet not faster everywhere (it lost on
+    # 8B's qkv tile and with stages), so the tuned table chooses it per call.
+    scale, zero = tl.split(sz.to(tl.float32))
+    BN: tl.constexpr = q.shape[0]
+    G: tl.constexpr = q.shape[1]
+    even, odd = tl.split(q.reshape([BN, G, 2, 2]))  # words 0, 2 and 1, 3: [BLOCK_N, G, 2]
+    w0, w2 = tl.split(even)
+    w1, w3 = tl.split(odd)
+    words = (w0, w1, w2, w3)
+    words_hi = (w0 >> 12, w1 >> 12, w2 >> 12, w3 >> 12)  # nibbles 5, 6, 7 at bits 8..19
+    fx = tl.zeros([BN, G], dtype=tl.float32)  # sum of q * x * 2^(X_EXP - 149)
+    xs = tl.zeros([1, G], dtype=tl.float32)  # sum of x
+    for p in tl.static_range(4):
+        pair = tl.split(tl.load(x64_ptrs + 2 * p, mask=x_ok, other=0))  # x of nibbles 2p, 2p + 1: int64 [1, G]
+        for h in tl.static_range(2):
+            lanes = _x_lanes(pair[h], X_BF16)  # lane w: the x of word w
+            for w in tl.static_range(4):
+                # nibble i = 2p + h sits at bit 4i - 12 (i // 5) once masked
+                word = words[w] if 2 * p + h < 5 else words_hi[w]
+                f = (word & (15 << (8 * p + 4 * h - 12 * ((2 * p + h) // 5)))).to(tl.float32, bitcast=True)
+                fx += f * (lanes[w] * 2.0 ** (X_EXP - 8 * p - 4 * h + 12 * ((2 * p + h) // 5)))
+                xs += lanes[w]
+    return scale * (fx * 2.0 ** (149 - X_EXP)) + (zero - 8.0 * scale) * xs
+
+
+@triton.jit
+def _int4_tile(q, sz, x_ptrs, x64_ptrs, x_ok, WG: tl.constexpr, X_WORDS: tl.constexpr, X_BF16: tl.constexpr):
+    if X_WORDS:
+        return _int4_gemv_words(q, sz, x64_ptrs, x_ok, X_BF16)
+    return _int4_gemv_step(q, sz, x_ptrs, x_ok, WG)
+
+
+@triton.jit
 def _int4_mma_step(q, sz, x_ptrs, x_mask, acc, WG: tl.constexpr, BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr):
     # one tile for M > 1: dequantize one nibble position at a time ([BLOCK_N, BLOCK_K/8]) and feed the tensor
     # cores with the matching slice of x ([BLOCK_M, G, WG] pointers) -> acc [BLOCK_M, BLOCK_N]
@@ -444,6 +482,7 @@ def _int4_kernel(
     PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
     ADD_NORM: tl.constexpr = False, NORM_IN: tl.constexpr = False, PARTS_IN: tl.constexpr = 1,
     TAIL: tl.constexpr = False, PRELOAD: tl.constexpr = False, STAGES: tl.constexpr = 1,
+    X_WORDS: tl.constexpr = False, X_BF16: tl.constexpr = True,
 ):  # fmt: skip
     # x: [M, K]; w: [N, K/8] int32 from pack_int4; sz: [N, K/GROUP, 2] (scale, zero); KW = K / 8 and
     # KW_LEN = k_len / 8 are passed as arguments so Triton sees they are multiples of 16 (16-byte word loads)
@@ -477,6 +516,9 @@ def _int4_kernel(
         q_ptrs = w_ptr + rn[:, None].to(tl.int64) * KW + pid_k * KW_LEN + tl.arange(0, G * WG)[None, :]
         s_ptrs = sz_ptr + rn[:, None].to(tl.int64) * (K // GROUP * 2) + k0 // GROUP * 2 + tl.arange(0, 2 * G)[None, :]
         x_ptrs = x_ptr + pid_m * K + k0 + rg[None, :, None] * GROUP + rw[None, None, :]  # [1, G, WG]
+        # X_WORDS (GROUP 32, 16-bit x): x as int64 words of four, two nibbles' a group [1, G, 2] (_int4_gemv_words)
+        x64_ptrs = x_ptr.to(tl.pointer_type(tl.int64)) + (pid_m * K + k0) // 4 + rg[None, :, None] * 8
+        x64_ptrs += tl.arange(0, 2)[None, None, :]
         acc = tl.zeros([BLOCK_N, G], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, G], dtype=tl.float32)
         k_first = 0
@@ -493,10 +535,11 @@ def _int4_kernel(
                 q0_up, sz0_up = tl.load(q_ptrs + up_w, mask=q_ok, other=0), tl.load(s_ptrs + up_sz, mask=s_ok, other=0.0)
             _pdl_wait(PDL)
             x_ok = _in_k(rg[None, :, None], groups, True)
-            acc += _int4_gemv_step(tl.reshape(q0, [BLOCK_N, G, WG]), tl.reshape(sz0, [BLOCK_N, G, 2]), x_ptrs, x_ok, WG)
+            q0, sz0 = tl.reshape(q0, [BLOCK_N, G, WG]), tl.reshape(sz0, [BLOCK_N, G, 2])
+            acc += _int4_tile(q0, sz0, x_ptrs, x64_ptrs, x_ok, WG, X_WORDS, X_BF16)
             if GLU:
                 q0_up, sz0_up = tl.reshape(q0_up, [BLOCK_N, G, WG]), tl.reshape(sz0_up, [BLOCK_N, G, 2])
-                acc_up += _int4_gemv_step(q0_up, sz0_up, x_ptrs, x_ok, WG)
+                acc_up += _int4_tile(q0_up, sz0_up, x_ptrs, x64_ptrs, x_ok, WG, X_WORDS, X_BF16)
             k_first = BLOCK_K
         for k in tl.range(k_first, k_end, BLOCK_K, num_stages=STAGES):
             groups = (k_end - k) // GROUP  # left in the range: whole groups (K is a multiple of GROUP)
@@ -505,11 +548,11 @@ def _int4_kernel(
             x_ok = _in_k(rg[None, :, None], groups, TAIL)
             q = tl.reshape(tl.load(q_ptrs + k // 8, mask=q_ok, other=0), [BLOCK_N, G, WG])
             sz = tl.reshape(tl.load(s_ptrs + k // GROUP * 2, mask=s_ok, other=0.0), [BLOCK_N, G, 2])
-            acc += _int4_gemv_step(q, sz, x_ptrs + k, x_ok, WG)
+            acc += _int4_tile(q, sz, x_ptrs + k, x64_ptrs + k // 4, x_ok, WG, X_WORDS, X_BF16)
             if GLU:
                 q = tl.reshape(tl.load(q_ptrs + up_w + k // 8, mask=q_ok, other=0), [BLOCK_N, G, WG])
                 sz = tl.reshape(tl.load(s_ptrs + up_sz + k // GROUP * 2, mask=s_ok, other=0.0), [BLOCK_N, G, 2])
-                acc_up += _int4_gemv_step(q, sz, x_ptrs + k, x_ok, WG)
+                acc_up += _int4_tile(q, sz, x_ptrs + k, x64_ptrs + k // 4, x_ok, WG, X_WORDS, X_BF16)
         out, out_up = tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :]  # [1, BLOCK_N]
     else:
         w_ptrs = w_ptr + rn[:, None, None].to(tl.int64) * KW + pid_k * KW_LEN + rg[None, :, None] * WG + rw[None, None, :]
@@ -823,6 +866,7 @@ class Config:
     dot: bool = False  # M == 1 only: use the tensor-core path too (M > 1 always does)
     stages: int = 1  # M == 1 on CUDA cores: weight tiles in flight through cp.async and shared memory (1: none)
     tma: bool = False  # M == 1, TMA_FORMATS, sm_90: weight tiles through tensor descriptors
+    x_words: bool = False  # int4 g32, M == 1 on CUDA cores, 16-bit x: x read as int64 words (_int4_gemv_words)
 
 
 def m_bucket(m: int) -> int:
@@ -854,7 +898,8 @@ def valid(cfg: Config, fmt: str, n: int, k: int) -> bool:
     tiles_k = _cdiv(k, cfg.block_k)
     whole_k = k % cfg.block_k == 0 or not cfg.dot
     return (n % cfg.block_n == 0 and whole_k and k % group == 0 and cfg.block_k % group == 0 and cfg.split_k <= tiles_k
-            and (cfg.stages == 1 or not cfg.dot) and (not cfg.tma or tma_ok(cfg, fmt, k)))
+            and (cfg.stages == 1 or not cfg.dot) and (not cfg.tma or tma_ok(cfg, fmt, k))
+            and (not cfg.x_words or (fmt == "int4g32" and not cfg.dot)))
 
 
 def call_accepts(cfg: Config, glu: bool = False, add_norm: bool = False) -> bool:
@@ -937,7 +982,8 @@ def candidates(fmt: str, n: int, k: int, m: int, sms: int = 132, tma: bool = Tru
     split-K 1-8 (while that leaves < 8 programs per SM); for M == 1 also the tensor-core path, and CUDA-core tiles
     with 2-4 stages in flight (Config.stages) where the loop after the first tile has at least as many steps as
     stages and the stages hold at most 32 KB; for one-row TMA_FORMATS and tma, also tiles through tensor
-    descriptors (_tma_candidates)."""
+    descriptors (_tma_candidates); for one-row int4 g32 tiles without stages, each with x read as words too
+    (Config.x_words: with stages it was slower, 7B's GLU 24.2 -> 32.7 µs)."""
     bits, out = _bits(fmt), []
     for dot in (False, True) if m == 1 else (True,):
         int4_cores = bits == 4 and not dot
@@ -957,6 +1003,8 @@ def candidates(fmt: str, n: int, k: int, m: int, sms: int = 132, tma: bool = Tru
                                 continue
                             if valid(cfg, fmt, n, k) and _split_ok(n, block_n, split_k, sms):
                                 out.append(cfg)
+                                if fmt == "int4g32" and m == 1 and not dot and stages == 1:  # x as words too
+                                    out.append(replace(cfg, x_words=True))
     if tma and m == 1 and fmt in TMA_FORMATS:  # tma: the GPU has the copy engine (sm_90)
         out += _tma_candidates(fmt, n, k, sms)
     return out
@@ -1134,6 +1182,8 @@ def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | N
         if as_words:
             w, block_k = w.view(torch.int32), block_k // 4
         constexprs.update(TMA=True, w_desc=TensorDescriptor(w, list(w.shape), [w.shape[1], 1], [cfg.block_n, block_k]))
+    if cfg.x_words and block_m == 1 and x.element_size() == 2:  # int4 g32 (valid); float32 x: the plain loop
+        constexprs.update(X_WORDS=True, X_BF16=x.dtype == torch.bfloat16)  # see _int4_gemv_words
     prefetch = prefetch_bytes(x.device) if w_aligned else 0
     if prefetch:
         constexprs.update(PREFETCH=prefetch)

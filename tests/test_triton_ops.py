@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -201,6 +202,45 @@ def test_first_weight_tile_loaded_before_the_pdl_wait_changes_nothing(fmt, monke
         assert torch.equal(outs[0], outs[1]), (k, cfg, glu)
         if not glu:
             assert rel_err(outs[1], ref) < BOUND[torch.bfloat16]
+
+
+@pytest.mark.parametrize("act", [torch.bfloat16, torch.float16, torch.float32])
+def test_int4_one_row_loop_reading_x_as_words(act, monkeypatch):
+    # Config.x_words (int4 g32, one row, CUDA cores): x read as int64 words of four 16-bit values, two nibble
+    # positions a 16-byte load (_int4_gemv_words). The same sums as the plain loop, up to float32 rounding: one
+    # tile per program, several with a masked tail (K = 1408), split K, GLU, with and without the first tile
+    # loaded before the PDL wait. float32 x takes the plain loop.
+    runs = [(1408, triton_ops.Config(block_n=8, block_k=2048, num_warps=2), False),
+            (1408, triton_ops.Config(block_n=16, block_k=256), True),
+            (1408, triton_ops.Config(block_n=16, block_k=512, split_k=2), False),
+            (2048, triton_ops.Config(block_n=8, block_k=2048, num_warps=2), True)]
+    for k, plain, glu in runs:
+        words = replace(plain, x_words=True)
+        assert triton_ops.valid(words, "int4g32", 256, k)
+        x, weights, ref = case("int4g32", 1, 256, k, act)
+        ref = triton_ops.glu_reference("int4g32", x, *weights) if glu else ref
+        for preload in (False, True):
+            monkeypatch.setattr(triton_ops, "preloads", lambda device, on=preload: on)
+            y = triton_ops.run_with("int4g32", x, weights, words, glu)
+            assert rel_err(y, ref) < BOUND[act], (k, plain, glu, preload)
+            assert rel_err(y, triton_ops.run_with("int4g32", x, weights, plain, glu).double()) < BOUND[act] / 10
+
+
+def test_only_one_row_int4_g32_tiles_read_x_as_words():
+    # x as words needs groups of 32 (one int64 of x per nibble position and word) and the one-row CUDA-core loop;
+    # the tuner offers it with every one-row int4 g32 tile without stages (with stages it was slower)
+    words = triton_ops.Config(block_n=16, block_k=512, x_words=True)
+    assert triton_ops.valid(words, "int4g32", 4096, 4096)
+    for fmt in ("int4g64", "int4g128", "int8", "fp8", "bfloat16"):
+        assert not triton_ops.valid(words, fmt, 4096, 4096), fmt
+    assert not triton_ops.valid(replace(words, dot=True), "int4g32", 4096, 4096)
+    cands = triton_ops.candidates("int4g32", 4096, 4096, 1)
+    with_words = [c for c in cands if c.x_words]
+    assert with_words and all(not c.dot and c.stages == 1 for c in with_words)
+    plain = {c for c in cands if not c.x_words and not c.dot and c.stages == 1}
+    assert {replace(c, x_words=False) for c in with_words} == plain
+    assert not any(c.x_words for c in triton_ops.candidates("int4g32", 4096, 4096, 16))
+    assert not any(c.x_words for c in triton_ops.candidates("int4g128", 4096, 4096, 1))
 
 
 def test_int4_layout():
@@ -792,6 +832,8 @@ def build(fn, sig, consts, num_warps=4):
         consts = {"PRELOAD": False, **consts}
     if "STAGES" in fn.arg_names:
         consts = {"STAGES": 1, **consts}
+    if "X_WORDS" in fn.arg_names:
+        consts = {"X_WORDS": False, "X_BF16": True, **consts}
     if "TMA" in fn.arg_names:  # no descriptor in the signature: the argument is None
         consts = {"TMA": False, **consts, **({} if "w_desc" in sig else {"w_desc": None})}
     attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(sig.items())
@@ -853,6 +895,14 @@ ptx = build(triton_ops._int4_kernel, sig, dict(GROUP=32, GLU=False, ATOMIC=False
 loads = re.findall(r"ld[.]global[.a-z0-9]*", ptx)
 assert (loads.count("ld.global.v2.b32"), loads.count("ld.global.v4.b32"), loads.count("ld.global.b32")) == (8, 8, 8), loads
 assert ptx.count("bar.sync") <= 4
+# X_WORDS (Config.x_words): x in 4 loads of 16 bytes (two int64 words: two nibble positions), still no shared memory
+ptx = build(triton_ops._int4_kernel, sig, dict(GROUP=32, GLU=False, ATOMIC=False, DOT_F32=False, BLOCK_M=1, BLOCK_N=8,
+                                            BLOCK_K=4096, PDL=False, PREFETCH=0, ADD_NORM=False, NORM_IN=False,
+                                            PARTS_IN=1, TAIL=False, X_WORDS=True, X_BF16=True)).asm["ptx"]
+loads = re.findall(r"ld[.]global[.a-z0-9]*", ptx)
+counts = loads.count("ld.global.v2.b64"), loads.count("ld.global.v4.b32"), loads.count("ld.global.b32")
+assert counts == (4, 8, 8), loads
+assert ptx.count("bar.sync") <= 4 and "ld.global.v2.b32" not in loads
 # PRELOAD (under PDL): the first tile's words (16-byte loads) and (scale, zero) pairs are requested before the
 # grid-dependency wait, x only after it; int8's first words too
 ptx = build(triton_ops._int4_kernel, sig, dict(GROUP=32, GLU=True, ATOMIC=False, DOT_F32=False, BLOCK_M=1, BLOCK_N=4,
