@@ -489,7 +489,8 @@ def _int4_kernel(
     # W[n, k] = (q[n, k] - 8) * scale + zero. Within a group, word j's nibble i holds q[i * GROUP/8 + j], so
     # every nibble position meets a contiguous slice of x. M > 1: _nibble_pair gives f = 1 + q/16 for odd i and
     # 1 + q/256 for even i, so W = 16 * scale * f + (zero - 24 * scale), or 256 * scale * f + (zero - 264 * scale);
-    # M = 1 multiplies the nibbles as denormal floats instead (_int4_gemv_step).
+    # M = 1 multiplies the nibbles as denormal floats instead (_int4_gemv_step; X_WORDS, GROUP 32 and 16-bit x
+    # only: _int4_gemv_words reads x as int64 words, X_BF16 saying which 16-bit type).
     # GLU: w, sz hold 2N rows (gate, then up) and y = silu(x @ gate^T) * (x @ up^T), as in _linear_kernel.
     # TAIL (M = 1 only): the last tile runs past K, its loads masked by group, as in _linear_kernel. STAGES (M = 1):
     # tiles kept in flight through shared memory, as in _linear_kernel.
