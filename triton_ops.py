@@ -392,6 +392,14 @@ def _nibble_pair(q, p: tl.constexpr):
 
 
 @triton.jit
+def _nibble_x(q, q_hi, x, i: tl.constexpr):
+    # nibble i of words q (q_hi = q >> 12 for nibbles 5..7) masked in place at bit b = 4i - 12 (i // 5), read as
+    # a float, times its x prescaled by 2^(X_EXP - b): q_i * x * 2^(X_EXP - 149) (see _int4_gemv_step)
+    b: tl.constexpr = 4 * i - 12 * (i // 5)
+    return ((q if i < 5 else q_hi) & (15 << b)).to(tl.float32, bitcast=True) * (x * 2.0 ** (X_EXP - b))
+
+
+@triton.jit
 def _int4_gemv_step(q, sz, x_ptrs, x_ok, WG: tl.constexpr):
     # one tile for M == 1: q [BLOCK_N, G, WG] words, sz [BLOCK_N, G, 2] (scale, zero), x_ptrs [1, G, WG]
     # at the tile's first word column, x_ok [1, G, 1] its groups before K -> sum over the tile of W * x per
@@ -406,10 +414,9 @@ def _int4_gemv_step(q, sz, x_ptrs, x_ok, WG: tl.constexpr):
     q_hi = q >> 12  # nibbles 5, 6, 7 at bits 8..19
     fx = tl.zeros(q.shape, dtype=tl.float32)  # sum of q * x * 2^(X_EXP - 149)
     xs = tl.zeros([1, q.shape[1], q.shape[2]], dtype=tl.float32)  # sum of x
-    for i in tl.static_range(8):  # nibble i sits at bit b = 4i - 12 (i // 5) once masked
-        f = ((q if i < 5 else q_hi) & (15 << (4 * i - 12 * (i // 5)))).to(tl.float32, bitcast=True)
+    for i in tl.static_range(8):
         x = tl.load(x_ptrs + i * WG, mask=x_ok, other=0.0).to(tl.float32)
-        fx += f * (x * 2.0 ** (X_EXP - 4 * i + 12 * (i // 5)))
+        fx += _nibble_x(q, q_hi, x, i)
         xs += x
     # per group: sum_k ((q - 8) * scale + zero) * x = scale * sum q x + (zero - 8 * scale) * sum x
     qx = tl.sum(fx, axis=2) * 2.0 ** (149 - X_EXP)
@@ -439,10 +446,7 @@ def _int4_gemv_words(q, sz, x64_ptrs, x_ok, X_BF16: tl.constexpr):
         for h in tl.static_range(2):
             lanes = _x_lanes(pair[h], X_BF16)  # lane w: the x of word w
             for w in tl.static_range(4):
-                # nibble i = 2p + h sits at bit 4i - 12 (i // 5) once masked
-                word = words[w] if 2 * p + h < 5 else words_hi[w]
-                f = (word & (15 << (8 * p + 4 * h - 12 * ((2 * p + h) // 5)))).to(tl.float32, bitcast=True)
-                fx += f * (lanes[w] * 2.0 ** (X_EXP - 8 * p - 4 * h + 12 * ((2 * p + h) // 5)))
+                fx += _nibble_x(words[w], words_hi[w], lanes[w], 2 * p + h)
                 xs += lanes[w]
     return scale * (fx * 2.0 ** (149 - X_EXP)) + (zero - 8.0 * scale) * xs
 
@@ -1004,8 +1008,9 @@ def candidates(fmt: str, n: int, k: int, m: int, sms: int = 132, tma: bool = Tru
                                 continue
                             if valid(cfg, fmt, n, k) and _split_ok(n, block_n, split_k, sms):
                                 out.append(cfg)
-                                if fmt == "int4g32" and m == 1 and not dot and stages == 1:  # x as words too
-                                    out.append(replace(cfg, x_words=True))
+                                words = replace(cfg, x_words=True)  # x as words too, where valid and without stages
+                                if stages == 1 and valid(words, fmt, n, k):
+                                    out.append(words)
     if tma and m == 1 and fmt in TMA_FORMATS:  # tma: the GPU has the copy engine (sm_90)
         out += _tma_candidates(fmt, n, k, sms)
     return out
