@@ -8,6 +8,7 @@
     python bench.py --shape 7B --mode int4 --kernels default all --repeat 2   # interleaved A/B: A B A B
     python bench.py --shape 7B --mode int8 --configs kernel_configs.json old.json --repeat 2   # two tunings
     python bench.py --shape 7B --mode int4 --prefill_graph off on --repeat 2   # prefill as a CUDA graph replay
+    python bench.py --shape 7B --mode int4 --choose variants.json --repeat 2   # table entries chosen end to end
 
 Prints one JSON line per configuration: median tok/s over --runs after a first (compiling) call (new tokens
 over the whole generate() call, the prompt's prefill included, as gpt-fast counts; prefill_ms and decode_tok_s
@@ -19,11 +20,21 @@ versions; stderr says how far each configuration got (a run cut off by a time li
 built twice in one process has differed by 11% on the H200 (README), so compare configurations interleaved:
 --repeat N runs the list N times in turn and ends with one "summary" line per configuration (its N medians
 and their median).
+
+--choose VARIANTS.json picks kernel_configs.json entries end to end, the way the README's tables were chosen
+(a tile's time alone, what bench_kernels.py --tune measures, has often ranked tiles differently from the
+model): VARIANTS maps table keys (this GPU's, for the one --mode, such as "int4g32:12288x4096:m1" or
+"int4g32:22016x4096:m1:glu") to lists of candidate entries. Key by key, in the file's order, the table's entry
+and each candidate run the workload in turn (--repeat rounds, interleaved); a candidate replaces the entry
+when its median beats the entry's by more than --choose_margin percent, and later keys are timed with the
+entries kept so far. One JSON line per key, then the table as chosen is written whole to --choose_out (the
+shipped kernel_configs.json is left as it is; copy it over after bench_kernels.py --check passes with it).
 """
 import argparse
 import itertools
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -235,6 +246,85 @@ def pdl_used(device: str) -> bool:
     return quantize.triton_ops.uses_pdl(torch.device(device))
 
 
+def table_format(mode: str) -> str:
+    # the format name of the table keys a quantize.py mode's matmuls use ("int4-g64" -> "int4g64")
+    if mode == "bf16":
+        return "bfloat16"
+    base, groupsize = quantize.parse_mode(mode)
+    return f"int4g{groupsize}" if base.startswith("int4") else base
+
+
+def read_variants(path: str, mode: str) -> dict[str, list[dict]]:
+    """--choose's file: {table key: [candidate entries]}, each a triton_ops.Config its call can run (a ":glu" or
+    ":k1" key whole-K, an ":add_norm" key whole norm slots) in the format --mode uses. ValueError: what is wrong."""
+    quantize.load_kernels()
+    t = quantize.triton_ops
+    try:
+        variants = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({type(e).__name__})") from e
+    if not isinstance(variants, dict) or not variants:
+        raise ValueError(f"{path}: expected an object of table keys to lists of candidate entries")
+    fmt = table_format(mode)
+    for key, cands in variants.items():
+        m = re.fullmatch(r"([a-z0-9]+):(\d+)x(\d+):m(\d+)(?::(glu|add_norm|k1))?", key)
+        if m is None:
+            raise ValueError(f"{path}: {key!r} is not a table key such as int8:4096x4096:m1 or ...:m1:glu")
+        if m[1] != fmt:
+            raise ValueError(f"{path}: {key!r} is a {m[1]} key, but --mode {mode} runs {fmt} matmuls")
+        if not isinstance(cands, list) or not cands or not all(isinstance(c, dict) for c in cands):
+            raise ValueError(f"{path}: {key!r} needs a non-empty list of entries")
+        n, k, call = int(m[2]), int(m[3]), m[5]
+        for c in cands:
+            try:
+                cfg = t.Config(**c)
+            except TypeError as e:
+                raise ValueError(f"{path}: {key!r}: {c} is not a kernel config ({e})") from e
+            if not (t.valid(cfg, fmt, n, k) and t.call_accepts(cfg, call in ("glu", "k1"), call == "add_norm")):
+                raise ValueError(f"{path}: {key!r}: {c} cannot run that call")
+    return variants
+
+
+def choose(args, mode: str, copy_gbs: float, variants: dict[str, list[dict]], out: Path, margin: float) -> list[str]:
+    """--choose (see the module's docstring): returns the keys whose entry changed."""
+    import tempfile
+
+    quantize.load_kernels()
+    table = json.loads(quantize.triton_ops.CONFIG_FILE.read_text())
+    mine = table.setdefault(quantize.triton_ops._device_name(torch.device(args.device)), {})
+
+    def put(key: str, entry: dict | None) -> None:  # None: no entry (the key's fallbacks, then the heuristic)
+        mine.pop(key, None)
+        if entry is not None:
+            mine[key] = entry
+
+    changed = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, cands in variants.items():
+            trials = [mine.get(key)] + cands
+            speeds = [[] for _ in trials]
+            for _ in range(args.repeat):
+                for i, entry in enumerate(trials):
+                    print(f"bench: --choose {key}: {'the table' if i == 0 else 'candidate'} {entry}", file=sys.stderr)
+                    put(key, entry)
+                    path = Path(tmp) / f"trial{i}.json"
+                    path.write_text(json.dumps(table))
+                    row = run(args, mode, copy_gbs, "default", args.pdl[0], str(path), args.prefill_graph[0])
+                    speeds[i].append(row["tok_s"])
+            medians = [statistics.median(v) for v in speeds]
+            best = max(range(len(trials)), key=medians.__getitem__)
+            keep = best if best > 0 and medians[best] > medians[0] * (1 + margin) else 0
+            put(key, trials[keep])
+            if keep:
+                changed.append(key)
+            print(json.dumps({"choose": key, "entries": trials, "tok_s": medians, "runs_tok_s": speeds,
+                              "kept": trials[keep], "changed": keep > 0}), flush=True)  # fmt: skip
+    tmp_out = out.with_name(out.name + ".tmp")
+    tmp_out.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp_out, out)  # written whole or not at all
+    return changed
+
+
 def versions() -> dict:
     try:
         import triton
@@ -268,6 +358,11 @@ def main(argv=None) -> None:
                    help="short prompts' prefill as a CUDA graph replay (generate.PrefillGraphs; needs the compiled decode)")
     p.add_argument("--configs", nargs="+", default=[None], metavar="JSON",
                    help="files of tuned block sizes to compare (kernel_configs.json's format; default: that file)")
+    p.add_argument("--choose", metavar="JSON", help="choose table entries end to end among these candidates "
+                   "(see above); one --mode")
+    p.add_argument("--choose_out", default="chosen_configs.json", help="where --choose writes the table it chose")
+    p.add_argument("--choose_margin", type=float, default=0.5,
+                   help="percent a candidate must beat the table's entry by to replace it (default 0.5)")
     p.add_argument("--breakdown", action="store_true", help="also profile GPU time per token by kind of kernel")
     p.add_argument("--device", default=gen.default_device())
     args = p.parse_args(argv)
@@ -278,8 +373,23 @@ def main(argv=None) -> None:
             json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
             p.error(f"--configs {path}: not a readable JSON file ({type(e).__name__})")
+    variants = None
+    if args.choose:
+        if len(args.mode) != 1 or args.configs != [None] or args.kernels != ["default"] or len(args.pdl) > 1 \
+                or len(args.prefill_graph) > 1:  # fmt: skip
+            p.error("--choose takes one --mode, one --pdl and --prefill_graph setting, the default kernels and no --configs")
+        try:
+            variants = read_variants(args.choose, args.mode[0])
+        except ValueError as e:
+            p.error(f"--choose {e}")
+        if not Path(args.choose_out).resolve().parent.is_dir():
+            p.error(f"--choose_out {args.choose_out}: no such directory")
     gen.setup_compile(args.compile, args.compile_prefill)
     copy_gbs = copy_bandwidth(args.device)
+    if variants is not None:
+        changed = choose(args, args.mode[0], copy_gbs, variants, Path(args.choose_out), args.choose_margin / 100)
+        print(json.dumps({"chosen": args.choose_out, "changed": changed}), flush=True)
+        return
     medians: dict[tuple, list[float]] = {}  # (mode, kernels, pdl, configs, prefill graph) -> tok/s of each repeat
     for mode in args.mode:
         for _ in range(args.repeat):

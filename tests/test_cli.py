@@ -215,3 +215,61 @@ def test_bench_compares_tuned_config_files(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         bench.main(["--shape", "tiny", "--device", "cpu", "--configs", str(bad)])
     assert "not a readable JSON file" in capsys.readouterr().err
+
+
+def test_bench_chooses_table_entries_end_to_end(tmp_path, capsys, monkeypatch):
+    # --choose: key by key, the table's entry and each candidate run the workload; a candidate replaces the entry
+    # only when it beats it by more than the margin, later keys are timed with the entries kept so far, and the
+    # table as chosen is written whole to --choose_out while the shipped kernel_configs.json stays as it is
+    import bench
+    import triton_ops
+
+    shipped = triton_ops.CONFIG_FILE.read_text()
+    entry = lambda bn, split=1: {"block_n": bn, "block_k": 128, "split_k": split, "num_warps": 4,  # noqa: E731
+                                 "num_stages": 2, "dot": False}  # fmt: skip
+    a, b = "int8:256x128:m1", "int8:128x256:m1:glu"
+    variants = tmp_path / "variants.json"
+    variants.write_text(json.dumps({a: [entry(32), entry(64)], b: [entry(16)]}))
+    speed = {None: 100.0, 32: 100.3, 64: 102.0, 16: 100.2}  # 32: within the 0.5% margin; 64: kept
+    timed = []
+
+    def fake_run(args, mode, copy_gbs, kernels, pdl, configs, prefill_graph):
+        mine = json.loads(Path(configs).read_text())["cpu"]
+        timed.append((mine.get(a, {}).get("block_n"), mine.get(b, {}).get("block_n")))
+        cfg = mine.get(b) if len(timed) > 3 * 2 else mine.get(a)  # the first key's 3 trials x 2 rounds, then b's
+        return {"tok_s": speed[cfg and cfg["block_n"]]}
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    out = tmp_path / "chosen.json"
+    bench.main(["--shape", "tiny", "--device", "cpu", "--mode", "int8", "--choose", str(variants),
+                "--choose_out", str(out), "--repeat", "2"])  # fmt: skip
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["choose"] for r in rows[:2]] == [a, b] and rows[2] == {"chosen": str(out), "changed": [a]}
+    assert rows[0]["tok_s"] == [100.0, 100.3, 102.0] and rows[0]["kept"] == entry(64) and rows[1]["kept"] is None
+    # interleaved rounds; b's trials run with a's new entry in force
+    assert timed == [(None, None), (32, None), (64, None)] * 2 + [(64, None), (64, 16)] * 2
+    chosen = json.loads(out.read_text())
+    assert chosen["cpu"][a] == entry(64) and b not in chosen["cpu"]
+    assert {k: v for k, v in chosen.items() if k != "cpu"} == {k: v for k, v in json.loads(shipped).items() if k != "cpu"}
+    assert triton_ops.CONFIG_FILE.read_text() == shipped
+    # bad input: a one-line error and no output file
+    out.unlink()
+    for bad, message in [({a: [entry(48)]}, "cannot run that call"),  # 256 rows are not whole tiles of 48
+                         ({b: [entry(16, split=2)]}, "cannot run that call"),  # a GLU call cannot split K
+                         ({"int4g32:256x128:m1": [entry(32)]}, "runs int8 matmuls"),
+                         ({a: [{"block_n": 32, "tiles": 2}]}, "not a kernel config"),
+                         ({"int8:256x128": [entry(32)]}, "not a table key")]:  # fmt: skip
+        variants.write_text(json.dumps(bad))
+        with pytest.raises(SystemExit):
+            bench.main(["--shape", "tiny", "--device", "cpu", "--mode", "int8", "--choose", str(variants),
+                        "--choose_out", str(out)])  # fmt: skip
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert message in err and "error: --choose " in err, err
+    with pytest.raises(SystemExit):
+        bench.main(["--shape", "tiny", "--device", "cpu", "--mode", "int8", "fp8", "--choose", str(variants)])
+    assert "one --mode" in capsys.readouterr().err and not out.exists()
+    variants.write_text(json.dumps({a: [entry(32)]}))
+    with pytest.raises(SystemExit):  # refused before any run, not after them
+        bench.main(["--shape", "tiny", "--device", "cpu", "--mode", "int8", "--choose", str(variants),
+                    "--choose_out", str(tmp_path / "missing" / "chosen.json")])  # fmt: skip
+    assert "no such directory" in capsys.readouterr().err
