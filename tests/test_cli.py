@@ -240,8 +240,9 @@ def test_bench_chooses_table_entries_end_to_end(tmp_path, capsys, monkeypatch):
         return {"tok_s": speed[cfg and cfg["block_n"]]}
 
     monkeypatch.setattr(bench, "run", fake_run)
+    keep_inductor_pdl(monkeypatch)
     out = tmp_path / "chosen.json"
-    bench.main(["--shape", "tiny", "--device", "cpu", "--mode", "int8", "--choose", str(variants),
+    bench.main(["--shape", "tiny", "--device", "cpu", "--no_compile", "--mode", "int8", "--choose", str(variants),
                 "--choose_out", str(out), "--repeat", "2"])  # fmt: skip
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [r["choose"] for r in rows[:2]] == [a, b] and rows[2] == {"chosen": str(out), "changed": [a]}
@@ -261,15 +262,16 @@ def test_bench_chooses_table_entries_end_to_end(tmp_path, capsys, monkeypatch):
                          ({"int8:256x128": [entry(32)]}, "not a table key")]:  # fmt: skip
         variants.write_text(json.dumps(bad))
         with pytest.raises(SystemExit):
-            bench.main(["--shape", "tiny", "--device", "cpu", "--mode", "int8", "--choose", str(variants),
-                        "--choose_out", str(out)])  # fmt: skip
+            bench.main(["--shape", "tiny", "--device", "cpu", "--no_compile", "--mode", "int8", "--choose",
+                        str(variants), "--choose_out", str(out)])  # fmt: skip
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert message in err and "error: --choose " in err, err
     with pytest.raises(SystemExit):
-        bench.main(["--shape", "tiny", "--device", "cpu", "--mode", "int8", "fp8", "--choose", str(variants)])
+        bench.main(["--shape", "tiny", "--device", "cpu", "--no_compile", "--mode", "int8", "fp8", "--choose",
+                    str(variants)])  # fmt: skip
     assert "one --mode" in capsys.readouterr().err and not out.exists()
     variants.write_text(json.dumps({a: [entry(32)]}))
     with pytest.raises(SystemExit):  # refused before any run, not after them
-        bench.main(["--shape", "tiny", "--device", "cpu", "--mode", "int8", "--choose", str(variants),
-                    "--choose_out", str(tmp_path / "missing" / "chosen.json")])  # fmt: skip
+        bench.main(["--shape", "tiny", "--device", "cpu", "--no_compile", "--mode", "int8", "--choose",
+                    str(variants), "--choose_out", str(tmp_path / "missing" / "chosen.json")])  # fmt: skip
     assert "no such directory" in capsys.readouterr().err
