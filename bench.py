@@ -34,7 +34,6 @@ import argparse
 import itertools
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -255,8 +254,8 @@ def table_format(mode: str) -> str:
 
 
 def read_variants(path: str, mode: str) -> dict[str, list[dict]]:
-    """--choose's file: {table key: [candidate entries]}, each a triton_ops.Config its call can run (a ":glu" or
-    ":k1" key whole-K, an ":add_norm" key whole norm slots) in the format --mode uses. ValueError: what is wrong."""
+    """--choose's file: {table key: [candidate entries]}, each a triton_ops.Config its key's call can run
+    (triton_ops.entry_ok), the keys in the format --mode uses. ValueError: what is wrong."""
     quantize.load_kernels()
     t = quantize.triton_ops
     try:
@@ -267,20 +266,20 @@ def read_variants(path: str, mode: str) -> dict[str, list[dict]]:
         raise ValueError(f"{path}: expected an object of table keys to lists of candidate entries")
     fmt = table_format(mode)
     for key, cands in variants.items():
-        m = re.fullmatch(r"([a-z0-9]+):(\d+)x(\d+):m(\d+)(?::(glu|add_norm|k1))?", key)
-        if m is None:
-            raise ValueError(f"{path}: {key!r} is not a table key such as int8:4096x4096:m1 or ...:m1:glu")
-        if m[1] != fmt:
-            raise ValueError(f"{path}: {key!r} is a {m[1]} key, but --mode {mode} runs {fmt} matmuls")
+        try:
+            key_fmt = t.parse_key(key)[0]
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+        if key_fmt != fmt:
+            raise ValueError(f"{path}: {key!r} is a {key_fmt} key, but --mode {mode} runs {fmt} matmuls")
         if not isinstance(cands, list) or not cands or not all(isinstance(c, dict) for c in cands):
             raise ValueError(f"{path}: {key!r} needs a non-empty list of entries")
-        n, k, call = int(m[2]), int(m[3]), m[5]
         for c in cands:
             try:
                 cfg = t.Config(**c)
             except TypeError as e:
                 raise ValueError(f"{path}: {key!r}: {c} is not a kernel config ({e})") from e
-            if not (t.valid(cfg, fmt, n, k) and t.call_accepts(cfg, call in ("glu", "k1"), call == "add_norm")):
+            if not t.entry_ok(key, cfg):
                 raise ValueError(f"{path}: {key!r}: {c} cannot run that call")
     return variants
 
@@ -319,9 +318,7 @@ def choose(args, mode: str, copy_gbs: float, variants: dict[str, list[dict]], ou
                 changed.append(key)
             print(json.dumps({"choose": key, "entries": trials, "tok_s": medians, "runs_tok_s": speeds,
                               "kept": trials[keep], "changed": keep > 0}), flush=True)  # fmt: skip
-    tmp_out = out.with_name(out.name + ".tmp")
-    tmp_out.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp_out, out)  # written whole or not at all
+    quantize.triton_ops.write_table(table, out)
     return changed
 
 

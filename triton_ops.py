@@ -50,6 +50,7 @@ interpreter (numpy): slow, but it lets CPU CI test them on small shapes.
 import functools
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -913,6 +914,24 @@ def call_accepts(cfg: Config, glu: bool = False, add_norm: bool = False) -> bool
     return not (glu and cfg.split_k > 1) and not (add_norm and cfg.block_n % NORM_SLOT)
 
 
+def parse_key(key: str) -> tuple[str, int, int, int, str]:
+    """A table key (config_key's, and ":glu", ":add_norm" or ":k1" after it) -> (fmt, N, K, row bucket, call:
+    "" or that suffix). ValueError if it is not one."""
+    m = re.fullmatch(r"([a-z0-9]+):(\d+)x(\d+):m(1|4|16)(?::(glu|add_norm|k1))?", key)
+    if m is None:
+        raise ValueError(f"{key!r} is not a table key such as int8:4096x4096:m1 or ...:m1:glu")
+    return m[1], int(m[2]), int(m[3]), int(m[4]), m[5] or ""
+
+
+def entry_ok(key: str, cfg: Config) -> bool:
+    # whether a table entry is a config its key's call can run: valid for the weight (a ":glu" key's N counts the
+    # gate and up halves, each call's tiles cover one), whole K for ":glu" and ":k1" (the whole-K entry GLU calls
+    # fall back to), whole norm slots for ":add_norm", and the tensor cores for more rows than one
+    fmt, n, k, m, call = parse_key(key)
+    return (valid(cfg, fmt, n // 2 if call == "glu" else n, k) and (cfg.dot or m == 1)
+            and call_accepts(cfg, call in ("glu", "k1"), call == "add_norm"))
+
+
 TMA_FORMATS = ("bfloat16", "float16", "fp8", "int8")  # the formats whose one-row tiles may come through descriptors
 
 
@@ -1061,11 +1080,16 @@ def store_configs(configs: dict[str, Config], device: torch.device, path: Path =
     # merge tuned configs (config_key -> Config) into path under this GPU's name; written whole or not at all
     table = json.loads(path.read_text()) if path.exists() else {}
     table.setdefault(_device_name(device), {}).update({key: asdict(cfg) for key, cfg in configs.items()})
+    write_table(table, path)
+    _TABLE.clear()
+    _TABLE.update(table)
+
+
+def write_table(table: dict, path: Path) -> None:
+    # a {gpu name: {key: entry}} table in kernel_configs.json's layout, written whole or not at all
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
-    _TABLE.clear()
-    _TABLE.update(table)
 
 
 def get_config(fmt: str, n: int, k: int, m: int, device: torch.device, split: bool = True,

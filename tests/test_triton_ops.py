@@ -352,21 +352,31 @@ def test_supported_routes_only_decode_sized_gpu_inputs():
 
 def test_every_shipped_table_entry_is_a_config_its_call_can_run():
     # kernel_configs.json is written by the tuner and edited by hand after end-to-end A/Bs: each entry must
-    # still be a Config its key's call accepts (GLU calls whole K and N / 2 rows a half, add_norm whole norm slots)
+    # still be a Config its key's call accepts (entry_ok: GLU calls whole K and N / 2 rows a half, add_norm whole
+    # norm slots, more rows than one on the tensor cores), under a key parse_key reads (m1, m4 or m16, and
+    # :glu, :add_norm or :k1 or nothing after it)
     table = json.loads(triton_ops.CONFIG_FILE.read_text())
     checked = 0
     for gpu, entries in table.items():
         for key, entry in entries.items():
-            fmt, shape, bucket, *call = key.split(":")
-            n, k = map(int, shape.split("x"))
-            cfg = triton_ops.Config(**entry)
-            assert bucket in ("m1", "m4", "m16") and call in ([], ["glu"], ["add_norm"], ["k1"]), (gpu, key)
-            assert triton_ops.valid(cfg, fmt, n // 2 if call == ["glu"] else n, k), (gpu, key, cfg)
-            assert cfg.dot or bucket == "m1", (gpu, key, cfg)  # more rows than one: tensor cores only
-            glu = call in (["glu"], ["k1"])  # k1: the whole-K entry GLU calls fall back to
-            assert triton_ops.call_accepts(cfg, glu, call == ["add_norm"]), (gpu, key, cfg)
+            triton_ops.parse_key(key)
+            assert triton_ops.entry_ok(key, triton_ops.Config(**entry)), (gpu, key, entry)
             checked += 1
     assert checked > 100
+    # what entry_ok refuses: tiles past N (a GLU key's N counts both halves), split K in a GLU or whole-K
+    # entry, part of a norm slot, CUDA cores for more rows than one; and keys parse_key does not read
+    cfg = triton_ops.Config(block_n=64, block_k=256)
+    assert triton_ops.entry_ok("int8:4096x4096:m1", cfg) and triton_ops.entry_ok("int8:128x4096:m1:glu", cfg)
+    assert not triton_ops.entry_ok("int8:192x4096:m1:glu", cfg)  # 96 rows a half
+    for suffix in (":glu", ":k1"):
+        assert not triton_ops.entry_ok("int8:4096x4096:m1" + suffix, replace(cfg, split_k=2))
+    assert not triton_ops.entry_ok("int8:4096x4096:m1:add_norm", replace(cfg, block_n=triton_ops.NORM_SLOT // 2))
+    assert not triton_ops.entry_ok("int8:4096x4096:m16", cfg) and triton_ops.entry_ok("int8:4096x4096:m16",
+                                                                                        replace(cfg, dot=True))
+    for key in ("int8:4096x4096", "int8:4096x4096:m2", "int8:4096x4096:m1:gate", "int8:4096:m1"):
+        with pytest.raises(ValueError):
+            triton_ops.parse_key(key)
+    assert triton_ops.parse_key("int4g32:22016x4096:m1:glu") == ("int4g32", 22016, 4096, 1, "glu")
 
 
 def test_tuned_table_overrides_the_heuristic(monkeypatch):
