@@ -25,7 +25,8 @@ and their median).
 (a tile's time alone, what bench_kernels.py --tune measures, has often ranked tiles differently from the
 model): VARIANTS maps table keys (this GPU's, for the one --mode, such as "int4g32:12288x4096:m1" or
 "int4g32:22016x4096:m1:glu") to lists of candidate entries. Key by key, in the file's order, the table's entry
-and each candidate run the workload in turn (--repeat rounds, interleaved); a candidate replaces the entry
+and each candidate run the workload in turn (--repeat rounds, interleaved; two unless given: in one round the
+same table has run 2% apart within one process on the H100); a candidate replaces the entry
 when its median beats the entry's by more than --choose_margin percent, and later keys are timed with the
 entries kept so far. One JSON line per key, then the table as chosen is written whole to --choose_out (the
 shipped kernel_configs.json is left as it is; copy it over after bench_kernels.py --check passes with it).
@@ -348,7 +349,8 @@ def main(argv=None) -> None:
                    help="what uses triton_ops.py (FASTGEN_KERNELS): default (int8,fp8,int4,attn,glu,norm,rope,sample), all, stock "
                         "(torch's own: cuBLAS, tinygemm, inductor, sdpa), or a list of bf16 int8 fp8 int4 attn glu rope "
                         "norm sample such as int8,attn")
-    p.add_argument("--repeat", type=int, default=1, help="run the list of configurations this many times, interleaved")
+    p.add_argument("--repeat", type=int, help="run the list of configurations this many times, interleaved "
+                   "(default 1; 2 with --choose)")
     p.add_argument("--pdl", nargs="+", choices=["on", "off"], default=["on"],
                    help="programmatic dependent launch between the decode step's kernels (sm_90+; FASTGEN_PDL)")
     p.add_argument("--prefill_graph", nargs="+", choices=["on", "off"], default=["on"],
@@ -363,6 +365,10 @@ def main(argv=None) -> None:
     p.add_argument("--breakdown", action="store_true", help="also profile GPU time per token by kind of kernel")
     p.add_argument("--device", default=gen.default_device())
     args = p.parse_args(argv)
+    if args.repeat is None:
+        args.repeat = 2 if args.choose else 1
+    if args.repeat < 1:
+        p.error(f"--repeat {args.repeat}: must be at least 1")
     if args.breakdown and not args.device.startswith("cuda"):
         p.error("--breakdown profiles GPU kernels: it needs --device cuda")
     for path in filter(None, args.configs):

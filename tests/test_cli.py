@@ -243,7 +243,7 @@ def test_bench_chooses_table_entries_end_to_end(tmp_path, capsys, monkeypatch):
     keep_inductor_pdl(monkeypatch)
     out = tmp_path / "chosen.json"
     bench.main(["--shape", "tiny", "--device", "cpu", "--no_compile", "--mode", "int8", "--choose", str(variants),
-                "--choose_out", str(out), "--repeat", "2"])  # fmt: skip
+                "--choose_out", str(out)])  # fmt: skip  (two rounds unless --repeat says otherwise)
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [r["choose"] for r in rows[:2]] == [a, b] and rows[2] == {"chosen": str(out), "changed": [a]}
     assert rows[0]["tok_s"] == [100.0, 100.3, 102.0] and rows[0]["kept"] == entry(64) and rows[1]["kept"] is None
@@ -275,3 +275,7 @@ def test_bench_chooses_table_entries_end_to_end(tmp_path, capsys, monkeypatch):
         bench.main(["--shape", "tiny", "--device", "cpu", "--no_compile", "--mode", "int8", "--choose",
                     str(variants), "--choose_out", str(tmp_path / "missing" / "chosen.json")])  # fmt: skip
     assert "no such directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--shape", "tiny", "--device", "cpu", "--no_compile", "--mode", "int8", "--choose",
+                    str(variants), "--choose_out", str(out), "--repeat", "0"])  # fmt: skip
+    assert "--repeat 0: must be at least 1" in capsys.readouterr().err and not out.exists()
