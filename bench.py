@@ -167,7 +167,7 @@ def profile_step(model: Transformer, prompt: list[int], sampling: dict, tokens: 
     the twelve largest 'other' kernels (us and launches per token); and the critical path (critical_path): the
     time each kernel adds to the step, which under programmatic dependent launch is what it costs (its own
     GPU time then includes its wait for the kernel before it), by kind and for the sixteen costliest kernels
-    by name and grid, plus the time the GPU sat idle and the eight kernels it most waited for (idle_before: µs
+    by name, grid and the kernel before it (after_previous), plus the time the GPU sat idle and the eight kernels it most waited for (idle_before: µs
     per token, the number of gaps, the longest gap in µs)."""
     import tempfile
 
@@ -193,11 +193,11 @@ def profile_step(model: Transformer, prompt: list[int], sampling: dict, tokens: 
         events = json.loads(trace.read_text()).get("traceEvents", [])
     kernels = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), kernel_key(e)) for e in events
                if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]  # fmt: skip
-    path, idle_before = critical_path(kernels)
+    path, idle_before = critical_path(after_previous(kernels))
     idle = sum(map(sum, idle_before.values()))
     by_kind = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
     for key, (us, _) in path.items():
-        by_kind[kernel_kind(key)] += us
+        by_kind[kernel_kind(key.split(AFTER)[0])] += us
     costly = sorted(path.items(), key=lambda kv: -kv[1][0])[:16]
     return {**{k: round(v / tokens, 1) for k, v in totals.items()}, "kernels": round(launches / tokens, 1),
             "top_other": {k: [round(us / tokens, 1), round(n / tokens, 1)] for k, (us, n) in top},
@@ -209,6 +209,20 @@ def profile_step(model: Transformer, prompt: list[int], sampling: dict, tokens: 
 
 def kernel_kind(name: str) -> str:
     return next((k for k, keys in KERNEL_KINDS if any(s in name for s in keys)), "other")
+
+
+AFTER = " after "
+
+
+def after_previous(kernels: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """(start, end, key) of kernels -> the same in order of start, each key followed by AFTER and the name of the
+    kernel that started before it: calls of one kernel with one grid (a layer's wo and w2, say) then tell apart
+    by what precedes them (the attention, the SwiGLU matmul)."""
+    out, prev = [], "the first"
+    for start, end, key in sorted(kernels):
+        out.append((start, end, key + AFTER + prev))
+        prev = key.split(" grid=")[0][:40]
+    return out
 
 
 def kernel_key(event: dict) -> str:

@@ -185,6 +185,11 @@ def test_bench_breakdown_charges_each_kernel_what_it_adds_to_the_step():
     assert bench.critical_path([]) == ({}, {})
     assert bench.kernel_kind("_int4_kernel grid=[1, 2, 3]") == "matmul" and bench.kernel_kind("triton_poi_x") == "other"
     assert bench.kernel_key({"name": "_linear_kernel", "args": {"grid": [64, 1, 1]}}) == "_linear_kernel grid=[64, 1, 1]"
+    # calls of one kernel and grid keyed apart by the kernel that started before each (wo after the attention,
+    # w2 after the SwiGLU matmul)
+    calls = [(5.0, 6.0, "mm grid=[8]"), (0.0, 4.0, "attn grid=[2]"), (4.0, 5.0, "mm grid=[8]"), (6.0, 7.0, "mm grid=[4]")]
+    assert bench.after_previous(calls) == [(0.0, 4.0, "attn grid=[2] after the first"), (4.0, 5.0, "mm grid=[8] after attn"),
+                                           (5.0, 6.0, "mm grid=[8] after mm"), (6.0, 7.0, "mm grid=[4] after mm")]  # fmt: skip
 
 
 def test_bench_compares_tuned_config_files(tmp_path, capsys, monkeypatch):
