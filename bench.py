@@ -166,9 +166,7 @@ def profile_step(model: Transformer, prompt: list[int], sampling: dict, tokens: 
     kernel launches per token; GPU time per token by kind of kernel (matmul / attention / everything else) and
     the twelve largest 'other' kernels (us and launches per token); and the critical path (critical_path): the
     time each kernel adds to the step, which under programmatic dependent launch is what it costs (its own
-    GPU time then includes its wait for the kernel before it), by kind and for the sixteen costliest kernels
-    by name, grid and the kernel before it (after_previous), plus the time the GPU sat idle and the eight kernels it most waited for (idle_before: µs
-    per token, the number of gaps, the longest gap in µs)."""
+    GPU time then includes its wait for the kernel before it; trace_path)."""
     import tempfile
 
     from torch.profiler import ProfilerActivity, profile
@@ -191,6 +189,16 @@ def profile_step(model: Transformer, prompt: list[int], sampling: dict, tokens: 
         trace = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace))
         events = json.loads(trace.read_text()).get("traceEvents", [])
+    return {**{k: round(v / tokens, 1) for k, v in totals.items()}, "kernels": round(launches / tokens, 1),
+            "top_other": {k: [round(us / tokens, 1), round(n / tokens, 1)] for k, (us, n) in top},
+            "critical_path": trace_path(events, tokens)}
+
+
+def trace_path(events: list[dict], tokens: int) -> dict:
+    """A chrome trace's events -> the critical path per token (critical_path over its kernels, copies and
+    fills): µs by kind of kernel, idle µs, the sixteen costliest kernels by name, grid and the kernel that
+    started before each (after_previous; [µs, calls] per token), and the eight kernels the GPU most waited for
+    (idle_before: [µs per token, the number of gaps, the longest gap in µs])."""
     kernels = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), kernel_key(e)) for e in events
                if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]  # fmt: skip
     path, idle_before = critical_path(after_previous(kernels))
@@ -199,12 +207,10 @@ def profile_step(model: Transformer, prompt: list[int], sampling: dict, tokens: 
     for key, (us, _) in path.items():
         by_kind[kernel_kind(key.split(AFTER)[0])] += us
     costly = sorted(path.items(), key=lambda kv: -kv[1][0])[:16]
-    return {**{k: round(v / tokens, 1) for k, v in totals.items()}, "kernels": round(launches / tokens, 1),
-            "top_other": {k: [round(us / tokens, 1), round(n / tokens, 1)] for k, (us, n) in top},
-            "critical_path": {**{k: round(v / tokens, 1) for k, v in by_kind.items()}, "idle": round(idle / tokens, 1),
-                              "top": {k: [round(us / tokens, 2), round(n / tokens, 2)] for k, (us, n) in costly},
-                              "idle_before": {k: [round(sum(gaps) / tokens, 2), len(gaps), round(max(gaps), 1)]
-                                              for k, gaps in sorted(idle_before.items(), key=lambda kv: -sum(kv[1]))[:8]}}}  # fmt: skip
+    return {**{k: round(v / tokens, 1) for k, v in by_kind.items()}, "idle": round(idle / tokens, 1),
+            "top": {k: [round(us / tokens, 2), round(n / tokens, 2)] for k, (us, n) in costly},
+            "idle_before": {k: [round(sum(gaps) / tokens, 2), len(gaps), round(max(gaps), 1)]
+                            for k, gaps in sorted(idle_before.items(), key=lambda kv: -sum(kv[1]))[:8]}}  # fmt: skip
 
 
 def kernel_kind(name: str) -> str:

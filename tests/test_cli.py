@@ -192,6 +192,30 @@ def test_bench_breakdown_charges_each_kernel_what_it_adds_to_the_step():
                                            (5.0, 6.0, "mm grid=[8] after mm"), (6.0, 7.0, "mm grid=[4] after mm")]  # fmt: skip
 
 
+def test_bench_breakdown_reads_a_trace_per_call():
+    # --breakdown's trace side: kernels, copies and fills of a chrome trace (other events ignored), two tokens of
+    # w13 -> w2 -> qkv -> attention -> wo; w2 and wo share a kernel and grid and are told apart by what precedes
+    # them; the kinds ignore that suffix (an "_attention_kernel" after it does not make wo an attention kernel)
+    import bench
+
+    def kernel(name, ts, dur, grid, cat="kernel"):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": {"grid": grid}}
+
+    events = [{"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0.0, "dur": 500.0}]
+    for t0 in (0.0, 100.0):
+        events += [kernel("_int4_kernel", t0, 20.0, [5504, 1, 1]), kernel("_int4_kernel", t0 + 20.0, 12.0, [512, 1, 1]),
+                   kernel("_int4_kernel", t0 + 32.0, 10.0, [3072, 1, 1]), kernel("_attention_kernel", t0 + 40.0, 8.0, [32, 4, 1]),
+                   kernel("_int4_kernel", t0 + 47.0, 6.0, [512, 1, 1])]  # fmt: skip
+    events.append(kernel("Memcpy DtoD (Device -> Device)", 60.0, 1.0, None, cat="gpu_memcpy"))
+    path = bench.trace_path(events, tokens=2)
+    wo, w2 = "_int4_kernel grid=[512, 1, 1] after _attention_kernel", "_int4_kernel grid=[512, 1, 1] after _int4_kernel"
+    assert path["top"][wo] == [5.0, 1.0] and path["top"][w2] == [12.0, 1.0]  # wo: 5 of its 6 µs past the attention
+    # per token: w13 20 + w2 12 + qkv 10 + wo 5 µs of matmuls; the attention 6 past qkv; the copy 1 µs in 2 tokens
+    assert path["matmul"] == 47.0 and path["attention"] == 6.0 and path["other"] == 0.5
+    assert path["idle"] == (7.0 + 39.0) / 2 and set(path["idle_before"]) == {"Memcpy DtoD (Device -> Device) after _int4_kernel",
+                                                                             "_int4_kernel grid=[5504, 1, 1] after Memcpy DtoD (Device -> Device)"}  # fmt: skip
+
+
 def test_bench_compares_tuned_config_files(tmp_path, capsys, monkeypatch):
     # --configs: each file's block sizes are in force for its configuration (interleaved with --repeat), and
     # the shipped table again afterwards; a file that is not JSON is a one-line error
