@@ -8,7 +8,8 @@
     python bench.py --shape 7B --mode int4 --kernels default all --repeat 2   # interleaved A/B: A B A B
     python bench.py --shape 7B --mode int8 --configs kernel_configs.json old.json --repeat 2   # two tunings
     python bench.py --shape 7B --mode int4 --prefill_graph off on --repeat 2   # prefill as a CUDA graph replay
-    python bench.py --shape 7B --mode int4 --choose variants.json --repeat 2   # table entries chosen end to end
+    python bench.py --shape 7B --mode int4 --choose variants.json   # table entries chosen end to end
+    python bench.py --mode int8 --choose wo.json --choose_shapes 7B 8B   # ... for a key both shapes use
 
 Prints one JSON line per configuration: median tok/s over --runs after a first (compiling) call (new tokens
 over the whole generate() call, the prompt's prefill included, as gpt-fast counts; prefill_ms and decode_tok_s
@@ -28,8 +29,10 @@ model): VARIANTS maps table keys (this GPU's, for the one --mode, such as "int4g
 and each candidate run the workload in turn (--repeat rounds, interleaved; two unless given: in one round the
 same table has run 2% apart within one process on the H100); a candidate replaces the entry
 when its median beats the entry's by more than --choose_margin percent, and later keys are timed with the
-entries kept so far. One JSON line per key, then the table as chosen is written whole to --choose_out (the
-shipped kernel_configs.json is left as it is; copy it over after bench_kernels.py --check passes with it).
+entries kept so far. --choose_shapes 7B 8B times every trial on each shape (a key such as int8:4096x4096:m1
+serves both): a candidate may then lose no shape by more than the margin and must gain more than it on average.
+One JSON line per key, then the table as chosen is written whole to --choose_out (the shipped
+kernel_configs.json is left as it is; copy it over after bench_kernels.py --check passes with it).
 """
 import argparse
 import itertools
@@ -319,21 +322,24 @@ def choose(args, mode: str, copy_gbs: float, variants: dict[str, list[dict]], ou
             mine[key] = entry
 
     changed = []
+    shapes = args.choose_shapes or [args.shape]
     with tempfile.TemporaryDirectory() as tmp:
         for key, cands in variants.items():
             trials = [mine.get(key)] + cands
-            speeds = [[] for _ in trials]
+            speeds = {s: [[] for _ in trials] for s in shapes}  # shape -> tok/s of each trial, a round each
             for _ in range(args.repeat):
                 for i, entry in enumerate(trials):
-                    print(f"bench: --choose {key}: {'the table' if i == 0 else 'candidate'} {entry}", file=sys.stderr)
                     put(key, entry)
                     path = Path(tmp) / f"trial{i}.json"
                     path.write_text(json.dumps(table))
-                    row = run(args, mode, copy_gbs, "default", args.pdl[0], str(path), args.prefill_graph[0])
-                    speeds[i].append(row["tok_s"])
-            medians = [statistics.median(v) for v in speeds]
-            best = max(range(len(trials)), key=medians.__getitem__)
-            keep = best if best > 0 and medians[best] > medians[0] * (1 + margin) else 0
+                    for shape in shapes:
+                        print(f"bench: --choose {key} ({shape}): {'the table' if i == 0 else 'candidate'} {entry}",
+                              file=sys.stderr)  # fmt: skip
+                        row = run(argparse.Namespace(**{**vars(args), "shape": shape}), mode, copy_gbs, "default",
+                                  args.pdl[0], str(path), args.prefill_graph[0])  # fmt: skip
+                        speeds[shape][i].append(row["tok_s"])
+            medians = {s: [statistics.median(v) for v in speeds[s]] for s in shapes}
+            keep = chosen_trial(medians, margin)
             put(key, trials[keep])
             if keep:
                 changed.append(key)
@@ -341,6 +347,17 @@ def choose(args, mode: str, copy_gbs: float, variants: dict[str, list[dict]], ou
                               "kept": trials[keep], "changed": keep > 0}), flush=True)  # fmt: skip
     quantize.triton_ops.write_table(table, out)
     return changed
+
+
+def chosen_trial(medians: dict[str, list[float]], margin: float) -> int:
+    """--choose's rule: medians {shape: tok/s of each trial}, trial 0 the table's entry -> the trial to keep. A
+    candidate qualifies when it loses by no more than the margin in any shape and gains more than the margin on
+    average over the shapes (one shape: when it beats the entry by more than the margin); the best average
+    gain among those is kept, else the entry (0)."""
+    per_shape = list(medians.values())
+    gains = [statistics.mean(m[i] / m[0] - 1 for m in per_shape) for i in range(len(per_shape[0]))]
+    ok = [i for i in range(1, len(gains)) if gains[i] > margin and all(m[i] >= m[0] * (1 - margin) for m in per_shape)]
+    return max(ok, key=gains.__getitem__, default=0)
 
 
 def versions() -> dict:
@@ -380,11 +397,16 @@ def main(argv=None) -> None:
     p.add_argument("--choose", metavar="JSON", help="choose table entries end to end among these candidates "
                    "(see above); one --mode")
     p.add_argument("--choose_out", default="chosen_configs.json", help="where --choose writes the table it chose")
+    p.add_argument("--choose_shapes", nargs="+", choices=sorted(SHAPES), metavar="SHAPE",
+                   help="--choose over several shapes (keys such as 4096x4096 serve 7B and 8B alike): a candidate may "
+                   "lose no shape more than the margin and must gain more than it on average (default: --shape)")
     p.add_argument("--choose_margin", type=float, default=0.5,
                    help="percent a candidate must beat the table's entry by to replace it (default 0.5)")
     p.add_argument("--breakdown", action="store_true", help="also profile GPU time per token by kind of kernel")
     p.add_argument("--device", default=gen.default_device())
     args = p.parse_args(argv)
+    if args.choose_shapes and not args.choose:
+        p.error("--choose_shapes goes with --choose")
     if args.repeat is None:
         args.repeat = 2 if args.choose else 1
     if args.repeat < 1:

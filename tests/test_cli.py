@@ -216,6 +216,51 @@ def test_bench_breakdown_reads_a_trace_per_call():
                                                                              "_int4_kernel grid=[5504, 1, 1] after Memcpy DtoD (Device -> Device)"}  # fmt: skip
 
 
+def test_choose_keeps_a_candidate_only_where_no_shape_loses():
+    # --choose's rule over one or several shapes, margin 0.5%: the best average gain among candidates that gain
+    # more than the margin on average and lose no shape by more than it; else the table's entry (0)
+    import bench
+
+    assert bench.chosen_trial({"7B": [100.0, 100.3, 102.0]}, 0.005) == 2
+    assert bench.chosen_trial({"7B": [100.0, 100.4, 99.0]}, 0.005) == 0  # within the margin, or slower
+    both = {"7B": [100.0, 102.3, 101.0, 100.0], "8B": [100.0, 94.0, 101.0, 100.2]}
+    assert bench.chosen_trial(both, 0.005) == 2  # 1: +2.3% at 7B but -6% at 8B (int8 wo, nineteenth session)
+    assert bench.chosen_trial({"7B": [100.0, 101.5], "8B": [100.0, 99.6]}, 0.005) == 1  # 8B within the margin
+    assert bench.chosen_trial({"7B": [100.0, 101.5], "8B": [100.0, 99.4]}, 0.005) == 0
+
+
+def test_bench_chooses_over_several_shapes(tmp_path, capsys, monkeypatch):
+    # --choose_shapes: each trial runs on every shape, each with the trial's table; the JSON line gives each
+    # shape's medians
+    import bench
+
+    key = "int8:256x128:m1"
+    entry = lambda bn: {"block_n": bn, "block_k": 128, "split_k": 1, "num_warps": 4, "num_stages": 2, "dot": False}  # noqa: E731
+    variants = tmp_path / "variants.json"
+    variants.write_text(json.dumps({key: [entry(32), entry(64)]}))
+    speed = {("tiny", None): 100.0, ("tiny", 32): 103.0, ("tiny", 64): 101.0,
+             ("7B", None): 200.0, ("7B", 32): 180.0, ("7B", 64): 201.0}  # fmt: skip
+    timed = []
+
+    def fake_run(args, mode, copy_gbs, kernels, pdl, configs, prefill_graph):
+        cfg = json.loads(Path(configs).read_text())["cpu"].get(key)
+        timed.append((args.shape, cfg and cfg["block_n"]))
+        return {"tok_s": speed[timed[-1]]}
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    keep_inductor_pdl(monkeypatch)
+    out = tmp_path / "chosen.json"
+    bench.main(["--device", "cpu", "--no_compile", "--mode", "int8", "--choose", str(variants), "--choose_out", str(out),
+                "--choose_shapes", "tiny", "7B", "--repeat", "1"])  # fmt: skip
+    row = json.loads(next(line for line in capsys.readouterr().out.splitlines() if line.startswith('{"choose"')))
+    assert timed == [("tiny", None), ("7B", None), ("tiny", 32), ("7B", 32), ("tiny", 64), ("7B", 64)]
+    assert row["tok_s"] == {"tiny": [100.0, 103.0, 101.0], "7B": [200.0, 180.0, 201.0]} and row["kept"] == entry(64)
+    assert json.loads(out.read_text())["cpu"][key] == entry(64)
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--mode", "int8", "--choose_shapes", "7B"])
+    assert "--choose_shapes goes with --choose" in capsys.readouterr().err
+
+
 def test_bench_compares_tuned_config_files(tmp_path, capsys, monkeypatch):
     # --configs: each file's block sizes are in force for its configuration (interleaved with --repeat), and
     # the shipped table again afterwards; a file that is not JSON is a one-line error
@@ -275,7 +320,7 @@ def test_bench_chooses_table_entries_end_to_end(tmp_path, capsys, monkeypatch):
                 "--choose_out", str(out)])  # fmt: skip  (two rounds unless --repeat says otherwise)
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [r["choose"] for r in rows[:2]] == [a, b] and rows[2] == {"chosen": str(out), "changed": [a]}
-    assert rows[0]["tok_s"] == [100.0, 100.3, 102.0] and rows[0]["kept"] == entry(64) and rows[1]["kept"] is None
+    assert rows[0]["tok_s"] == {"tiny": [100.0, 100.3, 102.0]} and rows[0]["kept"] == entry(64) and rows[1]["kept"] is None
     # interleaved rounds; b's trials run with a's new entry in force
     assert timed == [(None, None), (32, None), (64, None)] * 2 + [(64, None), (64, 16)] * 2
     chosen = json.loads(out.read_text())
