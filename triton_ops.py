@@ -425,6 +425,16 @@ def _int4_gemv_step(q, sz, x_ptrs, x_ok, WG: tl.constexpr):
 
 
 @triton.jit
+def _four_words(q):
+    # q [..., 2, 2]: four words, word w at [..., w // 2, w % 2] -> the words (w0, w1, w2, w3) and each shifted right
+    # by 12 (nibbles 5, 6, 7 at bits 8..19, for _nibble_x)
+    even, odd = tl.split(q)  # words 0, 2 and 1, 3
+    w0, w2 = tl.split(even)
+    w1, w3 = tl.split(odd)
+    return (w0, w1, w2, w3), (w0 >> 12, w1 >> 12, w2 >> 12, w3 >> 12)
+
+
+@triton.jit
 def _int4_gemv_words(q, sz, x64_ptrs, x_ok, X_BF16: tl.constexpr):
     # _int4_gemv_step for GROUP 32 and 16-bit x (Config.x_words): q [BLOCK_N, G, 4] (a thread holds each
     # group's four words), x64_ptrs [1, G, 2] int64 pointers at x of nibbles 0 and 1 of each group. Nibble i of
@@ -435,11 +445,7 @@ def _int4_gemv_words(q, sz, x64_ptrs, x_ok, X_BF16: tl.constexpr):
     scale, zero = tl.split(sz.to(tl.float32))
     BN: tl.constexpr = q.shape[0]
     G: tl.constexpr = q.shape[1]
-    even, odd = tl.split(q.reshape([BN, G, 2, 2]))  # words 0, 2 and 1, 3: [BLOCK_N, G, 2]
-    w0, w2 = tl.split(even)
-    w1, w3 = tl.split(odd)
-    words = (w0, w1, w2, w3)
-    words_hi = (w0 >> 12, w1 >> 12, w2 >> 12, w3 >> 12)  # nibbles 5, 6, 7 at bits 8..19
+    words, words_hi = _four_words(q.reshape([BN, G, 2, 2]))  # [BLOCK_N, G] each
     fx = tl.zeros([BN, G], dtype=tl.float32)  # sum of q * x * 2^(X_EXP - 149)
     xs = tl.zeros([1, G], dtype=tl.float32)  # sum of x
     for p in tl.static_range(4):
@@ -453,9 +459,31 @@ def _int4_gemv_words(q, sz, x64_ptrs, x_ok, X_BF16: tl.constexpr):
 
 
 @triton.jit
+def _int4_gemv_chunks(q, sz, x64_ptrs, x_ok, X_BF16: tl.constexpr):
+    # _int4_gemv_words for groups of 64 and 128 (WG = 8, 16 words): q [BLOCK_N, G, WG], x64_ptrs [1, G, WG / 4] int64
+    # pointers at x of nibble 0's chunks of four words. Nibble i of word j meets x[WG i + j], so the WG / 4 chunks
+    # of one nibble take adjacent int64s: one load of 2 WG bytes a nibble (8 of them a group).
+    scale, zero = tl.split(sz.to(tl.float32))
+    BN: tl.constexpr = q.shape[0]
+    G: tl.constexpr = q.shape[1]
+    C: tl.constexpr = q.shape[2] // 4  # chunks of four words a group
+    words, words_hi = _four_words(q.reshape([BN, G, C, 2, 2]))  # word 4c + w: [BLOCK_N, G, C] each
+    fx = tl.zeros([BN, G, C], dtype=tl.float32)  # sum of q * x * 2^(X_EXP - 149)
+    xs = tl.zeros([1, G, C], dtype=tl.float32)  # sum of x
+    for i in tl.static_range(8):
+        lanes = _x_lanes(tl.load(x64_ptrs + C * i, mask=x_ok, other=0), X_BF16)  # [1, G, C]; lane w: word 4c + w
+        for w in tl.static_range(4):
+            fx += _nibble_x(words[w], words_hi[w], lanes[w], i)
+            xs += lanes[w]
+    return scale * (tl.sum(fx, axis=2) * 2.0 ** (149 - X_EXP)) + (zero - 8.0 * scale) * tl.sum(xs, axis=2)
+
+
+@triton.jit
 def _int4_tile(q, sz, x_ptrs, x64_ptrs, x_ok, WG: tl.constexpr, X_WORDS: tl.constexpr, X_BF16: tl.constexpr):
-    if X_WORDS:
+    if X_WORDS and WG == 4:
         return _int4_gemv_words(q, sz, x64_ptrs, x_ok, X_BF16)
+    if X_WORDS:
+        return _int4_gemv_chunks(q, sz, x64_ptrs, x_ok, X_BF16)
     return _int4_gemv_step(q, sz, x_ptrs, x_ok, WG)
 
 
@@ -494,8 +522,8 @@ def _int4_kernel(
     # W[n, k] = (q[n, k] - 8) * scale + zero. Within a group, word j's nibble i holds q[i * GROUP/8 + j], so
     # every nibble position meets a contiguous slice of x. M > 1: _nibble_pair gives f = 1 + q/16 for odd i and
     # 1 + q/256 for even i, so W = 16 * scale * f + (zero - 24 * scale), or 256 * scale * f + (zero - 264 * scale);
-    # M = 1 multiplies the nibbles as denormal floats instead (_int4_gemv_step; X_WORDS, GROUP 32 and 16-bit x
-    # only: _int4_gemv_words reads x as int64 words, X_BF16 saying which 16-bit type).
+    # M = 1 multiplies the nibbles as denormal floats instead (_int4_gemv_step; X_WORDS, 16-bit x only:
+    # _int4_gemv_words reads x as int64 words, X_BF16 saying which 16-bit type).
     # GLU: w, sz hold 2N rows (gate, then up) and y = silu(x @ gate^T) * (x @ up^T), as in _linear_kernel.
     # TAIL (M = 1 only): the last tile runs past K, its loads masked by group, as in _linear_kernel. STAGES (M = 1):
     # tiles kept in flight through shared memory, as in _linear_kernel.
@@ -522,9 +550,10 @@ def _int4_kernel(
         q_ptrs = w_ptr + rn[:, None].to(tl.int64) * KW + pid_k * KW_LEN + tl.arange(0, G * WG)[None, :]
         s_ptrs = sz_ptr + rn[:, None].to(tl.int64) * (K // GROUP * 2) + k0 // GROUP * 2 + tl.arange(0, 2 * G)[None, :]
         x_ptrs = x_ptr + pid_m * K + k0 + rg[None, :, None] * GROUP + rw[None, None, :]  # [1, G, WG]
-        # X_WORDS (GROUP 32, 16-bit x): x as int64 words of four, two nibbles' a group [1, G, 2] (_int4_gemv_words)
-        x64_ptrs = x_ptr.to(tl.pointer_type(tl.int64)) + (pid_m * K + k0) // 4 + rg[None, :, None] * 8
-        x64_ptrs += tl.arange(0, 2)[None, None, :]
+        # X_WORDS (16-bit x): x as int64 words of four, per group two nibbles' (GROUP 32) or nibble 0's WG / 4
+        # chunks [1, G, 2 or WG / 4] (_int4_gemv_words)
+        x64_ptrs = x_ptr.to(tl.pointer_type(tl.int64)) + (pid_m * K + k0) // 4 + rg[None, :, None] * (GROUP // 4)
+        x64_ptrs += tl.arange(0, 2 if WG == 4 else WG // 4)[None, None, :]
         acc = tl.zeros([BLOCK_N, G], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, G], dtype=tl.float32)
         k_first = 0
@@ -872,7 +901,7 @@ class Config:
     dot: bool = False  # M == 1 only: use the tensor-core path too (M > 1 always does)
     stages: int = 1  # M == 1 on CUDA cores: weight tiles in flight through cp.async and shared memory (1: none)
     tma: bool = False  # M == 1, TMA_FORMATS, sm_90: weight tiles through tensor descriptors
-    x_words: bool = False  # int4 g32, M == 1 on CUDA cores, 16-bit x: x read as int64 words (_int4_gemv_words)
+    x_words: bool = False  # int4, M == 1 on CUDA cores, 16-bit x: x read as int64 words (_int4_gemv_words)
 
 
 def m_bucket(m: int) -> int:
@@ -905,7 +934,7 @@ def valid(cfg: Config, fmt: str, n: int, k: int) -> bool:
     whole_k = k % cfg.block_k == 0 or not cfg.dot
     return (n % cfg.block_n == 0 and whole_k and k % group == 0 and cfg.block_k % group == 0 and cfg.split_k <= tiles_k
             and (cfg.stages == 1 or not cfg.dot) and (not cfg.tma or tma_ok(cfg, fmt, k))
-            and (not cfg.x_words or (fmt == "int4g32" and not cfg.dot)))
+            and (not cfg.x_words or (fmt.startswith("int4") and not cfg.dot)))
 
 
 def call_accepts(cfg: Config, glu: bool = False, add_norm: bool = False) -> bool:
@@ -1027,8 +1056,8 @@ def candidates(fmt: str, n: int, k: int, m: int, sms: int = 132, tma: bool = Tru
                                 continue
                             if valid(cfg, fmt, n, k) and _split_ok(n, block_n, split_k, sms):
                                 out.append(cfg)
-                                words = replace(cfg, x_words=True)  # x as words too, where valid and without stages
-                                if stages == 1 and valid(words, fmt, n, k):
+                                words = replace(cfg, x_words=True)  # x as words too: g32, without stages
+                                if stages == 1 and fmt == "int4g32" and valid(words, fmt, n, k):
                                     out.append(words)
     if tma and m == 1 and fmt in TMA_FORMATS:  # tma: the GPU has the copy engine (sm_90)
         out += _tma_candidates(fmt, n, k, sms)
@@ -1212,7 +1241,7 @@ def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | N
         if as_words:
             w, block_k = w.view(torch.int32), block_k // 4
         constexprs.update(TMA=True, w_desc=TensorDescriptor(w, list(w.shape), [w.shape[1], 1], [cfg.block_n, block_k]))
-    if cfg.x_words and block_m == 1 and x.element_size() == 2:  # int4 g32 (valid); float32 x: the plain loop
+    if cfg.x_words and block_m == 1 and x.element_size() == 2:  # int4 (valid); float32 x: the plain loop
         constexprs.update(X_WORDS=True, X_BF16=x.dtype == torch.bfloat16)  # see _int4_gemv_words
     prefetch = prefetch_bytes(x.device) if w_aligned else 0
     if prefetch:

@@ -204,34 +204,38 @@ def test_first_weight_tile_loaded_before_the_pdl_wait_changes_nothing(fmt, monke
             assert rel_err(outs[1], ref) < BOUND[torch.bfloat16]
 
 
-@pytest.mark.parametrize("act", [torch.bfloat16, torch.float16, torch.float32])
-def test_int4_one_row_loop_reading_x_as_words(act, monkeypatch):
-    # Config.x_words (int4 g32, one row, CUDA cores): x read as int64 words of four 16-bit values, two nibble
-    # positions a 16-byte load (_int4_gemv_words). The same sums as the plain loop, up to float32 rounding: one
-    # tile per program, several with a masked tail (K = 1408), split K, GLU, with and without the first tile
-    # loaded before the PDL wait. float32 x takes the plain loop.
+@pytest.mark.parametrize("fmt, act", [("int4g32", torch.bfloat16), ("int4g32", torch.float16), ("int4g32", torch.float32),
+                                      ("int4g64", torch.bfloat16), ("int4g128", torch.bfloat16), ("int4g128", torch.float16)])  # fmt: skip
+def test_int4_one_row_loop_reading_x_as_words(fmt, act, monkeypatch):
+    # Config.x_words (int4, one row, CUDA cores): x read as int64 words of four 16-bit values, at g32 two nibble
+    # positions a 16-byte load (_int4_gemv_words), in larger groups one nibble's chunks of four words a load
+    # (_int4_gemv_chunks). The same sums as the plain loop, up to float32 rounding: one tile per program, several
+    # with a masked tail (K = 1408), split K, GLU, with and without the first tile loaded before the PDL wait.
+    # float32 x takes the plain loop.
     runs = [(1408, triton_ops.Config(block_n=8, block_k=2048, num_warps=2), False),
             (1408, triton_ops.Config(block_n=16, block_k=256), True),
             (1408, triton_ops.Config(block_n=16, block_k=512, split_k=2), False),
             (2048, triton_ops.Config(block_n=8, block_k=2048, num_warps=2), True)]
     for k, plain, glu in runs:
         words = replace(plain, x_words=True)
-        assert triton_ops.valid(words, "int4g32", 256, k)
-        x, weights, ref = case("int4g32", 1, 256, k, act)
-        ref = triton_ops.glu_reference("int4g32", x, *weights) if glu else ref
+        assert triton_ops.valid(words, fmt, 256, k)
+        x, weights, ref = case(fmt, 1, 256, k, act)
+        ref = triton_ops.glu_reference(fmt, x, *weights) if glu else ref
         for preload in (False, True):
             monkeypatch.setattr(triton_ops, "preloads", lambda device, on=preload: on)
-            y = triton_ops.run_with("int4g32", x, weights, words, glu)
+            y = triton_ops.run_with(fmt, x, weights, words, glu)
             assert rel_err(y, ref) < BOUND[act], (k, plain, glu, preload)
-            assert rel_err(y, triton_ops.run_with("int4g32", x, weights, plain, glu).double()) < BOUND[act] / 10
+            assert rel_err(y, triton_ops.run_with(fmt, x, weights, plain, glu).double()) < BOUND[act] / 10
 
 
-def test_only_one_row_int4_g32_tiles_read_x_as_words():
-    # x as words needs groups of 32 (one int64 of x per nibble position and word) and the one-row CUDA-core loop;
-    # the tuner offers it with every one-row int4 g32 tile without stages (with stages it was slower)
+def test_only_one_row_int4_tiles_read_x_as_words():
+    # x as words needs int4 weights (one int64 of x per nibble position and four words) and the one-row CUDA-core
+    # loop; the tuner offers it with every one-row int4 g32 tile without stages (with stages it was slower), and
+    # not yet at g64 and g128 (not measured on a GPU: tables take it from bench.py --choose)
     words = triton_ops.Config(block_n=16, block_k=512, x_words=True)
-    assert triton_ops.valid(words, "int4g32", 4096, 4096)
-    for fmt in ("int4g64", "int4g128", "int8", "fp8", "bfloat16"):
+    for fmt in ("int4g32", "int4g64", "int4g128"):
+        assert triton_ops.valid(words, fmt, 4096, 4096), fmt
+    for fmt in ("int8", "fp8", "bfloat16"):
         assert not triton_ops.valid(words, fmt, 4096, 4096), fmt
     assert not triton_ops.valid(replace(words, dot=True), "int4g32", 4096, 4096)
     cands = triton_ops.candidates("int4g32", 4096, 4096, 1)
@@ -913,6 +917,13 @@ loads = re.findall(r"ld[.]global[.a-z0-9]*", ptx)
 counts = loads.count("ld.global.v2.b64"), loads.count("ld.global.v4.b32"), loads.count("ld.global.b32")
 assert counts == (4, 8, 8), loads
 assert ptx.count("bar.sync") <= 4 and "ld.global.v2.b32" not in loads
+# ... and at GROUP 128 (_int4_gemv_chunks): one nibble's x for a thread's four words as one int64 load (8 a tile
+# here), in place of the plain loop's pairs of 32-bit halves
+ptx = build(triton_ops._int4_kernel, sig, dict(GROUP=128, GLU=False, ATOMIC=False, DOT_F32=False, BLOCK_M=1, BLOCK_N=8,
+                                            BLOCK_K=2048, PDL=False, PREFETCH=0, ADD_NORM=False, NORM_IN=False,
+                                            PARTS_IN=1, TAIL=False, X_WORDS=True, X_BF16=True), num_warps=2).asm["ptx"]
+loads = re.findall(r"ld[.]global[.a-z0-9]*", ptx)
+assert loads.count("ld.global.b64") == 8 and "ld.global.v2.b32" not in loads, loads
 # PRELOAD (under PDL): the first tile's words (16-byte loads) and (scale, zero) pairs are requested before the
 # grid-dependency wait, x only after it; int8's first words too
 ptx = build(triton_ops._int4_kernel, sig, dict(GROUP=32, GLU=True, ATOMIC=False, DOT_F32=False, BLOCK_M=1, BLOCK_N=4,
