@@ -550,8 +550,8 @@ def _int4_kernel(
         q_ptrs = w_ptr + rn[:, None].to(tl.int64) * KW + pid_k * KW_LEN + tl.arange(0, G * WG)[None, :]
         s_ptrs = sz_ptr + rn[:, None].to(tl.int64) * (K // GROUP * 2) + k0 // GROUP * 2 + tl.arange(0, 2 * G)[None, :]
         x_ptrs = x_ptr + pid_m * K + k0 + rg[None, :, None] * GROUP + rw[None, None, :]  # [1, G, WG]
-        # X_WORDS (16-bit x): x as int64 words of four, per group two nibbles' (GROUP 32) or nibble 0's WG / 4
-        # chunks [1, G, 2 or WG / 4] (_int4_gemv_words)
+        # X_WORDS (16-bit x): x as int64 words of four, per group two nibbles' (GROUP 32, _int4_gemv_words) or
+        # nibble 0's WG / 4 chunks (_int4_gemv_chunks): [1, G, 2 or WG / 4]
         x64_ptrs = x_ptr.to(tl.pointer_type(tl.int64)) + (pid_m * K + k0) // 4 + rg[None, :, None] * (GROUP // 4)
         x64_ptrs += tl.arange(0, 2 if WG == 4 else WG // 4)[None, None, :]
         acc = tl.zeros([BLOCK_N, G], dtype=tl.float32)
