@@ -240,6 +240,58 @@ def _int8_gemv_step(acc, q, x0, x1, x2, x3):
 
 
 @triton.jit
+def _split4(t):
+    # t [..., 2, 2]: four values, value w at [..., w // 2, w % 2] -> (t0, t1, t2, t3)
+    even, odd = tl.split(t)  # values 0, 2 and 1, 3
+    t0, t2 = tl.split(even)
+    t1, t3 = tl.split(odd)
+    return t0, t1, t2, t3
+
+
+@triton.jit
+def _int8_x(x_ptrs, x_ok, X_WORDS: tl.constexpr, X_BF16: tl.constexpr):
+    # a tile's x for int8's one-row loop (x_ptrs at int64 words of four x): its four lanes as float32 (_x_lanes;
+    # x broadcast to the weights' layout, or one row), or X_WORDS (x_ptrs [1, C, 2] at words 0 and 1 of each chunk
+    # of four, _int8_gemv_words) the four int64 words of each chunk, [1, C] each
+    x4 = tl.load(x_ptrs, mask=x_ok, other=0)
+    if X_WORDS:
+        x0, x1 = tl.split(x4)
+        x2, x3 = tl.split(tl.load(x_ptrs + 2, mask=x_ok, other=0))
+    else:
+        x0, x1, x2, x3 = _x_lanes(x4, X_BF16)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _int8_tile(acc, xs, q, x0, x1, x2, x3, X_WORDS: tl.constexpr, X_BF16: tl.constexpr):
+    # one weight tile of int8's one-row loop: q [BLOCK_N, BLOCK_K/4] words, x0..x3 its x from _int8_x -> acc and
+    # xs (the sums of x) updated. A GLU's up half passes the same x again: the compiler shares the x work
+    if X_WORDS:
+        acc, xs = _int8_gemv_words(acc, xs, q, x0, x1, x2, x3, X_BF16)
+    else:
+        acc = _int8_gemv_step(acc, q, x0, x1, x2, x3)
+        xs += (x0 + x1) + (x2 + x3)
+    return acc, xs
+
+
+@triton.jit
+def _int8_gemv_words(acc, xs, q, xw0, xw1, xw2, xw3, X_BF16: tl.constexpr):
+    # _int8_gemv_step with x kept one row (Config.x_words): q [BLOCK_N, BLOCK_K/4] words seen as chunks of four,
+    # [BLOCK_N, C, 4], xw0..xw3 [1, C] the int64 words of x (four x each) of each chunk's words (_int8_x: two
+    # 16-byte loads) -> acc [BLOCK_N, C] and xs [1, C] (the sums of x) updated. The x sums are once per chunk,
+    # not once per row and chunk as with x broadcast to the weights' layout
+    BN: tl.constexpr = q.shape[0]
+    C: tl.constexpr = q.shape[1] // 4
+    qw = _split4(q.reshape([BN, C, 2, 2]))
+    xw = (xw0, xw1, xw2, xw3)
+    for w in tl.static_range(4):
+        x0, x1, x2, x3 = _x_lanes(xw[w], X_BF16)
+        acc = _int8_gemv_step(acc, qw[w], x0, x1, x2, x3)
+        xs += (x0 + x1) + (x2 + x3)
+    return acc, xs
+
+
+@triton.jit
 def _w_tile(ptrs, ok, w_desc, row, col, TMA: tl.constexpr, ZERO: tl.constexpr = False):
     # one weight tile [BLOCK_N, BLOCK_K] of the one-row loop: through the tensor descriptor w_desc at (row, col)
     # (TMA: columns past K read as zeros), else loaded from ptrs where ok, zeros elsewhere if ZERO (integer words;
@@ -261,7 +313,7 @@ def _linear_kernel(
     PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
     ADD_NORM: tl.constexpr = False, NORM_IN: tl.constexpr = False, PARTS_IN: tl.constexpr = 1,
     TAIL: tl.constexpr = False, PRELOAD: tl.constexpr = False, STAGES: tl.constexpr = 1, w_desc=None,
-    TMA: tl.constexpr = False,
+    TMA: tl.constexpr = False, X_WORDS: tl.constexpr = False,
 ):  # fmt: skip
     # x: [M, K], w: [N, K] (float, int8 or fp8), s: [N] per-output-channel scale, y: [M, N]
     # GLU: w is [2N, K], gate rows then up rows, and y = silu(x @ gate^T) * (x @ up^T) (no split-K)
@@ -272,7 +324,8 @@ def _linear_kernel(
     # tiles of weights (and x) in flight through cp.async into shared memory, which holds them without registers.
     # TMA (M = 1, sm_90; int8 as int32 words): the weight tiles come through w_desc, a tensor descriptor of w
     # [rows, K] with block [BLOCK_N, BLOCK_K] (_w_tile): one bulk copy per tile into shared memory, issued by the
-    # copy engine with no address arithmetic per thread, STAGES - 1 in flight
+    # copy engine with no address arithmetic per thread, STAGES - 1 in flight. X_WORDS (int8, M = 1, 16-bit x):
+    # x kept one row, its words shared by the rows a thread holds (_int8_gemv_words)
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -291,14 +344,19 @@ def _linear_kernel(
         q_ptrs = w_ptr.to(tl.pointer_type(tl.int32)) + rn[:, None].to(tl.int64) * KW + rj[None, :]
         q_up = q_ptrs + N.to(tl.int64) * KW
         x_ptrs = x_ptr.to(tl.pointer_type(tl.int64)) + pid_m * KW + rj[None, :]
-        if not TMA:  # x in the weights' layout, as in the float loop below
+        if X_WORDS:  # x as [1, C, 2], words 0 and 1 of each chunk of four (_int8_gemv_words)
+            rx = tl.arange(0, BLOCK_K // 16)[None, :, None] * 4 + tl.arange(0, 2)[None, None, :]
+            x_ptrs = x_ptr.to(tl.pointer_type(tl.int64)) + pid_m * KW + pid_k * KW_LEN + rx
+        elif not TMA:  # x in the weights' layout, as in the float loop below
             x_ptrs = x_ptrs + 0 * rn[:, None]  # [BLOCK_N, BLOCK_K // 4]
-        acc = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.float32)
-        acc_up = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.float32)
-        if TMA:  # x stays one row: its sums once per tile, not once per weight row
-            xs = tl.zeros([1, BLOCK_K // 4], dtype=tl.float32)
+        # X_WORDS: sums per chunk of four words (_int8_gemv_words)
+        ACC_K: tl.constexpr = BLOCK_K // 16 if X_WORDS else BLOCK_K // 4
+        acc = tl.zeros([BLOCK_N, ACC_K], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, ACC_K], dtype=tl.float32)
+        if TMA or X_WORDS:  # x stays one row: its sums once per tile, not once per weight row
+            xs = tl.zeros([1, ACC_K], dtype=tl.float32)
         else:
-            xs = tl.zeros([BLOCK_N, BLOCK_K // 4], dtype=tl.float32)
+            xs = tl.zeros([BLOCK_N, ACC_K], dtype=tl.float32)
         n0, j0 = pid_n * BLOCK_N, pid_k * KW_LEN  # the tile's origin in w_desc, a descriptor of int32 words (TMA)
         k_first = 0
         if PRELOAD:  # the first tile's weights before the wait (see _int4_kernel)
@@ -308,20 +366,27 @@ def _linear_kernel(
             if GLU:
                 q0_up = _w_tile(q_up, ok, w_desc, N + n0, j0, TMA, True)
             _pdl_wait(PDL)
-            x0, x1, x2, x3 = _x_lanes(tl.load(x_ptrs, mask=ok, other=0), X_BF16)
-            acc = _int8_gemv_step(acc, q0, x0, x1, x2, x3)
-            xs += (x0 + x1) + (x2 + x3)
+            x_ok = ok
+            if X_WORDS:
+                x_ok = _in_k(rx, k_end // 4, True)
+            x0, x1, x2, x3 = _int8_x(x_ptrs, x_ok, X_WORDS, X_BF16)
+            acc, xs_new = _int8_tile(acc, xs, q0, x0, x1, x2, x3, X_WORDS, X_BF16)
             if GLU:
-                acc_up = _int8_gemv_step(acc_up, q0_up, x0, x1, x2, x3)
+                acc_up, _ = _int8_tile(acc_up, xs, q0_up, x0, x1, x2, x3, X_WORDS, X_BF16)
+            xs = xs_new
             k_first = BLOCK_K
         for k in tl.range(k_first, k_end, BLOCK_K, num_stages=STAGES):
             ok = _in_k(tl.arange(0, BLOCK_K // 4)[None, :], (k_end - k) // 4, TAIL)
-            x0, x1, x2, x3 = _x_lanes(tl.load(x_ptrs + k // 4, mask=ok, other=0), X_BF16)
-            acc = _int8_gemv_step(acc, _w_tile(q_ptrs + k // 4, ok, w_desc, n0, j0 + k // 4, TMA, True), x0, x1, x2, x3)
-            xs += (x0 + x1) + (x2 + x3)
+            x_ok = ok
+            if X_WORDS:
+                x_ok = _in_k(rx, (k_end - k) // 4, TAIL)
+            x0, x1, x2, x3 = _int8_x(x_ptrs + k // 4, x_ok, X_WORDS, X_BF16)
+            q = _w_tile(q_ptrs + k // 4, ok, w_desc, n0, j0 + k // 4, TMA, True)
+            acc, xs_new = _int8_tile(acc, xs, q, x0, x1, x2, x3, X_WORDS, X_BF16)
             if GLU:
                 q = _w_tile(q_up + k // 4, ok, w_desc, N + n0, j0 + k // 4, TMA, True)
-                acc_up = _int8_gemv_step(acc_up, q, x0, x1, x2, x3)
+                acc_up, _ = _int8_tile(acc_up, xs, q, x0, x1, x2, x3, X_WORDS, X_BF16)
+            xs = xs_new
         # sum q x = sum (q + 128) x - 128 sum x
         x_sum = tl.sum(xs, axis=1)[None, :]
         out = tl.sum(acc, axis=1)[None, :] * 2.0 ** (149 - X_EXP) - 128.0 * x_sum
@@ -428,9 +493,7 @@ def _int4_gemv_step(q, sz, x_ptrs, x_ok, WG: tl.constexpr):
 def _four_words(q):
     # q [..., 2, 2]: four words, word w at [..., w // 2, w % 2] -> the words (w0, w1, w2, w3) and each shifted right
     # by 12 (nibbles 5, 6, 7 at bits 8..19, for _nibble_x)
-    even, odd = tl.split(q)  # words 0, 2 and 1, 3
-    w0, w2 = tl.split(even)
-    w1, w3 = tl.split(odd)
+    w0, w1, w2, w3 = _split4(q)
     return (w0, w1, w2, w3), (w0 >> 12, w1 >> 12, w2 >> 12, w3 >> 12)
 
 
@@ -901,7 +964,7 @@ class Config:
     dot: bool = False  # M == 1 only: use the tensor-core path too (M > 1 always does)
     stages: int = 1  # M == 1 on CUDA cores: weight tiles in flight through cp.async and shared memory (1: none)
     tma: bool = False  # M == 1, TMA_FORMATS, sm_90: weight tiles through tensor descriptors
-    x_words: bool = False  # int4, M == 1 on CUDA cores, 16-bit x: x read as int64 words (_int4_gemv_words)
+    x_words: bool = False  # int4, int8, M == 1 on CUDA cores, 16-bit x: x as int64 words (_int4_gemv_words, _int8_gemv_words)
 
 
 def m_bucket(m: int) -> int:
@@ -934,7 +997,7 @@ def valid(cfg: Config, fmt: str, n: int, k: int) -> bool:
     whole_k = k % cfg.block_k == 0 or not cfg.dot
     return (n % cfg.block_n == 0 and whole_k and k % group == 0 and cfg.block_k % group == 0 and cfg.split_k <= tiles_k
             and (cfg.stages == 1 or not cfg.dot) and (not cfg.tma or tma_ok(cfg, fmt, k))
-            and (not cfg.x_words or (fmt.startswith("int4") and not cfg.dot)))
+            and (not cfg.x_words or (fmt.startswith("int4") or fmt == "int8") and not cfg.dot))
 
 
 def call_accepts(cfg: Config, glu: bool = False, add_norm: bool = False) -> bool:
@@ -1241,7 +1304,7 @@ def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | N
         if as_words:
             w, block_k = w.view(torch.int32), block_k // 4
         constexprs.update(TMA=True, w_desc=TensorDescriptor(w, list(w.shape), [w.shape[1], 1], [cfg.block_n, block_k]))
-    if cfg.x_words and block_m == 1 and x.element_size() == 2:  # int4 (valid); float32 x: the plain loop
+    if cfg.x_words and block_m == 1 and x.element_size() == 2:  # int4, int8 (valid); float32 x: the plain loops
         constexprs.update(X_WORDS=True, X_BF16=x.dtype == torch.bfloat16)  # see _int4_gemv_words
     prefetch = prefetch_bytes(x.device) if w_aligned else 0
     if prefetch:

@@ -228,14 +228,49 @@ def test_int4_one_row_loop_reading_x_as_words(fmt, act, monkeypatch):
             assert rel_err(y, triton_ops.run_with(fmt, x, weights, plain, glu).double()) < BOUND[act] / 10
 
 
-def test_only_one_row_int4_tiles_read_x_as_words():
-    # x as words needs int4 weights (one int64 of x per nibble position and four words) and the one-row CUDA-core
-    # loop; the tuner offers it with every one-row int4 g32 tile without stages (with stages it was slower), and
-    # not yet at g64 and g128 (not measured on a GPU: tables take it from bench.py --choose)
+@pytest.mark.parametrize("act", [torch.bfloat16, torch.float16, torch.float32])
+def test_int8_one_row_loop_keeping_x_one_row(act, monkeypatch):
+    # Config.x_words for int8 (one row): the weight tile seen as chunks of four words and x, one row, as the four
+    # int64 words of each chunk (_int8_gemv_words), in place of x broadcast to the tile. The same sums as the plain
+    # loop up to float32 rounding: one tile per program, several with a masked tail (K = 1408), split K, GLU,
+    # stages in flight, tensor descriptors, the add_norm epilogue, with and without the first tile loaded before
+    # the PDL wait. float32 x takes the byte loop whatever the entry says.
+    runs = [(1408, triton_ops.Config(block_n=8, block_k=1024), False),
+            (1408, triton_ops.Config(block_n=16, block_k=256), True),
+            (1408, triton_ops.Config(block_n=16, block_k=512, split_k=2), False),
+            (1408, triton_ops.Config(block_n=16, block_k=256, stages=2), True),
+            (1408, triton_ops.Config(block_n=16, block_k=256, stages=2, tma=True), True),
+            (2048, triton_ops.Config(block_n=8, block_k=2048, num_warps=8), False)]
+    for k, plain, glu in runs:
+        words = replace(plain, x_words=True)
+        assert triton_ops.valid(words, "int8", 256, k)
+        x, weights, ref = case("int8", 1, 256, k, act)
+        ref = triton_ops.glu_reference("int8", x, *weights) if glu else ref
+        for preload in (False, True):
+            monkeypatch.setattr(triton_ops, "preloads", lambda device, on=preload: on)
+            y = triton_ops.run_with("int8", x, weights, words, glu)
+            assert rel_err(y, ref) < BOUND[act], (k, plain, glu, preload)
+            expected = triton_ops.run_with("int8", x, weights, plain, glu)
+            if act == torch.float32:
+                assert torch.equal(y, expected)
+            else:
+                assert rel_err(y, expected.double()) < BOUND[act] / 10
+    x, weights, _ = case("int8", 1, 256, 1408, torch.bfloat16)
+    residual, g = torch.randn(1, 256, dtype=torch.bfloat16), torch.rand(256, dtype=torch.bfloat16) + 0.5
+    words = triton_ops.Config(block_n=8, block_k=1024, x_words=True)
+    h_words = triton_ops.run_with("int8", x, weights, words, add_norm=(residual, g, None))
+    h_plain = triton_ops.run_with("int8", x, weights, replace(words, x_words=False), add_norm=(residual, g, None))
+    assert rel_err(h_words, h_plain.double()) < BOUND[torch.bfloat16]
+
+
+def test_only_one_row_int4_and_int8_tiles_read_x_as_words():
+    # x as words needs int4 weights (one int64 of x per nibble position and four words) or int8 (one per word)
+    # and the one-row CUDA-core loop; the tuner offers it with every one-row int4 g32 tile without stages (with
+    # stages it was slower), and not yet at g64, g128 and int8 (tables take those from bench.py --choose)
     words = triton_ops.Config(block_n=16, block_k=512, x_words=True)
-    for fmt in ("int4g32", "int4g64", "int4g128"):
+    for fmt in ("int4g32", "int4g64", "int4g128", "int8"):
         assert triton_ops.valid(words, fmt, 4096, 4096), fmt
-    for fmt in ("int8", "fp8", "bfloat16"):
+    for fmt in ("fp8", "bfloat16"):
         assert not triton_ops.valid(words, fmt, 4096, 4096), fmt
     assert not triton_ops.valid(replace(words, dot=True), "int4g32", 4096, 4096)
     cands = triton_ops.candidates("int4g32", 4096, 4096, 1)
@@ -245,6 +280,7 @@ def test_only_one_row_int4_tiles_read_x_as_words():
     assert {replace(c, x_words=False) for c in with_words} == plain
     assert not any(c.x_words for c in triton_ops.candidates("int4g32", 4096, 4096, 16))
     assert not any(c.x_words for c in triton_ops.candidates("int4g128", 4096, 4096, 1))
+    assert not any(c.x_words for c in triton_ops.candidates("int8", 4096, 4096, 1))
 
 
 def test_int4_layout():
