@@ -121,7 +121,7 @@ def check(formats: list[str], trials: int) -> None:
         "gemv_stages": lambda: triton_ops.Config(16, 256, stages=3),  # tiles in flight through shared memory
         "gemv_split_stages": lambda: triton_ops.Config(8, 256, split_k=2, stages=4),
         "dot_m1": lambda: triton_ops.Config(32, 256, dot=True),
-        # int4 g32 only (valid): x read as int64 words, also split K, and wide tiles (past K where K % 1024)
+        # int4 and int8 only (valid): x read as int64 words, also split K, and wide tiles (past K where K % 1024)
         "gemv_x_words": lambda: triton_ops.Config(32, 256, x_words=True),
         "gemv_split_x_words": lambda: triton_ops.Config(16, 256, split_k=3, x_words=True),
         "gemv_wide_x_words": lambda: triton_ops.Config(8, 1024, x_words=True, num_warps=2),  # K % 1024: a tail
