@@ -343,12 +343,15 @@ def _linear_kernel(
         rj = pid_k * KW_LEN + tl.arange(0, BLOCK_K // 4)
         q_ptrs = w_ptr.to(tl.pointer_type(tl.int32)) + rn[:, None].to(tl.int64) * KW + rj[None, :]
         q_up = q_ptrs + N.to(tl.int64) * KW
-        x_ptrs = x_ptr.to(tl.pointer_type(tl.int64)) + pid_m * KW + rj[None, :]
+        x64 = x_ptr.to(tl.pointer_type(tl.int64)) + pid_m * KW
         if X_WORDS:  # x as [1, C, 2], words 0 and 1 of each chunk of four (_int8_gemv_words)
             rx = tl.arange(0, BLOCK_K // 16)[None, :, None] * 4 + tl.arange(0, 2)[None, None, :]
-            x_ptrs = x_ptr.to(tl.pointer_type(tl.int64)) + pid_m * KW + pid_k * KW_LEN + rx
-        elif not TMA:  # x in the weights' layout, as in the float loop below
-            x_ptrs = x_ptrs + 0 * rn[:, None]  # [BLOCK_N, BLOCK_K // 4]
+            x_ptrs = x64 + pid_k * KW_LEN + rx
+        else:  # x at the weights' columns (its mask is theirs)
+            rx = tl.arange(0, BLOCK_K // 4)[None, :]
+            x_ptrs = x64 + rj[None, :]
+            if not TMA:  # x in the weights' layout, as in the float loop below
+                x_ptrs = x_ptrs + 0 * rn[:, None]  # [BLOCK_N, BLOCK_K // 4]
         # X_WORDS: sums per chunk of four words (_int8_gemv_words)
         ACC_K: tl.constexpr = BLOCK_K // 16 if X_WORDS else BLOCK_K // 4
         acc = tl.zeros([BLOCK_N, ACC_K], dtype=tl.float32)
@@ -366,10 +369,7 @@ def _linear_kernel(
             if GLU:
                 q0_up = _w_tile(q_up, ok, w_desc, N + n0, j0, TMA, True)
             _pdl_wait(PDL)
-            x_ok = ok
-            if X_WORDS:
-                x_ok = _in_k(rx, k_end // 4, True)
-            x0, x1, x2, x3 = _int8_x(x_ptrs, x_ok, X_WORDS, X_BF16)
+            x0, x1, x2, x3 = _int8_x(x_ptrs, _in_k(rx, k_end // 4, True), X_WORDS, X_BF16)
             acc, xs_new = _int8_tile(acc, xs, q0, x0, x1, x2, x3, X_WORDS, X_BF16)
             if GLU:
                 acc_up, _ = _int8_tile(acc_up, xs, q0_up, x0, x1, x2, x3, X_WORDS, X_BF16)
@@ -377,10 +377,7 @@ def _linear_kernel(
             k_first = BLOCK_K
         for k in tl.range(k_first, k_end, BLOCK_K, num_stages=STAGES):
             ok = _in_k(tl.arange(0, BLOCK_K // 4)[None, :], (k_end - k) // 4, TAIL)
-            x_ok = ok
-            if X_WORDS:
-                x_ok = _in_k(rx, (k_end - k) // 4, TAIL)
-            x0, x1, x2, x3 = _int8_x(x_ptrs + k // 4, x_ok, X_WORDS, X_BF16)
+            x0, x1, x2, x3 = _int8_x(x_ptrs + k // 4, _in_k(rx, (k_end - k) // 4, TAIL), X_WORDS, X_BF16)
             q = _w_tile(q_ptrs + k // 4, ok, w_desc, n0, j0 + k // 4, TMA, True)
             acc, xs_new = _int8_tile(acc, xs, q, x0, x1, x2, x3, X_WORDS, X_BF16)
             if GLU:
