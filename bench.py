@@ -18,11 +18,11 @@ split it into the prefill and the decode steps after it), achieved GB/s (non-emb
 part of it until the first token, the prefill's kernels compiled; the rest compiles and captures the decode
 step), the time to build the model (build_s: random weights, quantization), peak memory, device and
 versions; stderr says how far each configuration got (a run cut off by a time limit). The same configuration
-built twice in one process has differed by 11% on the H200 (README), so compare configurations interleaved:
+built twice in one process has differed by 11% on the H200 (SPEED_LOG.md), so compare configurations interleaved:
 --repeat N runs the list N times in turn and ends with one "summary" line per configuration (its N medians
 and their median).
 
---choose VARIANTS.json picks kernel_configs.json entries end to end, the way the README's tables were chosen
+--choose VARIANTS.json picks kernel_configs.json entries end to end, the way the table's entries were chosen
 (a tile's time alone, what bench_kernels.py --tune measures, has often ranked tiles differently from the
 model): VARIANTS maps table keys (this GPU's, for the one --mode, such as "int4g32:12288x4096:m1" or
 "int4g32:22016x4096:m1:glu") to lists of candidate entries. Key by key, in the file's order, the table's entry

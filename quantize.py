@@ -21,7 +21,7 @@ the matmuls' epilogues (NormFusedBlock, NormFusedTransformer) and the decode ste
 inside the attention kernel (RopeAttention), and the decode step's top-k and exponential race in three Triton
 kernels where torch runs about ten (triton_ops.Sampler, which prepare_for_device gives the model as its
 sampler): "bf16,int8,fp8,int4,attn,glu,norm,rope,sample", what beat or matched the stock paths end to end
-(README); "all" names the same set, "stock" turns everything off, or list names ("int8,int4,attn").
+(SPEED_LOG.md); "all" names the same set, "stock" turns everything off, or list names ("int8,int4,attn").
 """
 import argparse
 import itertools
@@ -497,7 +497,7 @@ def load_kernels() -> None:
 
 
 TRITON_BY_DEFAULT = "bf16,int8,fp8,int4,attn,glu,norm,rope,sample"
-# on the H100 and the H200; "sample" since the seventh session (+1.6% to +4.9% end to end on the H100, README);
+# on the H100 and the H200; "sample" since the seventh session (+1.6% to +4.9% end to end on the H100, SPEED_LOG.md);
 # "bf16" since the ninth (H100: 8B +6% and +12%, steadier; 7B level, +2.9% on one machine and -2.2% on another;
 # H200 not measured)
 

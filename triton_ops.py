@@ -1236,7 +1236,7 @@ def preloads(device: torch.device, what: str = "matmul") -> bool:
 
 def prefetch_bytes(device: torch.device) -> int:
     # FASTGEN_PREFETCH=<KiB>: each matmul program asks L2 for up to that much of its weights before its PDL
-    # wait (_prefetch_l2; per half of a GLU weight). Off by default: slower where measured (H200, README).
+    # wait (_prefetch_l2; per half of a GLU weight). Off by default: slower where measured (H200, SPEED_LOG.md).
     kib = os.environ.get("FASTGEN_PREFETCH", "0")
     return int(kib) * 1024 if kib.isdigit() and uses_pdl(device) else 0
 
