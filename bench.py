@@ -1,7 +1,7 @@
 """Decode-speed benchmark on random weights of a named shape (../shared/BENCHMARKS.md workload).
 
     python bench.py --shape 7B --mode bf16 int8 int4 fp8 --runs 3
-    python bench.py --shape 7B --mode int8 int4 --kernels all stock   # triton_ops.py vs torch's own kernels
+    python bench.py --shape 7B --mode int8 int4 --kernels all stock   # our Triton kernels vs torch's own
     python bench.py --shape 7B --mode int8 --kernels int8 int8,attn int8,attn,glu   # what each kernel adds
     python bench.py --shape 7B --mode int8 fp8 --pdl off on   # programmatic dependent launch off and on
     python bench.py --shape 7B --mode int4 --kernels int8,fp8,int4,attn,glu,norm,rope default   # the sampler's effect
@@ -383,7 +383,7 @@ def main(argv=None) -> None:
     p.add_argument("--no_compile", dest="compile", action="store_false")
     p.add_argument("--compile_prefill", action="store_true")
     p.add_argument("--kernels", nargs="+", default=["default"],
-                   help="what uses triton_ops.py (FASTGEN_KERNELS): default (int8,fp8,int4,attn,glu,norm,rope,sample), all, stock "
+                   help="what uses the Triton kernels (FASTGEN_KERNELS): default (int8,fp8,int4,attn,glu,norm,rope,sample), all, stock "
                         "(torch's own: cuBLAS, tinygemm, inductor, sdpa), or a list of bf16 int8 fp8 int4 attn glu rope "
                         "norm sample such as int8,attn")
     p.add_argument("--repeat", type=int, help="run the list of configurations this many times, interleaved "

@@ -27,7 +27,9 @@ import torch.nn.functional as F
 
 import generate
 import quantize
+import triton_attention
 import triton_ops
+import triton_sample
 from bench import random_transformer
 from model import ModelArgs, apply_rotary
 
@@ -192,9 +194,9 @@ def check(formats: list[str], trials: int) -> None:
             [((1, 32, 8, 6, 256), True), ((2, 32, 32, 1, 777), True)]:  # fmt: skip
         q, k, v, mask = attention_inputs(b, h, hkv, s, t, at_start=at_start)
         ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=True)
-        y = triton_ops.sdpa(q, k, v, attn_mask=mask, enable_gqa=True)
+        y = triton_attention.sdpa(q, k, v, attn_mask=mask, enable_gqa=True)
         err = (y.double() - ref).abs().max().item()
-        splits = triton_ops.attention_splits(b, hkv, t, q.device)
+        splits = triton_attention.attention_splits(b, hkv, t, q.device)
         where = "first" if at_start else "last"
         print(f"check attention B={b} H={h} Hkv={hkv} S={s} T={t}, queries at the {where} slots ({splits} key "
               f"ranges): max abs error {err:.1e}")  # fmt: skip
@@ -212,9 +214,9 @@ def check(formats: list[str], trials: int) -> None:
         q, k = (apply_rotary(y.float(), cos.float(), sin.float()).bfloat16() for y in (q, k))
         k_ref, v_ref = k_cache.clone().index_copy_(2, slot, k), v_cache.clone().index_copy_(2, slot, v)
         ref = F.scaled_dot_product_attention(q.double(), k_ref.double(), v_ref.double(), attn_mask=mask, enable_gqa=True)
-        splits = triton_ops.attention_splits(b, hkv, t, qkv.device)
+        splits = triton_attention.attention_splits(b, hkv, t, qkv.device)
         counters = torch.zeros(b * hkv, device="cuda", dtype=torch.int32)
-        y = triton_ops.rope_attention(qkv, cos, sin, slot, k_cache, v_cache, mask, h, counters, splits)
+        y = triton_attention.rope_attention(qkv, cos, sin, slot, k_cache, v_cache, mask, h, counters, splits)
         assert not counters.any(), "rope_attention left its counters dirty"
         err = (y.double() - ref).abs().max().item()
         cache_err = (k_cache.float() - k_ref.float()).abs().max().item()
@@ -611,7 +613,8 @@ def bench_attention(sweep: bool = False) -> None:
     # triton_ops.py); per layer, so x 32 layers per token. sweep: also each number of key ranges
     # Also steps early in a long cache (the query at slot 511 of 4096, as in a chat): the kernel reads every
     # slot of its key ranges, visible or not, so they cost what a full cache costs.
-    attn = triton_ops.DecodeAttention(torch.zeros(triton_ops.ATTN_COUNTERS, device="cuda", dtype=torch.int32))
+    counters = torch.zeros(triton_attention.ATTN_COUNTERS, device="cuda", dtype=torch.int32)
+    attn = triton_attention.DecodeAttention(counters)
     for b, h, hkv, s, t, end in [(*shape, None) for shape in ATTENTION_SHAPES] + [(1, 32, 32, 1, 4096, 512),
                                                                                   (1, 32, 8, 1, 4096, 512)]:
         kv_bytes = 2 * b * hkv * t * 128 * 2
@@ -619,7 +622,7 @@ def bench_attention(sweep: bool = False) -> None:
         ours = graph_time([lambda a=a: attn(*a[:3], attn_mask=a[3], enable_gqa=True) for a in copies])
         stock = graph_time([lambda a=a: F.scaled_dot_product_attention(*a[:3], attn_mask=a[3], enable_gqa=True)
                             for a in copies])  # fmt: skip
-        splits = triton_ops.attention_splits(b, hkv, t, copies[0][0].device)
+        splits = triton_attention.attention_splits(b, hkv, t, copies[0][0].device)
         at = f" at slot {end - 1}" if end else ""
         print(f"attention B={b} H={h} Hkv={hkv} T={t}{at}: {ours * 1e6:.1f} us ({splits} key ranges; torch sdpa "
               f"{stock * 1e6:.1f} us) per layer")  # fmt: skip
@@ -628,26 +631,26 @@ def bench_attention(sweep: bool = False) -> None:
         for p in (1, 2, 4, 8, 16, 32) if sweep else ():
             if p > -(-t // 64):  # split ranges are whole blocks of 64 keys (D = 128): no more ranges than that
                 break
-            us = graph_time([lambda a=a: triton_ops.attention(*a, attn.counters, p) for a in copies]) * 1e6
+            us = graph_time([lambda a=a: triton_attention.attention(*a, attn.counters, p) for a in copies]) * 1e6
             print(json.dumps({"prim": "attention", "shape": f"H{h}/Hkv{hkv}/T{t}", "splits": p, "us": round(us, 2)}))
 
 
 def sample_reference(logits: torch.Tensor, noise: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
     """generate.sample's token [B, 1] int32 for logits [B, V] drawn with this noise (top_k 0: none): what
-    triton_ops.sample must return. Also used by tests/test_triton_ops.py."""
+    triton_sample.sample must return. Also used by tests/test_triton_sample.py."""
     masked = generate.masked_logits(logits, temperature, top_k if top_k > 0 else None)
     return torch.argmax(masked - noise.log(), dim=-1, keepdim=True).to(torch.int32)
 
 
 def check_sampling() -> None:
-    """triton_ops.sample against generate.sample's torch path on the same noise: the same token, for the 7B and
+    """triton_sample.sample against generate.sample's torch path on the same noise: the same token, for the 7B and
     Llama 3 vocabularies, bf16 and fp32 logits, several top-k (0: none) and rows, through one reused scratch."""
-    scratch = torch.zeros(3, triton_ops.SAMPLE_SLOTS, dtype=torch.int64, device="cuda")
+    scratch = torch.zeros(3, triton_sample.SAMPLE_SLOTS, dtype=torch.int64, device="cuda")
     for V, dtype, top_k, B in itertools.product((32000, 128256), (torch.bfloat16, torch.float32), (1, 50, 200, 0), (1, 3)):
         logits = (torch.randn(B, V, device="cuda") * 3).to(dtype)
         noise = torch.empty(B, V, device="cuda").exponential_(1)
         ref = sample_reference(logits, noise, 0.8, top_k)
-        got = triton_ops.sample(logits, noise, 0.8, top_k, scratch)
+        got = triton_sample.sample(logits, noise, 0.8, top_k, scratch)
         assert torch.equal(got, ref), f"sample V={V} {dtype} top_k={top_k} B={B}: {got.tolist()} vs {ref.tolist()}"
         assert not scratch.any(), "the scratch was not left zeroed"
     print("check sample: the kernels' tokens equal torch's (V 32000 and 128256, bf16 and fp32, top-k 1/50/200/none)")
@@ -656,12 +659,12 @@ def check_sampling() -> None:
 def bench_sampling() -> None:
     """One token from [1, V] logits at temperature 0.8, top-k 200 (the benchmark's sampling), replayed from a
     CUDA graph: torch's path as generate.sample runs it (compiled, as in the decode step) against the Sampler."""
-    sampler = triton_ops.Sampler(torch.device("cuda"))
+    sampler = triton_sample.Sampler(torch.device("cuda"))
     for V in (32000, 128256):
         logits = torch.randn(1, 1, V, device="cuda", dtype=torch.bfloat16)
         torch_path = torch.compile(lambda x: generate.sample(x, temperature=0.8, top_k=200)[0])
         kernel_path = lambda x: sampler(x[:, -1], 0.8, 200)  # noqa: E731
-        for name, fn in (("torch (compiled)", torch_path), ("triton_ops.Sampler", kernel_path)):
+        for name, fn in (("torch (compiled)", torch_path), ("triton_sample.Sampler", kernel_path)):
             us = graph_time([lambda fn=fn: fn(logits)], reps=20, rounds=20) * 1e6
             print(f"sample V={V:6d} top-k 200 {name:18s} {us:6.1f} us")
 

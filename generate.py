@@ -76,7 +76,7 @@ def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, t
 def next_token(model: Transformer, logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None) -> Tensor:  # fmt: skip
     # logits: [B, S, V] -> sample()'s token [B, 1] without its probabilities. A model on a GPU may carry a
-    # sampler (quantize.prepare_for_device: triton_ops.Sampler, Triton kernels for the top-k and the race)
+    # sampler (quantize.prepare_for_device: triton_sample.Sampler, Triton kernels for the top-k and the race)
     draw = getattr(model, "sampler", None)
     if draw is not None and temperature > 0 and (top_p is None or top_p >= 1.0):
         token = draw(logits[:, -1], temperature, top_k)

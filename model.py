@@ -207,7 +207,7 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = nn.Identity()
         self.kv_cache: KVCache | None = None
         # F.scaled_dot_product_attention or a function with its signature (quantize.prepare_for_device puts
-        # triton_ops.DecodeAttention here on a GPU: a Triton kernel for decode steps)
+        # triton_attention.DecodeAttention here on a GPU: a Triton kernel for decode steps)
         self.sdpa = F.scaled_dot_product_attention
 
     def forward(self, x: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:

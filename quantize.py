@@ -19,7 +19,7 @@ kernel (Attention.sdpa) and GluFeedForward (the SwiGLU in w13's kernel). What us
 FASTGEN_KERNELS: by default bf16, int8, fp8 and int4 matmuls, attention, the SwiGLU epilogue, the RMSNorms inside
 the matmuls' epilogues (NormFusedBlock, NormFusedTransformer) and the decode step's rotary and KV cache write
 inside the attention kernel (RopeAttention), and the decode step's top-k and exponential race in three Triton
-kernels where torch runs about ten (triton_ops.Sampler, which prepare_for_device gives the model as its
+kernels where torch runs about ten (triton_sample.Sampler, which prepare_for_device gives the model as its
 sampler): "bf16,int8,fp8,int4,attn,glu,norm,rope,sample", what beat or matched the stock paths end to end
 (SPEED_LOG.md); "all" names the same set, "stock" turns everything off, or list names ("int8,int4,attn").
 """
@@ -169,19 +169,19 @@ class GluFeedForward(FeedForward):
 
 
 class RopeAttention(Attention):
-    """Attention whose decode steps (one new position, on a GPU) take triton_ops.rope_attention: rotary, the KV
-    cache write and attention in one kernel after the qkv matmul, where model.Attention runs three or four
+    """Attention whose decode steps (one new position, on a GPU) take triton_attention.rope_attention: rotary, the
+    KV cache write and attention in one kernel after the qkv matmul, where model.Attention runs three or four
     (rotary and cache writes, then attention). Prefill and verify steps run model.Attention's forward.
     Swapped in by prepare_for_device for attention without q/k norms; same parameters, same state dict."""
 
     def attend(self, qkv: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
         cache = self.kv_cache
-        if not triton_ops.rope_attention_supported(qkv, cache.k_cache, mask, self.n_head):
+        if not triton_attention.rope_attention_supported(qkv, cache.k_cache, mask, self.n_head):
             return super().attend(qkv, input_pos, cos, sin, mask)
-        splits = triton_ops.attention_splits(qkv.shape[0], self.n_local_heads, cache.k_cache.shape[2], qkv.device)
+        splits = triton_attention.attention_splits(qkv.shape[0], self.n_local_heads, cache.k_cache.shape[2], qkv.device)
         counters = getattr(self.sdpa, "counters", None)  # DecodeAttention's, shared by the layers
-        y = triton_ops.rope_attention(qkv, cos, sin, input_pos, cache.k_cache, cache.v_cache, mask, self.n_head,
-                                      counters, splits)  # [B, H, 1, D]  # fmt: skip
+        y = triton_attention.rope_attention(qkv, cos, sin, input_pos, cache.k_cache, cache.v_cache, mask,
+                                            self.n_head, counters, splits)  # [B, H, 1, D]  # fmt: skip
         return y.view(qkv.shape[0], 1, self.n_head * self.head_dim)
 
 
@@ -485,15 +485,18 @@ def prepare_quantized(model: Transformer, meta: dict) -> None:
         set_module(model, name, new)
 
 
-triton_ops = None  # triton_ops.py, imported by load_kernels() once a module wants it (it needs triton)
+# the Triton modules, imported by load_kernels() once a module wants them (they need triton)
+triton_ops = triton_attention = triton_sample = None
 
 
 def load_kernels() -> None:
-    global triton_ops
+    global triton_ops, triton_attention, triton_sample
     if triton_ops is None:
+        import triton_attention as a
         import triton_ops as k
+        import triton_sample as s
 
-        triton_ops = k
+        triton_ops, triton_attention, triton_sample = k, a, s
 
 
 TRITON_BY_DEFAULT = "bf16,int8,fp8,int4,attn,glu,norm,rope,sample"
@@ -544,7 +547,7 @@ def prepare_for_device(model: nn.Module, kernel: str | None = None) -> nn.Module
     names = ("attn", "glu", "rope", "norm", "sample")
     attention, glu, rope, norm, sampler = (kernel == "triton",) * 5 if kernel else (use_triton(device, name) for name in names)
     if sampler and isinstance(model, Transformer):
-        model.sampler = triton_ops.Sampler(device)  # generate.next_token: the top-k and the race in Triton kernels
+        model.sampler = triton_sample.Sampler(device)  # generate.next_token: the top-k and the race in Triton kernels
     scratch = {}  # dim -> the blocks' shared norm_scratch
     counters = None  # the attention layers' shared DecodeAttention counters
     for m in model.modules():
@@ -560,8 +563,8 @@ def prepare_for_device(model: nn.Module, kernel: str | None = None) -> nn.Module
             m.__class__ = GluFeedForward  # w13 applies the SwiGLU itself (in the Triton kernel's epilogue)
         elif isinstance(m, Attention) and attention:
             if counters is None:
-                counters = torch.zeros(triton_ops.ATTN_COUNTERS, dtype=torch.int32, device=device)
-            m.sdpa = triton_ops.DecodeAttention(counters)  # a submodule: its counters are a (static) buffer
+                counters = torch.zeros(triton_attention.ATTN_COUNTERS, dtype=torch.int32, device=device)
+            m.sdpa = triton_attention.DecodeAttention(counters)  # a submodule: its counters are a (static) buffer
             if rope and type(m) is Attention and isinstance(m.q_norm, nn.Identity):
                 m.__class__ = RopeAttention
     return model

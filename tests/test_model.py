@@ -199,10 +199,11 @@ def test_sampling_draws_from_the_top_k_softmax():
 
 
 def test_a_sampler_kernel_draws_the_tokens_torch_draws_from_the_same_seed(tmp_path, monkeypatch):
-    # On a GPU, prepare_for_device gives the model a triton_ops.Sampler (Triton kernels for the top-k and the
+    # On a GPU, prepare_for_device gives the model a triton_sample.Sampler (Triton kernels for the top-k and the
     # exponential race). Here the same kernels run in Triton's interpreter on the CPU: generate() with them
     # must draw the very tokens torch's sampling draws from the same seed, prompt and decode steps alike
     import triton_ops
+    import triton_sample
 
     _, checkpoint = make_checkpoint("llama_gqa", tmp_path)
     model = load_tiny(checkpoint, batch_size=2)
@@ -210,15 +211,15 @@ def test_a_sampler_kernel_draws_the_tokens_torch_draws_from_the_same_seed(tmp_pa
     sampling = dict(temperature=0.8, top_k=20)
     torch.manual_seed(5)
     plain = generate(model, prompts, 12, **sampling)[0]
-    model.sampler = triton_ops.draw  # on a CPU model it declines the CPU logits: torch's own sampling
+    model.sampler = triton_sample.draw  # on a CPU model it declines the CPU logits: torch's own sampling
     torch.manual_seed(5)
     assert generate(model, prompts, 12, **sampling)[0] == plain
-    monkeypatch.setattr(triton_ops, "sample_supported", lambda logits: True)  # the kernel on CPU logits too
+    monkeypatch.setattr(triton_sample, "sample_supported", lambda logits: True)  # the kernel on CPU logits too
     calls = []
 
-    def draw(logits, temperature, top_k):  # triton_ops.draw, counting its calls
+    def draw(logits, temperature, top_k):  # triton_sample.draw, counting its calls
         calls.append(logits.shape)
-        return triton_ops.draw(logits, temperature, top_k)
+        return triton_sample.draw(logits, temperature, top_k)
 
     model.sampler = draw
     torch.manual_seed(5)
@@ -231,7 +232,7 @@ def test_a_sampler_kernel_draws_the_tokens_torch_draws_from_the_same_seed(tmp_pa
     # compiled with fullgraph, the decode step takes the kernel as a custom op (no graph break), same token
     import generate as gen
 
-    model.sampler = triton_ops.Sampler(torch.device("cpu"))  # what prepare_for_device gives: its scratch a buffer
+    model.sampler = triton_sample.Sampler(torch.device("cpu"))  # what prepare_for_device gives: its scratch a buffer
     triton_ops.register_inductor_fallbacks()  # as prepare_for_device does on a GPU
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # eager's random stream when compiled
     x, pos = torch.tensor([[3], [4]], dtype=torch.int), torch.tensor([20])

@@ -188,19 +188,22 @@ def test_which_formats_use_the_triton_kernels(setting, formats, monkeypatch):
 
 
 def kernels_on_cpu(monkeypatch) -> None:
-    # triton_ops.py's GPU choices (matmuls, attention, rope_attention) widened to CPU tensors: Triton's interpreter
+    # the GPU choices of triton_ops.py (matmuls) and triton_attention.py (attention, rope_attention) widened to CPU
+    # tensors: Triton's interpreter
+    import triton_attention
     import triton_ops
 
     monkeypatch.setattr(triton_ops, "supported", lambda x, n, k, glu=False: x.numel() // k <= triton_ops.MAX_M
                         and n % (256 if glu else 128) == 0)  # fmt: skip
-    monkeypatch.setattr(triton_ops, "attention_supported", triton_ops.attention_shapes_ok)
-    monkeypatch.setattr(triton_ops, "rope_attention_supported", triton_ops.rope_attention_shapes_ok)
+    monkeypatch.setattr(triton_attention, "attention_supported", triton_attention.attention_shapes_ok)
+    monkeypatch.setattr(triton_attention, "rope_attention_supported", triton_attention.rope_attention_shapes_ok)
 
 
 @pytest.mark.parametrize("mode", ["plain", "int8", "int4-g32"])
 def test_decode_through_every_triton_kernel_matches_the_stock_path(mode, monkeypatch):
     # A whole model with the GPU's kernel choices (Triton matmuls with the SwiGLU epilogue, Triton attention),
     # run here in Triton's interpreter, against the same weights on the stock path: prefill, then decode steps
+    import triton_attention
     import triton_ops
 
     torch.manual_seed(0)
@@ -217,12 +220,12 @@ def test_decode_through_every_triton_kernel_matches_the_stock_path(mode, monkeyp
     Q.prepare_for_device(stock)
     assert all(type(layer.feed_forward) is Q.GluFeedForward for layer in fast.layers)
     counters = fast.layers[0].attention.sdpa.counters  # DecodeAttention's, one buffer for every layer
-    assert all(type(layer.attention) is Q.RopeAttention and type(layer.attention.sdpa) is triton_ops.DecodeAttention
+    assert all(type(layer.attention) is Q.RopeAttention and type(layer.attention.sdpa) is triton_attention.DecodeAttention
                and layer.attention.sdpa.counters is counters for layer in fast.layers)  # fmt: skip
     assert type(fast) is Q.NormFusedTransformer and all(type(layer) is Q.NormFusedBlock for layer in fast.layers)
     launches = []  # (whether the kernel did rotary and the cache write itself, key ranges asked for)
-    monkeypatch.setattr(triton_ops, "_attention_launch",
-                        lambda *a, _f=triton_ops._attention_launch: launches.append((len(a) > 6, a[5])) or _f(*a))  # fmt: skip
+    monkeypatch.setattr(triton_attention, "_attention_launch",
+                        lambda *a, _f=triton_attention._attention_launch: launches.append((len(a) > 6, a[5])) or _f(*a))  # fmt: skip
     fused = []  # the norms' halves: linear_add_norm (wo, w2) and norm_linear (wqkv but the first, w13, output)
     for name in ("linear_add_norm", "norm_linear"):
         monkeypatch.setattr(triton_ops, name, lambda *a, _f=getattr(triton_ops, name), _n=name: fused.append(_n) or _f(*a))
@@ -306,24 +309,25 @@ def test_whole_model_gpu_check_runs_here_and_catches_bad_output(monkeypatch):
     # interpreter: a prefill at the start of a 256-slot cache (4 key ranges per head, 3 of them with no key the
     # queries may see) and compiled decode steps through the Triton kernels, against the reference paths
     import bench_kernels
+    import triton_attention
     import triton_ops
 
     kernels_on_cpu(monkeypatch)
     monkeypatch.setattr(triton_ops, "_sm_count", lambda device: 8)
     keep_inductor_pdl(monkeypatch)
     cfg = ModelArgs(vocab_size=256, dim=128, n_layer=2, n_head=4, n_local_heads=2, intermediate_size=256)
-    assert triton_ops.attention_splits(1, 2, 256, torch.device("cpu")) == 4
+    assert triton_attention.attention_splits(1, 2, 256, torch.device("cpu")) == 4
     fmt = "int4g32"  # int4 on both matmul paths: tensor cores for the prefill's 6 rows, CUDA cores for decode
     worst = bench_kernels.model_check([fmt], "cpu", cfg, kernels=("triton", "reference"))
     assert 0 < worst[fmt] < 5e-2
     # and it fails where a kernel leaves garbage: here NaN from the attention of the prefill (S > 1)
-    attention = triton_ops.attention
+    attention = triton_attention.attention
 
     def nan_prefill(q, *args):
         y = attention(q, *args)
         return y.fill_(float("nan")) if q.shape[2] > 1 else y
 
-    monkeypatch.setattr(triton_ops, "attention", nan_prefill)
+    monkeypatch.setattr(triton_attention, "attention", nan_prefill)
     with pytest.raises(AssertionError, match=r"non-finite logits from the shipped kernels in rows \[0, 1, 2, 3, 4, 5"):
         bench_kernels.model_check([fmt], "cpu", cfg, kernels=("triton", "reference"), compiled=False)
 

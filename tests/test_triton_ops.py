@@ -1,4 +1,5 @@
-"""The Triton decode kernels of triton_ops.py, each against its dequantized float32 reference.
+"""The Triton decode matmuls of triton_ops.py, each against its dequantized float32 reference; and the sm_90
+compile test of every Triton kernel (triton_attention.py's and triton_sample.py's too).
 
 Without a GPU, triton_ops.py builds its kernels for Triton's interpreter (numpy), so these tests run the very
 kernel code on the CPU; shapes stay small. bench_kernels.py --check repeats the comparison on a GPU.
@@ -16,8 +17,10 @@ import torch
 from torch.testing import assert_close
 
 import bench_kernels
+import triton_attention  # noqa: F401  (its ops: test_inductor_gets_a_fallback_for_every_op_up_front)
 import triton_ops
-from bench_kernels import make_weights, norm_pair, sample_reference
+import triton_sample  # noqa: F401  (likewise)
+from bench_kernels import make_weights, norm_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -594,101 +597,6 @@ def test_split_k_add_norm_is_finished_by_the_last_program_of_each_tile(fmt, m, m
         triton_ops.linear_add_norm(fmt, x, w, aux, residual, g, scratch[:100])
 
 
-# ----------------------------------------------------------------------------- decode attention
-
-
-def attention_case(b, h, hkv, s, t, d, dtype, pos, seed=0):
-    # queries at slots pos .. pos + s - 1 of a cache of t slots, causal; row 0 has 3 slots of left padding
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(b, n, length, d, generator=g).to(dtype) for n, length in ((h, s), (hkv, t), (hkv, t)))
-    slots = torch.arange(pos, pos + s)
-    mask = (torch.arange(t)[None, :] <= slots[:, None])[None, None].repeat(b, 1, 1, 1)  # [B, 1, S, T]
-    mask[0, :, :, :3] = False
-    return q, k, v, mask
-
-
-@pytest.mark.parametrize("b,h,hkv,s,t,d,dtype,splits", [
-    (1, 4, 4, 1, 70, 64, torch.float32, 1),  # a decode step, one pass
-    (2, 8, 2, 3, 200, 32, torch.float32, 3),  # grouped query heads, a 3-token verify step, split key ranges
-    (1, 4, 1, 5, 130, 128, torch.bfloat16, 2),  # multi-query, bf16 on tensor cores
-    (2, 2, 2, 1, 64, 16, torch.bfloat16, 1),
-    (1, 2, 2, 1, 192, 64, torch.float32, 3),  # 3 ranges of 64 keys, padded to 4 in the combine
-])  # fmt: skip
-def test_attention_matches_torch_sdpa(b, h, hkv, s, t, d, dtype, splits):
-    # split ranges are combined by the last program of each key/value head, counting in a shared zeroed
-    # buffer that every call leaves zeroed (checked on a buffer with room for more heads)
-    q, k, v, mask = attention_case(b, h, hkv, s, t, d, dtype, pos=t - s - 4)
-    ref = torch.nn.functional.scaled_dot_product_attention(
-        q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=True
-    )  # fmt: skip
-    counters = torch.zeros(b * hkv + 3, dtype=torch.int32)
-    for _ in range(2):
-        out = triton_ops.attention(q, k, v, mask, counters, splits)
-        assert out.shape == q.shape and out.dtype == dtype
-        assert (out.double() - ref).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
-        assert not counters.any()
-    assert_close(triton_ops.attention(q, k, v, mask, None, splits), out, atol=0, rtol=0)  # a fresh buffer per call
-
-
-def rope_case(b, h, hkv, t, d, dtype, pos, seed=0):
-    # a decode step at slot pos: the qkv matmul's output row [B, 1, (H + 2 Hkv) D], the rotary row, full caches
-    g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(b, 1, (h + 2 * hkv) * d, generator=g).to(dtype)
-    caches = [torch.randn(b, hkv, t, d, generator=g).to(dtype) for _ in range(2)]
-    angle = torch.rand(1, d // 2, generator=g) * 6
-    angle = torch.cat([angle, angle], dim=-1)  # rotate-half layout, as model.rope_cos_sin builds it
-    mask = (torch.arange(t) <= pos)[None, None, None].repeat(b, 1, 1, 1)  # [B, 1, 1, T]
-    mask[0, ..., :3] = False
-    return qkv, angle.cos().to(dtype), angle.sin().to(dtype), torch.tensor([pos]), caches, mask
-
-
-@pytest.mark.parametrize("b,h,hkv,t,d,dtype,splits,pos", [
-    (2, 4, 2, 70, 64, torch.float32, 1, 61),  # grouped query heads, one pass
-    (1, 4, 4, 200, 32, torch.float32, 3, 191),  # key ranges: only the range holding the slot writes it
-    (1, 4, 4, 200, 32, torch.float32, 3, 5),  # the new slot in the first range, the later ones all masked
-    (2, 8, 2, 130, 128, torch.bfloat16, 2, 121),
-])  # fmt: skip
-def test_rope_attention_is_rotary_then_cache_write_then_attention(b, h, hkv, t, d, dtype, splits, pos):
-    # triton_ops.rope_attention against model.Attention's own steps: apply_rotary (in float32, rounded once, as
-    # inductor computes it), index_copy_ into the caches, sdpa over them
-    from model import apply_rotary
-
-    qkv, cos, sin, pos, (k_cache, v_cache), mask = rope_case(b, h, hkv, t, d, dtype, pos=pos)
-    q, k, v = (y.view(b, 1, -1, d).transpose(1, 2) for y in qkv.split([h * d, hkv * d, hkv * d], dim=-1))
-    q, k = (apply_rotary(y.float(), cos.float(), sin.float()).to(dtype) for y in (q, k))
-    k_ref, v_ref = k_cache.clone().index_copy_(2, pos, k), v_cache.clone().index_copy_(2, pos, v)
-    ref = torch.nn.functional.scaled_dot_product_attention(
-        q.double(), k_ref.double(), v_ref.double(), attn_mask=mask, enable_gqa=True
-    )  # fmt: skip
-    counters = torch.zeros(b * hkv, dtype=torch.int32)
-    out = triton_ops.rope_attention(qkv, cos, sin, pos, k_cache, v_cache, mask, h, counters, splits)
-    assert out.shape == (b, h, 1, d) and out.dtype == dtype and not counters.any()
-    assert (out.double() - ref).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
-    ulp = 1e-6 if dtype == torch.float32 else 2e-2  # bf16: FMA contraction may move the rounding by one step
-    assert_close(k_cache, k_ref, atol=ulp, rtol=ulp)
-    assert torch.equal(v_cache, v_ref)  # the value is only copied
-
-
-@pytest.mark.parametrize("b,h,hkv,t,d,dtype,splits,pos", [
-    (1, 4, 4, 200, 32, torch.float32, 1, 150),  # one pass over two blocks: the first preloaded, then the loop
-    (1, 4, 4, 200, 32, torch.float32, 3, 5),  # ranges, the new slot in the first (preloaded) block
-    (2, 8, 2, 130, 128, torch.bfloat16, 2, 121),  # grouped heads, the slot in the last range's partial block
-])  # fmt: skip
-def test_rope_attention_first_block_loaded_before_the_pdl_wait_changes_nothing(b, h, hkv, t, d, dtype, splits, pos,
-                                                                                monkeypatch):  # fmt: skip
-    # Under PDL the rotary attention requests its range's first block of cached keys and values before waiting
-    # for the previous kernel (triton_ops.preloads(device, "attn")); that block, stale at the new slot, is
-    # peeled off the loop: the output and the caches must come out bit for bit the same
-    outs = []
-    for preload in (False, True):
-        monkeypatch.setattr(triton_ops, "preloads", lambda device, what="matmul", on=preload: on)
-        qkv, cos, sin, slot, caches, mask = rope_case(b, h, hkv, t, d, dtype, pos=pos)
-        out = triton_ops.rope_attention(qkv, cos, sin, slot, *caches, mask, h, None, splits)
-        outs.append((out, *caches))
-    for before, after in zip(*outs):
-        assert torch.equal(before, after)
-
-
 def test_preloads_follows_fastgen_preload(monkeypatch):
     # FASTGEN_PRELOAD: unset or 1 both loads, 0 neither, a list the ones it names (under PDL only)
     monkeypatch.setattr(triton_ops, "uses_pdl", lambda device: True)
@@ -704,85 +612,9 @@ def test_preloads_follows_fastgen_preload(monkeypatch):
     assert not triton_ops.preloads(cuda, "attn")
 
 
-def test_masked_keys_do_not_count():
-    # keys past the position (cache slots not written yet) and padding slots change nothing, whatever they hold
-    q, k, v, mask = attention_case(2, 2, 2, 1, 256, 64, torch.float32, pos=70)
-    ref = triton_ops.attention(q, k, v, mask, None, 2)
-    k[:, :, 71:], v[:, :, 71:] = k[:, :, 71:] * 100, torch.randn_like(v[:, :, 71:]) * 100
-    k[0, :, :3], v[0, :, :3] = -k[0, :, :3] * 100, v[0, :, :3] * 100
-    assert_close(triton_ops.attention(q, k, v, mask, None, 2), ref, atol=1e-6, rtol=1e-6)
-    assert_close(triton_ops.attention(q, k, v, mask, None, 4), ref, atol=1e-6, rtol=1e-6)  # 2 ranges see no key
-    assert_close(triton_ops.attention(q, k, v, mask), ref, atol=1e-6, rtol=1e-6)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("top_k", [1, 7, 200, 0, 1000])
-def test_sample_kernel_draws_what_generate_sample_draws(dtype, top_k):
-    # 3 rows over a vocabulary of 1000 (not a power of two); top_k 0 or the vocabulary: no top-k. The logits sit
-    # on a coarse grid, so many tie with the k-th largest (kept, as by masked_logits), and include -0 and +0
-    g = torch.Generator().manual_seed(top_k)
-    logits = (torch.randn(3, 1000, generator=g) * 4).round() / 2
-    logits[1, :300] = 0.0
-    logits[1, 300:400] = -0.0
-    logits = logits.to(dtype)
-    for seed, temperature in ((0, 0.8), (1, 1.0), (2, 1e-5)):
-        noise = torch.empty(3, 1000).exponential_(1, generator=torch.Generator().manual_seed(seed))
-        token = triton_ops.sample(logits, noise, temperature, top_k)
-        assert token.shape == (3, 1) and token.dtype == torch.int32
-        assert torch.equal(token, sample_reference(logits, noise, temperature, top_k))
-    if top_k == 1:  # only the largest logit may be drawn, whatever the noise
-        assert torch.equal(token[:, 0].long(), logits.float().argmax(-1))
-    # the k-th largest is 0: the -0 logits tie with it and stay in (a small noise lets index 360 win)
-    row = -torch.rand(1, 1000, generator=g) - 1
-    row[0, :50], row[0, 50:350], row[0, 350:450] = 1.0, 0.0, -0.0
-    noise = torch.ones(1, 1000)
-    noise[0, 360] = 1e-30
-    assert triton_ops.sample(row.to(dtype), noise, 1.0, 200).item() == 360
-    assert triton_ops.sample(row.to(dtype), noise, 1.0, 7).item() != 360  # outside the top 7
-
-
-def test_sample_kernel_reads_the_last_position_of_a_strided_view():
-    # generate.py passes logits[:, -1] of [B, S, V]: rows S * V apart
-    logits = torch.randn(2, 3, 1000, dtype=torch.bfloat16)
-    noise = torch.empty(2, 1000).exponential_(1, generator=torch.Generator().manual_seed(0))
-    last = logits[:, -1]
-    assert last.stride(0) == 3000
-    assert torch.equal(triton_ops.sample(last, noise, 0.8, 50), sample_reference(last, noise, 0.8, 50))
-    assert not triton_ops.sample_supported(last)  # a CPU tensor: generate.py keeps torch's sampling
-
-
-def test_sample_kernel_spreads_a_row_over_programs_and_leaves_its_scratch_zeroed():
-    # 5000 logits in 10 programs of 512: the k-th largest and the race's winner are found across programs, ties
-    # to the lowest index wherever they lie; the scratch a Sampler keeps is zeroed again after every call
-    assert triton_ops._sample_block(5000) == 512
-    scratch = torch.zeros(4, triton_ops.SAMPLE_SLOTS, dtype=torch.int64)
-    g = torch.Generator().manual_seed(0)
-    for dtype, top_k, temperature in ((torch.bfloat16, 200, 0.8), (torch.float32, 3000, 1.3), (torch.float16, 1, 0.5)):
-        logits = (torch.randn(3, 5000, generator=g) * 3).to(dtype)
-        noise = torch.empty(3, 5000).exponential_(1, generator=g)
-        ref = sample_reference(logits, noise, temperature, top_k)
-        assert torch.equal(triton_ops.sample(logits, noise, temperature, top_k, scratch), ref)
-        assert not scratch.any()
-    flat, ones = torch.zeros(1, 5000), torch.ones(1, 5000)
-    flat[0, :600] = -1.0
-    assert triton_ops.sample(flat, ones, 1.0, 0, scratch).item() == 600  # the first of 4400 equal scores
-    assert triton_ops.sample(flat, ones, 1.0, 10, scratch).item() == 600
-    flat[0, 4999] = 2.0
-    assert triton_ops.sample(flat, ones, 1.0, 1, scratch).item() == 4999  # the last program's only key
-    assert not scratch.any()
-
-
 def test_fake_implementations_agree_with_the_kernels():
-    # torch.library.opcheck: each op's fake (what torch.compile plans with) gives the real output's shape,
-    # dtype and strides, also for a transposed query view with several positions (a verify step)
-    q, k, v, mask = attention_case(1, 4, 2, 3, 64, 32, torch.float32, pos=20)
-    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, H, S, D] view of [B, S, H, D], as in model.py
-    counters = torch.zeros(2, dtype=torch.int32)
-    torch.library.opcheck(triton_ops.attention.op, (q, k, v, mask))
-    torch.library.opcheck(triton_ops.attention.op, (q, k, v, mask, counters, 2))  # (mutates the counters)
-    qkv, cos, sin, pos, (k_cache, v_cache), mask = rope_case(1, 4, 2, 64, 32, torch.float32, pos=20)
-    torch.library.opcheck(triton_ops.rope_attention.op, (qkv, cos, sin, pos, k_cache, v_cache, mask, 4))  # mutates the caches
-    torch.library.opcheck(triton_ops.rope_attention.op, (qkv, cos, sin, pos, k_cache, v_cache, mask, 4, counters, 2))
+    # torch.library.opcheck: each matmul op's fake (what torch.compile plans with) gives the real output's shape,
+    # dtype and strides (triton_attention's and triton_sample's: in their own tests)
     for fmt, op in (("bfloat16", triton_ops.linear), ("int8", triton_ops.int8_linear), ("int4g32", triton_ops.int4_linear)):
         x, weights, _ = case(fmt, 3, 256, 256, torch.bfloat16)
         for glu in (False, True):
@@ -794,8 +626,8 @@ def test_fake_implementations_agree_with_the_kernels():
         scratch = torch.zeros(triton_ops.scratch_numel(3, 256), dtype=torch.int32)
         torch.library.opcheck(triton_ops.linear_add_norm.op, (fmt, x, w, aux, residual, g, scratch))  # (mutates scratch)
         torch.library.opcheck(triton_ops.norm_linear.op, (fmt, hn, w, aux, ss, 1e-5, True))
-    logits, noise = torch.randn(2, 300, dtype=torch.bfloat16), torch.rand(2, 300) + 0.1
-    torch.library.opcheck(triton_ops.sample.op, (logits, noise, 0.8, 20))
+
+
 
 
 def test_inductor_gets_a_fallback_for_every_op_up_front():
@@ -806,22 +638,6 @@ def test_inductor_gets_a_fallback_for_every_op_up_front():
     triton_ops.register_inductor_fallbacks()
     assert {"linear", "int4_linear", "linear_add_norm", "rope_attention", "sample"} <= set(triton_ops._OP_NAMES)
     assert all(getattr(torch.ops.fastgen, name).default in lowering.lowerings for name in triton_ops._OP_NAMES)
-
-
-def test_sdpa_sends_only_decode_sized_gpu_inputs_to_the_kernel():
-    q, k, v, mask = attention_case(1, 4, 2, 1, 64, 64, torch.float32, pos=10)
-    assert not triton_ops.attention_supported(q, k, v, mask)  # CPU tensors: torch's sdpa
-    assert torch.equal(triton_ops.sdpa(q, k, v, attn_mask=mask, enable_gqa=True),
-                       torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
-    meta = lambda *shape, dtype=torch.bfloat16: torch.empty(*shape, device="meta", dtype=dtype)  # noqa: E731
-    # what the kernel takes, device aside: a bool [B, 1, S, T] mask, few query rows per program, power-of-two D
-    shapes_ok = triton_ops.attention_shapes_ok
-    assert shapes_ok(meta(1, 32, 1, 128), meta(1, 8, 64, 128), meta(1, 8, 64, 128), meta(1, 1, 1, 64, dtype=torch.bool))
-    assert not shapes_ok(meta(1, 32, 1, 128), meta(1, 8, 64, 128), meta(1, 8, 64, 128), None)
-    assert not shapes_ok(meta(1, 32, 1, 96), meta(1, 8, 64, 96), meta(1, 8, 64, 96), meta(1, 1, 1, 64, dtype=torch.bool))
-    assert not shapes_ok(meta(1, 32, 64, 128), meta(1, 8, 64, 128), meta(1, 8, 64, 128),
-                         meta(1, 1, 64, 64, dtype=torch.bool))  # a prefill: 4 x 64 rows per program  # fmt: skip
-    assert not shapes_ok(meta(1, 32, 1, 128), meta(1, 8, 64, 128), meta(1, 8, 64, 128), meta(1, 1, 1, 64))  # float mask
 
 
 def test_int4_matrix_vector_over_the_range_of_x():
@@ -873,7 +689,9 @@ sys.path.insert(0, sys.argv[1])
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+import triton_attention
 import triton_ops
+import triton_sample
 
 def build(fn, sig, consts, num_warps=4):
     # pointers and the K-sized ints are 16-divisible, as the JIT would specialise them at a real launch
@@ -1005,9 +823,9 @@ for g, split, rope in ((1, False, False), (4, True, False), (1, False, True), (4
            "part_ptr": "*fp32", "lse_ptr": "*fp32", "cnt_ptr": "*i32", **strides, "HKV": "i32", "S": "i32", "T": "i32",
            "t_len": "i32", "qk_scale": "fp32", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "pos_ptr": "*i64", "new_k": "i32",
            "new_v": "i32"}
-    ptx = build(triton_ops._attention_kernel, sig, dict(G=g, D=128, BLOCK_R=16, BLOCK_T=64, SPLIT=split,
-                                                     DOT_F32=False, ROPE=rope, PDL=split, P_POW2=8 if split else 1,
-                                                     PRELOAD=rope and split)).asm["ptx"]  # fmt: skip
+    ptx = build(triton_attention._attention_kernel, sig, dict(G=g, D=128, BLOCK_R=16, BLOCK_T=64, SPLIT=split,
+                                                           DOT_F32=False, ROPE=rope, PDL=split, P_POW2=8 if split else 1,
+                                                           PRELOAD=rope and split)).asm["ptx"]  # fmt: skip
     stores[split, rope] = ptx.count("st.global")
     if rope and split:  # PRELOAD: the first block of keys and values before the wait, nothing else (no store)
         before = ptx[: ptx.index("griddepcontrol.wait")]
@@ -1026,12 +844,12 @@ for logits in ("*bf16", "*fp32"):
     bits = 16 if logits == "*bf16" else 32
     sig = {"logits_ptr": logits, "scratch_ptr": "*i64", "V": "i32", "stride_l": "i32", "temperature": "fp32", "top_k": "i32"}
     for level in range(bits // 8):
-        ptx = build(triton_ops._radix_kernel, sig, dict(LEVEL=level, KEY_BITS=bits, BLOCK=1024, PDL=True)).asm["ptx"]
+        ptx = build(triton_sample._radix_kernel, sig, dict(LEVEL=level, KEY_BITS=bits, BLOCK=1024, PDL=True)).asm["ptx"]
         assert "griddepcontrol.wait" in ptx and "ld.global.cg" in ptx
         assert re.search(r"bar[.]sync[^;]*;(?:(?!ld[.]global).)*atom[.]global[.]gpu[.]acq_rel[.]add", ptx, re.S), "barrier, count"
     sig = {"logits_ptr": logits, "noise_ptr": "*fp32", "out_ptr": "*i32", "scratch_ptr": "*i64", "V": "i32",
            "stride_l": "i32", "temperature": "fp32"}
-    ptx = build(triton_ops._race_kernel, sig, dict(KEY_BITS=bits, TOP_K=True, BLOCK=1024, PDL=True)).asm["ptx"]
+    ptx = build(triton_sample._race_kernel, sig, dict(KEY_BITS=bits, TOP_K=True, BLOCK=1024, PDL=True)).asm["ptx"]
     assert "griddepcontrol.wait" in ptx and re.search(r"(atom|red)[.]global[.][a-z.]*max[.]s64", ptx), "the packed maximum"
 # the prefill path's int4 dequantization: whole groups of contiguous stores, 16 bytes at a time
 for out in ("*bf16", "*fp32"):
