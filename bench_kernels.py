@@ -1,4 +1,5 @@
-"""Check, tune and benchmark the Triton decode kernels of triton_ops.py on one GPU.
+"""Check, tune and benchmark the Triton decode kernels (triton_ops.py, triton_attention.py, triton_sample.py) on
+one GPU.
 
     python bench_kernels.py --check          # every op vs its dequantized float32 reference, compiled capture,
                                              # and two model layers vs torch's kernels
@@ -610,7 +611,7 @@ def bench(formats: list[str], shape_sets: list[str], ms: list[int]) -> None:
 def bench_attention(sweep: bool = False) -> None:
     # one decode step's attention, in a CUDA graph, ours (as the model calls it: DecodeAttention, key ranges as
     # attention_splits says) vs torch's sdpa with the same bool mask (what model.py calls without
-    # triton_ops.py); per layer, so x 32 layers per token. sweep: also each number of key ranges
+    # triton_attention.py); per layer, so x 32 layers per token. sweep: also each number of key ranges
     # Also steps early in a long cache (the query at slot 511 of 4096, as in a chat): the kernel reads every
     # slot of its key ranges, visible or not, so they cost what a full cache costs.
     counters = torch.zeros(triton_attention.ATTN_COUNTERS, device="cuda", dtype=torch.int32)
@@ -688,7 +689,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1), help="compile processes (--tune)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("error: bench_kernels.py needs a CUDA GPU (CPU tests: python -m pytest tests/test_triton_ops.py)")
+        sys.exit("error: bench_kernels.py needs a CUDA GPU (CPU tests: python -m pytest tests/test_triton_*.py)")
     unknown = [f for f in args.formats if f not in FORMATS + ["float16", "int4g64", "int4g256"]]
     if unknown:
         sys.exit(f"error: unknown format(s) {unknown}; known: {FORMATS + ['float16', 'int4g64', 'int4g256']}")
