@@ -808,10 +808,11 @@ def _sm_count(device: torch.device) -> int:
     return _gpu(device)[1] if device.type == "cuda" else 1
 
 
-def _warps(tile_bytes: int, bits: int, dot: bool) -> tuple[int, ...]:
-    # warps per program tried for a tile: fewer warps give each thread more rows, which share its x work
+def _warps(tile_bytes: int, bits: int, dot: bool, m: int = 1) -> tuple[int, ...]:
+    # warps per program tried for a tile: fewer warps give each thread more rows, which share its x work; several
+    # rows (prefill, verify steps) dequantize each weight once for all of them, so more warps share that work
     if dot:
-        return (8 if tile_bytes > 8192 else 4,)
+        return (4, 8) if m > 1 else (8 if tile_bytes > 8192 else 4,)
     if bits == 4:
         return (2, 4) if tile_bytes <= 8192 else (4, 8)
     return (4, 8) if tile_bytes > 8192 else (4,)
@@ -819,9 +820,10 @@ def _warps(tile_bytes: int, bits: int, dot: bool) -> tuple[int, ...]:
 
 def candidates(fmt: str, n: int, k: int, m: int, sms: int = 132, tma: bool = True) -> list[Config]:
     """The configs bench_kernels.py --tune tries: weight tiles of 4-16 KB per loop step (int4 on CUDA cores
-    2-32 KB, as wide as BLOCK_K = 4096 and as short as 2 rows: see _int4_kernel), shaped from wide (BLOCK_K up to
-    1024) to tall (BLOCK_N up to 128; on CUDA cores a K like 11008 = 2^8 * 43 ends in a masked tile), 2-8 warps (_warps),
-    split-K 1-8 (while that leaves < 8 programs per SM); for M == 1 also the tensor-core path, and CUDA-core tiles
+    2-32 KB, as wide as BLOCK_K = 4096 and as short as 2 rows: see _int4_kernel; the one-row tensor-core path 8
+    KB), shaped from wide (BLOCK_K up to 1024) to tall (BLOCK_N up to 128, the one-row tensor-core path 64; on CUDA
+    cores a K like 11008 = 2^8 * 43 ends in a masked tile), 2-8 warps (_warps), split-K 1-8 (while that leaves < 8
+    programs per SM); for M == 1 also the tensor-core path, and CUDA-core tiles
     with 2-4 stages in flight (Config.stages) where the loop after the first tile has at least as many steps as
     stages and the stages hold at most 32 KB; for one-row TMA_FORMATS and tma, also tiles through tensor
     descriptors (_tma_candidates); for one-row int4 g32 tiles without stages, each with x read as words too
@@ -829,16 +831,16 @@ def candidates(fmt: str, n: int, k: int, m: int, sms: int = 132, tma: bool = Tru
     bits, out = _bits(fmt), []
     for dot in (False, True) if m == 1 else (True,):
         int4_cores = bits == 4 and not dot
-        sizes = (8192,) if dot else (2048, 4096, 8192, 16384, 32768) if int4_cores else (4096, 8192, 16384)
+        sizes = (8192,) if dot and m == 1 else (4096, 8192, 16384) if dot or not int4_cores else (2048, 4096, 8192, 16384, 32768)
         for tile_bytes in sizes:
             for block_k in (128, 256, 512, 1024) + ((2048, 4096) if int4_cores else ()):
                 block_n = tile_bytes * 8 // (bits * block_k)
-                if not (16 if dot else 2 if int4_cores else 8) <= block_n <= (64 if dot else 128):
+                if not (16 if dot else 2 if int4_cores else 8) <= block_n <= (64 if dot and m == 1 else 128):
                     continue
                 for split_k in (1, 2, 4, 8):
                     # tiles after the first (loaded before the PDL wait) along this split of K
                     loop = _cdiv(_cdiv(k, block_k), split_k) - 1
-                    for warps in _warps(tile_bytes, bits, dot):
+                    for warps in _warps(tile_bytes, bits, dot, m):
                         for stages in (1,) if dot or m > 1 else (1, 2, 3, 4):
                             cfg = Config(block_n, block_k, split_k, warps, 3 if dot else 2, dot, stages)
                             if stages > 1 and (loop < stages or tile_bytes * stages > 32768):
@@ -882,7 +884,8 @@ def heuristic(fmt: str, n: int, k: int, m: int, sms: int = 132) -> Config:
     dot = m > 1
     int4_cores = _bits(fmt) == 4 and not dot
     cands = [c for c in candidates(fmt, n, k, m, sms)
-             if c.dot == dot and c.num_warps == (2 if int4_cores else 4) and c.stages == 1]
+             if c.dot == dot and c.num_warps == (2 if int4_cores else 4) and c.stages == 1
+             and (not dot or c.block_n <= 64 and c.block_n * c.block_k * _bits(fmt) == 8192 * 8)]
     if not cands:  # tiny or odd shapes: the smallest tile that always fits (N, K multiples of 128)
         return Config(16, max(128, _group(fmt)), 1, 4, 3 if dot else 2, dot)
     def score(c: Config) -> tuple:

@@ -454,6 +454,22 @@ def test_heuristic_tiles_every_shape():
                 assert triton_ops.valid(cfg, fmt, n, k), (fmt, n, k, m, cfg)
 
 
+def test_several_rows_tune_over_wider_tensor_core_tiles():
+    # a prefill or verify step (M > 1) dequantizes each weight once for all its rows: the tuner tries 4-16 KB
+    # tensor-core tiles up to 128 rows with 4 or 8 warps there, while one row keeps its 8 KB tensor-core tiles;
+    # the heuristic (no table entry) stays the 8 KB tile with 4 warps
+    for fmt in ["bfloat16", "int8", "int4g32"]:
+        several, one = triton_ops.candidates(fmt, 4096, 4096, 16), triton_ops.candidates(fmt, 4096, 4096, 1)
+        tile_bytes = {c.block_n * c.block_k * triton_ops._bits(fmt) // 8 for c in several}
+        assert all(c.dot for c in several) and tile_bytes == {4096, 8192, 16384}
+        assert {c.num_warps for c in several} == {4, 8}
+        assert max(c.block_n for c in several) == (64 if fmt == "bfloat16" else 128)  # BLOCK_K from 128
+        assert {c.block_n * c.block_k * triton_ops._bits(fmt) // 8 for c in one if c.dot} == {8192}
+        assert max(c.block_n for c in one if c.dot) <= 64
+        cfg = triton_ops.heuristic(fmt, 4096, 4096, 16)
+        assert cfg.num_warps == 4 and cfg.block_n * cfg.block_k * triton_ops._bits(fmt) == 8192 * 8
+
+
 def test_bad_shapes_are_clear_errors():
     x, (w, s), _ = case("int8", 1, 128, 256, torch.bfloat16)
     with pytest.raises(AssertionError, match="multiples of 128"):
