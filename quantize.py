@@ -1,4 +1,4 @@
-"""Weight-only quantization as module swaps: int8 per channel, int4 in groups (round-to-nearest or GPTQ).
+"""Weight-only quantization as module swaps: int8 per channel, int4 in groups (round-to-nearest, or GPTQ: gptq.py).
 
     python quantize.py --checkpoint_path DIR/model.pth --mode int8                  # -> DIR/model_int8.pth
     python quantize.py --checkpoint_path DIR/model.pth --mode int4 --groupsize 32   # -> DIR/model_int4.g32.pth
