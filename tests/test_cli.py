@@ -214,6 +214,9 @@ def test_bench_breakdown_reads_a_trace_per_call():
     assert path["matmul"] == 47.0 and path["attention"] == 6.0 and path["other"] == 0.5
     assert path["idle"] == (7.0 + 39.0) / 2 and set(path["idle_before"]) == {"Memcpy DtoD (Device -> Device) after _int4_kernel",
                                                                              "_int4_kernel grid=[5504, 1, 1] after Memcpy DtoD (Device -> Device)"}  # fmt: skip
+    # the idle time of the timed (unprofiled) runs: their time a token less the profiled busy time (53.5 µs), never
+    # below zero; at 10000 tok/s a token takes 100 µs
+    assert bench.unprofiled_idle(path, 10000.0) == 46.5 and bench.unprofiled_idle(path, 1e6) == 0.0
 
 
 def test_choose_keeps_a_candidate_only_where_no_shape_loses():
