@@ -706,6 +706,11 @@ def _bits(fmt: str) -> int:
     return 4 if fmt.startswith("int4") else 8 if fmt in ("int8", "fp8") else torch.finfo(getattr(torch, fmt)).bits
 
 
+def _tile_bytes(cfg: Config, fmt: str) -> int:
+    # weight bytes a program reads per loop step
+    return cfg.block_n * cfg.block_k * _bits(fmt) // 8
+
+
 def _group(fmt: str) -> int:
     # weights per (scale, zero) pair: int4's group size ("int4g32" -> 32), 1 for the other formats
     return int(fmt[5:]) if fmt.startswith("int4") else 1
@@ -831,11 +836,15 @@ def candidates(fmt: str, n: int, k: int, m: int, sms: int = 132, tma: bool = Tru
     bits, out = _bits(fmt), []
     for dot in (False, True) if m == 1 else (True,):
         int4_cores = bits == 4 and not dot
-        sizes = (8192,) if dot and m == 1 else (4096, 8192, 16384) if dot or not int4_cores else (2048, 4096, 8192, 16384, 32768)
+        one_row_dot = dot and m == 1  # the one-row tensor-core path: 8 KB tiles of at most 64 rows
+        if int4_cores:
+            sizes = (2048, 4096, 8192, 16384, 32768)
+        else:
+            sizes = (8192,) if one_row_dot else (4096, 8192, 16384)
         for tile_bytes in sizes:
             for block_k in (128, 256, 512, 1024) + ((2048, 4096) if int4_cores else ()):
                 block_n = tile_bytes * 8 // (bits * block_k)
-                if not (16 if dot else 2 if int4_cores else 8) <= block_n <= (64 if dot and m == 1 else 128):
+                if not (16 if dot else 2 if int4_cores else 8) <= block_n <= (64 if one_row_dot else 128):
                     continue
                 for split_k in (1, 2, 4, 8):
                     # tiles after the first (loaded before the PDL wait) along this split of K
@@ -885,14 +894,14 @@ def heuristic(fmt: str, n: int, k: int, m: int, sms: int = 132) -> Config:
     int4_cores = _bits(fmt) == 4 and not dot
     cands = [c for c in candidates(fmt, n, k, m, sms)
              if c.dot == dot and c.num_warps == (2 if int4_cores else 4) and c.stages == 1
-             and (not dot or c.block_n <= 64 and c.block_n * c.block_k * _bits(fmt) == 8192 * 8)]
+             and (not dot or c.block_n <= 64 and _tile_bytes(c, fmt) == 8192)]
     if not cands:  # tiny or odd shapes: the smallest tile that always fits (N, K multiples of 128)
         return Config(16, max(128, _group(fmt)), 1, 4, 3 if dot else 2, dot)
     def score(c: Config) -> tuple:
         programs = (n // c.block_n) * c.split_k
         if programs < 2 * sms:
             return (1, -programs)
-        return (0, c.split_k, abs(c.block_n * c.block_k * _bits(fmt) - 8192 * 8), abs(c.block_k - (2048 if int4_cores else 512)))
+        return (0, c.split_k, abs(_tile_bytes(c, fmt) - 8192), abs(c.block_k - (2048 if int4_cores else 512)))
 
     return min(cands, key=score)
 

@@ -460,14 +460,14 @@ def test_several_rows_tune_over_wider_tensor_core_tiles():
     # the heuristic (no table entry) stays the 8 KB tile with 4 warps
     for fmt in ["bfloat16", "int8", "int4g32"]:
         several, one = triton_ops.candidates(fmt, 4096, 4096, 16), triton_ops.candidates(fmt, 4096, 4096, 1)
-        tile_bytes = {c.block_n * c.block_k * triton_ops._bits(fmt) // 8 for c in several}
+        tile_bytes = {triton_ops._tile_bytes(c, fmt) for c in several}
         assert all(c.dot for c in several) and tile_bytes == {4096, 8192, 16384}
         assert {c.num_warps for c in several} == {4, 8}
         assert max(c.block_n for c in several) == (64 if fmt == "bfloat16" else 128)  # BLOCK_K from 128
-        assert {c.block_n * c.block_k * triton_ops._bits(fmt) // 8 for c in one if c.dot} == {8192}
+        assert {triton_ops._tile_bytes(c, fmt) for c in one if c.dot} == {8192}
         assert max(c.block_n for c in one if c.dot) <= 64
         cfg = triton_ops.heuristic(fmt, 4096, 4096, 16)
-        assert cfg.num_warps == 4 and cfg.block_n * cfg.block_k * triton_ops._bits(fmt) == 8192 * 8
+        assert cfg.num_warps == 4 and triton_ops._tile_bytes(cfg, fmt) == 8192
 
 
 def test_bad_shapes_are_clear_errors():
