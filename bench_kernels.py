@@ -225,6 +225,8 @@ def check(formats: list[str], trials: int) -> None:
               f"key cache {cache_err:.1e}")  # fmt: skip
         assert err < 2e-2 and cache_err <= 2e-2 and torch.equal(v_cache, v_ref)
 
+    check_rope_write()
+
     # int4 uses tinygemm's formula: the same q, scales and zeros give the same product as _weight_int4pack_mm
     for group in (32, 128):
         w, sz, _ = make_weights(f"int4g{group}", 4096, 4096, "cuda", seed=7)
@@ -254,6 +256,24 @@ def check(formats: list[str], trials: int) -> None:
 
     check_sampling()
     model_check(formats)
+
+
+def check_rope_write() -> None:
+    """rope_write (a prefill's or verify step's rotary and cache write) against model.Attention's steps: float32
+    rotary rounded once, index_copy_ into the caches; 16 and 5 positions."""
+    for b, h, hkv, s, t in ((1, 32, 32, 16, 206), (2, 32, 8, 5, 777)):
+        _, k_cache, v_cache, _ = attention_inputs(b, h, hkv, 1, t)
+        d = k_cache.shape[3]
+        qkv = torch.randn(b, s, (h + 2 * hkv) * d, device="cuda", dtype=torch.bfloat16)
+        angle = torch.rand(s, d // 2, device="cuda").repeat(1, 2) * 6
+        cos, sin, slots = angle.cos().bfloat16(), angle.sin().bfloat16(), torch.arange(t - s, t, device="cuda")
+        q, k, v = (y.view(b, s, -1, d).transpose(1, 2) for y in qkv.split([h * d, hkv * d, hkv * d], dim=-1))
+        q, k = (apply_rotary(y.float(), cos.float(), sin.float()).bfloat16() for y in (q, k))
+        k_ref, v_ref = k_cache.clone().index_copy_(2, slots, k), v_cache.clone().index_copy_(2, slots, v)
+        y = triton_attention.rope_write(qkv, cos, sin, slots, k_cache, v_cache, h)
+        err = max((y.transpose(1, 2).float() - q.float()).abs().max().item(), (k_cache.float() - k_ref.float()).abs().max().item())
+        print(f"check rope_write B={b} H={h} Hkv={hkv} S={s} T={t}: max abs error (queries, key cache) {err:.1e}")
+        assert err <= 2e-2 and torch.equal(v_cache, v_ref)
 
 
 def model_check(formats: list[str], device="cuda", cfg=None, kernels: tuple = (None, "cuda"), slots: int = 256,

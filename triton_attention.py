@@ -186,6 +186,32 @@ def _combine_ranges(part_ptrs, lse_ptrs, o_ptrs, row_ok, cnt_ptr, BLOCK_R: tl.co
         tl.store(cnt_ptr, 0)
 
 
+@triton.jit
+def _rope_write_kernel(
+    qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, s_b, s_s, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, S,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    # qkv: [B, S, (H + 2 HKV) D] with D contiguous (query heads, then keys, then values); cos/sin: [S, D]
+    # contiguous; pos: [S] the cache slots. grid: (B * S, heads / BLOCK_H). This program: BLOCK_H of one
+    # position's heads. Queries and keys are rotated (rotate-half pairs (i, i + D/2), in float32, rounded once);
+    # queries go to q [B, S, H, D] (contiguous, the caches' dtype), keys and values into their slot of the caches.
+    pid, pid_h = tl.program_id(0), tl.program_id(1)
+    b, s = pid // S, pid % S
+    hh, d = pid_h * BLOCK_H + tl.arange(0, BLOCK_H), tl.arange(0, D)
+    ok = hh < H + 2 * HKV
+    row = qkv_ptr + b * s_b + s * s_s + hh[:, None] * D
+    x = tl.load(row + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)  # [BLOCK_H, D]
+    x_pair = tl.load(row + ((d + D // 2) % D)[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    cos = tl.load(cos_ptr + s * D + d).to(tl.float32)
+    sin = tl.where(d < D // 2, -1.0, 1.0) * tl.load(sin_ptr + s * D + d).to(tl.float32)  # rotate_half's sign
+    y = tl.where((hh < H + HKV)[:, None], x * cos[None, :] + x_pair * sin[None, :], x).to(k_ptr.dtype.element_ty)
+    slot = tl.load(pos_ptr + s)
+    kh, vh = tl.maximum(hh - H, 0), tl.maximum(hh - H - HKV, 0)  # (clamped: masked rows still form pointers)
+    tl.store(q_ptr + (pid * H + hh[:, None]) * D + d[None, :], y, mask=(hh < H)[:, None])
+    tl.store(k_ptr + b * sk_b + kh[:, None] * sk_h + slot * sk_t + d[None, :], y, mask=((hh >= H) & (hh < H + HKV))[:, None])
+    tl.store(v_ptr + b * sv_b + vh[:, None] * sv_h + slot * sv_t + d[None, :], y, mask=((hh >= H + HKV) & ok)[:, None])
+
+
 # ----------------------------------------------------------------------------- ops
 
 
@@ -304,6 +330,46 @@ def rope_attention_shapes_ok(x: Tensor, k_cache: Tensor, mask: Tensor, n_head: i
     """One new position (S = 1), and shapes attention_shapes_ok accepts for [B, n_head, 1, D] queries."""
     q = k_cache.new_empty(x.shape[0], n_head, 1, k_cache.shape[3], device="meta")
     return x.shape[1] == 1 and x.dtype in FLOAT_DTYPES and attention_shapes_ok(q, k_cache, k_cache, mask)
+
+
+def _fake_rope_write(qkv: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor,
+                     n_head: int) -> Tensor:  # fmt: skip
+    return k_cache.new_empty(qkv.shape[0], qkv.shape[1], n_head, k_cache.shape[3])
+
+
+@_op("rope_write", _fake_rope_write, mutates=("k_cache", "v_cache"))
+def rope_write(qkv: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor,
+               n_head: int) -> Tensor:  # fmt: skip
+    """A prefill's (or verify step's) rotary and cache write from the qkv matmul's output: qkv [B, S, (n_head +
+    2 Hkv) D], cos/sin [S, D] at the positions input_pos [S], caches [B, Hkv, T, D]. Rotates q and k
+    (rotate-half, in float32), writes k and v into the slots input_pos of the caches (in place) and returns the
+    rotated queries [B, S, n_head, D] in the caches' dtype: model.Attention's two apply_rotary and the cache
+    update (a dozen small kernels) in one."""
+    B, S = qkv.shape[:2]
+    hkv, D = k_cache.shape[1], k_cache.shape[3]
+    assert k_cache.stride(-1) == v_cache.stride(-1) == 1, "the caches need a contiguous last dimension"
+    qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
+    q = torch.empty(B, S, n_head, D, device=qkv.device, dtype=k_cache.dtype)
+    heads = n_head + 2 * hkv
+    block_h = min(16, triton.next_power_of_2(heads))
+    _rope_write_kernel[(B * S, _cdiv(heads, block_h))](
+        qkv, cos.contiguous(), sin.contiguous(), input_pos, q, k_cache, v_cache, qkv.stride(0), qkv.stride(1),
+        *k_cache.stride()[:3], *v_cache.stride()[:3], S, H=n_head, HKV=hkv, D=D, BLOCK_H=block_h, num_warps=4,
+    )  # fmt: skip
+    return q
+
+
+def rope_write_supported(qkv: Tensor, k_cache: Tensor, n_head: int) -> bool:
+    """Whether a prefill or verify step of an attention layer should take rope_write: GPU tensors that
+    rope_write_shapes_ok() accepts."""
+    return qkv.is_cuda and rope_write_shapes_ok(qkv, k_cache, n_head)
+
+
+def rope_write_shapes_ok(qkv: Tensor, k_cache: Tensor, n_head: int) -> bool:
+    """qkv [B, S, (n_head + 2 Hkv) D] in a float dtype and caches of head_dim D, a power of two from 16 to 256."""
+    hkv, D = k_cache.shape[1], k_cache.shape[3]
+    return (qkv.dim() == 3 and qkv.dtype in FLOAT_DTYPES and k_cache.dtype in FLOAT_DTYPES
+            and D in (16, 32, 64, 128, 256) and qkv.shape[2] == (n_head + 2 * hkv) * D)  # fmt: skip
 
 
 def attention_splits(batch: int, kv_heads: int, T: int, device: torch.device) -> int:

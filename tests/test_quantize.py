@@ -197,6 +197,7 @@ def kernels_on_cpu(monkeypatch) -> None:
                         and n % (256 if glu else 128) == 0)  # fmt: skip
     monkeypatch.setattr(triton_attention, "attention_supported", triton_attention.attention_shapes_ok)
     monkeypatch.setattr(triton_attention, "rope_attention_supported", triton_attention.rope_attention_shapes_ok)
+    monkeypatch.setattr(triton_attention, "rope_write_supported", triton_attention.rope_write_shapes_ok)
 
 
 @pytest.mark.parametrize("mode", ["plain", "int8", "int4-g32"])
@@ -226,6 +227,8 @@ def test_decode_through_every_triton_kernel_matches_the_stock_path(mode, monkeyp
     launches = []  # (whether the kernel did rotary and the cache write itself, key ranges asked for)
     monkeypatch.setattr(triton_attention, "_attention_launch",
                         lambda *a, _f=triton_attention._attention_launch: launches.append((len(a) > 6, a[5])) or _f(*a))  # fmt: skip
+    writes = []  # the prefill's rotary and cache writes: one rope_write kernel per layer
+    monkeypatch.setattr(triton_attention, "rope_write", lambda *a, _f=triton_attention.rope_write: writes.append(a[0].shape) or _f(*a))
     fused = []  # the norms' halves: linear_add_norm (wo, w2) and norm_linear (wqkv but the first, w13, output)
     for name in ("linear_add_norm", "norm_linear"):
         monkeypatch.setattr(triton_ops, name, lambda *a, _f=getattr(triton_ops, name), _n=name: fused.append(_n) or _f(*a))
@@ -244,6 +247,7 @@ def test_decode_through_every_triton_kernel_matches_the_stock_path(mode, monkeyp
             x = tokens if step == 0 else torch.randint(0, 256, (1, 1))
             assert_close(fast(x, pos), stock(x, pos), atol=1e-4, rtol=1e-4)
     assert launches == [(False, 3)] * args.n_layer + [(True, 3)] * 3 * args.n_layer  # prefill, then three decode steps
+    assert writes == [(1, 6, (4 + 2 * 2) * 32)] * args.n_layer
     per_step = 2 * args.n_layer * ["linear_add_norm"] + 2 * args.n_layer * ["norm_linear"]  # (n - 1) + n + 1
     # the prefill (6 rows; unquantized: one-row inputs only, TritonLinear.ours) and the decode steps: one norm
     # kernel each

@@ -103,6 +103,39 @@ def test_rope_attention_first_block_loaded_before_the_pdl_wait_changes_nothing(b
         assert torch.equal(before, after)
 
 
+@pytest.mark.parametrize("b,h,hkv,s,d,dtype", [
+    (2, 4, 2, 6, 64, torch.float32),  # grouped query heads, a prompt of 6
+    (1, 16, 4, 3, 32, torch.float32),  # 24 heads: two programs per position, the second one part masked
+    (2, 8, 8, 5, 128, torch.bfloat16),
+])  # fmt: skip
+def test_rope_write_is_rotary_then_cache_write(b, h, hkv, s, d, dtype):
+    # triton_attention.rope_write (a prefill's or verify step's rotary and cache write in one kernel) against
+    # model.Attention's steps: apply_rotary in float32, rounded once, and index_copy_ into the caches at slots that
+    # need not be consecutive; the other slots keep what they held
+    from model import apply_rotary
+
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(b, s, (h + 2 * hkv) * d, generator=g).to(dtype)
+    k_cache, v_cache = (torch.randn(b, hkv, 40, d, generator=g).to(dtype) for _ in range(2))
+    angle = torch.rand(s, d // 2, generator=g) * 6
+    cos, sin = (f(torch.cat([angle, angle], dim=-1)).to(dtype) for f in (torch.cos, torch.sin))  # [S, D]
+    pos = torch.tensor([3, 4, 5, 9, 10, 11][:s])
+    q, k, v = (y.view(b, s, -1, d).transpose(1, 2) for y in qkv.split([h * d, hkv * d, hkv * d], dim=-1))
+    q, k = (apply_rotary(y.float(), cos.float(), sin.float()).to(dtype) for y in (q, k))
+    k_ref, v_ref = k_cache.clone().index_copy_(2, pos, k), v_cache.clone().index_copy_(2, pos, v)
+    out = triton_attention.rope_write(qkv, cos, sin, pos, k_cache, v_cache, h)
+    assert out.shape == (b, s, h, d) and out.dtype == dtype and out.is_contiguous()
+    ulp = 1e-6 if dtype == torch.float32 else 2e-2  # bf16: FMA contraction may move the rounding by one step
+    assert_close(out.transpose(1, 2), q, atol=ulp, rtol=ulp)
+    assert_close(k_cache, k_ref, atol=ulp, rtol=ulp)
+    assert torch.equal(v_cache, v_ref)  # the value is only copied
+    meta = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
+    assert triton_attention.rope_write_shapes_ok(qkv, k_cache, h)
+    assert not triton_attention.rope_write_shapes_ok(qkv, k_cache, h + 1)  # heads that do not add up
+    assert not triton_attention.rope_write_shapes_ok(meta(1, 2, 3 * 96), meta(1, 1, 8, 96), 1)  # D not a power of two
+    assert not triton_attention.rope_write_supported(qkv, k_cache, h)  # CPU tensors: model.Attention's steps
+
+
 def test_masked_keys_do_not_count():
     # keys past the position (cache slots not written yet) and padding slots change nothing, whatever they hold
     q, k, v, mask = attention_case(2, 2, 2, 1, 256, 64, torch.float32, pos=70)
@@ -142,3 +175,5 @@ def test_fake_implementations_agree_with_the_kernel():
     caches = (k_cache, v_cache)
     torch.library.opcheck(triton_attention.rope_attention.op, (qkv, cos, sin, pos, *caches, mask, 4))  # mutates the caches
     torch.library.opcheck(triton_attention.rope_attention.op, (qkv, cos, sin, pos, *caches, mask, 4, counters, 2))
+    qkv = torch.randn(1, 3, (4 + 2 * 2) * 32)  # a 3-position verify step's rotary and cache write
+    torch.library.opcheck(triton_attention.rope_write.op, (qkv, cos.expand(3, 32), sin.expand(3, 32), pos + torch.arange(3), *caches, 4))
