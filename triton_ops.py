@@ -963,7 +963,10 @@ def out_dtype(fmt: str, x: Tensor, n: int, k: int, glu: bool = False) -> torch.d
 
 
 def _pdl_args(device: torch.device) -> dict:
-    # the kernel's PDL constexpr and Triton's launch option, or nothing (the interpreter takes no launch_pdl)
+    # the kernel's PDL constexpr and Triton's launch option, or nothing (the interpreter takes no launch_pdl).
+    # The matmuls take them for one row only: a several-row call scheduled early holds SM slots that the call
+    # before it still needs for its later programs (H100, the 16-row prefill of 7B int4: w2 after the GLU call
+    # 203 us with PDL, 42 without; the replay 11.2 -> 8.9 ms)
     return {"PDL": True, "launch_pdl": True} if uses_pdl(device) else {}
 
 
@@ -1047,12 +1050,13 @@ def _launch(kernel, fmt: str, x: Tensor, weights: tuple, n: int, cfg: Config | N
     prefetch = prefetch_bytes(x.device) if w_aligned else 0
     if prefetch:
         constexprs.update(PREFETCH=prefetch)
+    pdl = _pdl_args(x.device) if m == 1 else {}  # (see _pdl_args)
     kernel[grid](
         x2, *weights, y, m, n, k, k_len, GLU=glu, ATOMIC=atomic,
         DOT_F32=x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **fused, **constexprs, **_pdl_args(x.device),
-        **({"PRELOAD": True} if preloads(x.device) else {}), **({"STAGES": cfg.stages} if block_m == 1 else {}),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **fused, **constexprs, **pdl,
+        **({"PRELOAD": True} if pdl and preloads(x.device) else {}), **({"STAGES": cfg.stages} if block_m == 1 else {}),
     )  # fmt: skip
     shape = x.shape[:-1]
     if add_norm:

@@ -628,6 +628,27 @@ def test_preloads_follows_fastgen_preload(monkeypatch):
     assert not triton_ops.preloads(cuda, "attn")
 
 
+def test_only_one_row_matmuls_launch_under_pdl(monkeypatch):
+    # programmatic dependent launch (and the first tile loaded before its wait) for M = 1 only: a several-row call
+    # scheduled early holds SM slots that the call before it still needs (see triton_ops._pdl_args)
+    monkeypatch.setattr(triton_ops, "uses_pdl", lambda device: True)
+    launches = []
+
+    class Recorder:  # kernel[grid](...) records the launch's keyword arguments instead of running
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(kwargs)
+
+    for name in ("_linear_kernel", "_int4_kernel"):
+        monkeypatch.setattr(triton_ops, name, Recorder())
+    for fmt in ("bfloat16", "int8", "int4g32"):
+        for m in (1, 3, 16):
+            x, weights, _ = case(fmt, m, 256, 256, torch.bfloat16)
+            triton_ops.call(fmt, x, *weights)
+            pdl = {key: launches[-1].get(key, False) for key in ("PDL", "launch_pdl", "PRELOAD")}
+            assert pdl == dict.fromkeys(pdl, m == 1), (fmt, m, pdl)
+    assert len(launches) == 9
+
+
 def test_fake_implementations_agree_with_the_kernels():
     # torch.library.opcheck: each matmul op's fake (what torch.compile plans with) gives the real output's shape,
     # dtype and strides (triton_attention's and triton_sample's: in their own tests)
