@@ -84,6 +84,15 @@ def apply_mode(model: Transformer, mode: str) -> Transformer:
     return quantize.prepare_for_device(model) if mode == "bf16" else quantize.quantize_model(model, mode)
 
 
+def check_mode(parser: argparse.ArgumentParser, mode: str) -> None:
+    # a one-line usage error for a --mode that apply_mode would reject only after building the model
+    if mode != "bf16":
+        try:
+            quantize.parse_mode(mode)
+        except ValueError as e:
+            parser.error(f"--mode {mode}: {e}")
+
+
 def copy_bandwidth(device) -> float:
     """Device-to-device copy GB/s (bytes read + written), the ceiling a decode step can approach."""
     if torch.device(device).type != "cuda":
@@ -415,6 +424,8 @@ def main(argv=None) -> None:
     p.add_argument("--breakdown", action="store_true", help="also profile GPU time per token by kind of kernel")
     p.add_argument("--device", default=gen.default_device())
     args = p.parse_args(argv)
+    for mode in args.mode:
+        check_mode(p, mode)
     if args.choose_shapes and not args.choose:
         p.error("--choose_shapes goes with --choose")
     if args.repeat is None:

@@ -1,10 +1,12 @@
 """Speculative decoding benchmarks; one JSON line per measurement.
 
     python bench_speculative.py verify --shape 7B --k 2 3 4 5 6 7 8     # verify cost vs a decode step
+    python bench_speculative.py verify --shape 7B --mode int4 --k 4     # the same for a quantized target
     python bench_speculative.py lookup --k 4 8                         # prompt lookup on SmolLM2, real text
 
-verify: random weights of a named shape (bench.py), bf16, compiled with CUDA graphs. Times one decode step
-and one verify step of k+1 tokens (target forward + acceptance), and prints the speedup this implies:
+verify: random weights of a named shape (bench.py) in bf16 or a quantize.py mode (--mode; the kernels as
+bench.py chooses them), compiled with CUDA graphs. Times one decode step and one verify step of k+1 tokens
+(target forward + acceptance), and prints the speedup this implies:
 with per-token acceptance rate a a step yields (1 - a^(k+1)) / (1 - a) tokens and costs k draft steps
 plus the verify, so speedup = tokens per step / (k * c + verify / decode), c = draft step / target step
 (--draft_cost; 0 is prompt lookup).
@@ -43,7 +45,7 @@ def timed(fn, iters: int, device, runs: int = 5) -> float:
 @torch.no_grad()
 def verify_cost(args) -> None:
     device, dtype = args.device, torch.float32 if args.device == "cpu" else torch.bfloat16
-    model = bench.random_model(args.shape, device, dtype)
+    model = bench.apply_mode(bench.random_model(args.shape, device, dtype), args.mode)
     V, context = model.config.vocab_size, args.context
     with torch.device(device):
         model.setup_caches(1, context + max(args.k) + 1)
@@ -68,7 +70,8 @@ def verify_cost(args) -> None:
         ratio = t_verify / t_decode
         for c in args.draft_cost:
             speedup = {f"{a:.1f}": round((1 - a ** (k + 1)) / (1 - a) / (k * c + ratio), 2) for a in args.acceptance}
-            print(json.dumps({"bench": "verify_cost", "shape": args.shape, "k": k, "decode_ms": round(t_decode * 1e3, 3),
+            print(json.dumps({"bench": "verify_cost", "shape": args.shape, "mode": args.mode, "k": k,
+                              "decode_ms": round(t_decode * 1e3, 3),
                               "verify_ms": round(t_verify * 1e3, 3), "verify_over_decode": round(ratio, 3),
                               "first_call_s": round(first_call, 1), "draft_cost": c, "speedup_at_acceptance": speedup,
                               "compile": args.compile, **bench.versions()}), flush=True)  # fmt: skip
@@ -140,6 +143,7 @@ def main(argv=None) -> None:
     p.add_argument("--runs", type=int, default=3, help="timed runs after the first (compiling) one")
     # verify
     p.add_argument("--shape", choices=sorted(bench.SHAPES), default="7B")
+    p.add_argument("--mode", default="bf16", help="bf16 or a quantize.py mode (int8, int4, fp8, ...)")
     p.add_argument("--context", type=int, default=128, help="tokens already in the cache")
     p.add_argument("--iters", type=int, default=50, help="back-to-back calls per timing")
     p.add_argument("--temperature", type=float, default=0.8)
@@ -155,6 +159,7 @@ def main(argv=None) -> None:
                    help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--show", action="store_true", help="print the plain output to stderr")
     args = p.parse_args(argv)
+    bench.check_mode(p, args.mode)
     if args.bench == "verify":
         args.k = args.k or list(range(2, 9))
         verify_cost(args)

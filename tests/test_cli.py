@@ -173,6 +173,32 @@ def test_bench_runs_each_configuration(capsys, monkeypatch):
     assert all(len(r["repeats_tok_s"]) == 2 and r["tok_s"] == statistics.median(r["repeats_tok_s"]) for r in rows[4:])
 
 
+def test_bench_speculative_verify_takes_a_quantization_mode(capsys, monkeypatch):
+    # the verify-step benchmark on a quantized target (CPU, eager: the plumbing, not the speed)
+    import bench
+    import bench_speculative
+    from quantize import WeightOnlyInt8Linear
+
+    built, apply_mode = [], bench.apply_mode
+    monkeypatch.setattr(bench, "apply_mode", lambda model, mode: built.append(apply_mode(model, mode)) or built[-1])
+    bench_speculative.main(["verify", "--shape", "tiny", "--device", "cpu", "--no_compile", "--mode", "int8", "--k",
+                            "2", "--iters", "1", "--runs", "1", "--draft_cost", "0", "--acceptance", "0.8"])  # fmt: skip
+    row = json.loads(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("{")))
+    assert (row["mode"], row["k"]) == ("int8", 2) and row["verify_ms"] > 0 and row["decode_ms"] > 0
+    assert any(isinstance(m, WeightOnlyInt8Linear) for m in built[0].modules())
+
+
+def test_benchmarks_reject_an_unknown_mode_in_one_line(capsys):
+    import bench
+    import bench_speculative
+
+    for main, argv in ((bench.main, ["--shape", "tiny", "--device", "cpu"]), (bench_speculative.main, ["verify"])):
+        with pytest.raises(SystemExit):
+            main(argv + ["--mode", "int9"])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "error: --mode int9: unknown quantization mode 'int9'" in err
+
+
 def test_bench_breakdown_charges_each_kernel_what_it_adds_to_the_step():
     # --breakdown's critical path: a kernel that starts early and waits (programmatic dependent launch) costs
     # only its end past the kernels before it; gaps with nothing running are idle time; the parts add up

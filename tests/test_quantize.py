@@ -228,7 +228,8 @@ def test_decode_through_every_triton_kernel_matches_the_stock_path(mode, monkeyp
     monkeypatch.setattr(triton_attention, "_attention_launch",
                         lambda *a, _f=triton_attention._attention_launch: launches.append((len(a) > 6, a[5])) or _f(*a))  # fmt: skip
     writes = []  # the prefill's rotary and cache writes: one rope_write kernel per layer
-    monkeypatch.setattr(triton_attention, "rope_write", lambda *a, _f=triton_attention.rope_write: writes.append(a[0].shape) or _f(*a))
+    rope_write = triton_attention.rope_write
+    monkeypatch.setattr(triton_attention, "rope_write", lambda *a: writes.append(a[0].shape) or rope_write(*a))
     fused = []  # the norms' halves: linear_add_norm (wo, w2) and norm_linear (wqkv but the first, w13, output)
     for name in ("linear_add_norm", "norm_linear"):
         monkeypatch.setattr(triton_ops, name, lambda *a, _f=getattr(triton_ops, name), _n=name: fused.append(_n) or _f(*a))
