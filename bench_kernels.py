@@ -211,9 +211,7 @@ def check(formats: list[str], trials: int) -> None:
         qkv = torch.randn(b, 1, (h + 2 * hkv) * d, device="cuda", dtype=torch.bfloat16)
         angle = torch.rand(1, d // 2, device="cuda").repeat(1, 2) * 6
         cos, sin, slot = angle.cos().bfloat16(), angle.sin().bfloat16(), torch.tensor([t - 1], device="cuda")
-        q, k, v = (y.view(b, 1, -1, d).transpose(1, 2) for y in qkv.split([h * d, hkv * d, hkv * d], dim=-1))
-        q, k = (apply_rotary(y.float(), cos.float(), sin.float()).bfloat16() for y in (q, k))
-        k_ref, v_ref = k_cache.clone().index_copy_(2, slot, k), v_cache.clone().index_copy_(2, slot, v)
+        q, k_ref, v_ref = rope_reference(qkv, cos, sin, slot, k_cache, v_cache, h)
         ref = F.scaled_dot_product_attention(q.double(), k_ref.double(), v_ref.double(), attn_mask=mask, enable_gqa=True)
         splits = triton_attention.attention_splits(b, hkv, t, qkv.device)
         counters = torch.zeros(b * hkv, device="cuda", dtype=torch.int32)
@@ -258,6 +256,18 @@ def check(formats: list[str], trials: int) -> None:
     model_check(formats)
 
 
+def rope_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """model.Attention's steps for the qkv matmul's output [B, S, (H + 2 Hkv) D] at cache slots [S]: q and k
+    rotated in float32 and rounded once to qkv's dtype (as inductor computes it), k and v index_copy_'d into
+    copies of the caches -> (q [B, H, S, D], new key cache, new value cache). For rope_attention and rope_write."""
+    b, s = qkv.shape[:2]
+    hkv, d = k_cache.shape[1], k_cache.shape[3]
+    q, k, v = (y.view(b, s, -1, d).transpose(1, 2) for y in qkv.split([h * d, hkv * d, hkv * d], dim=-1))
+    q, k = (apply_rotary(y.float(), cos.float(), sin.float()).to(qkv.dtype) for y in (q, k))
+    return q, k_cache.clone().index_copy_(2, slots, k), v_cache.clone().index_copy_(2, slots, v)
+
+
 def check_rope_write() -> None:
     """rope_write (a prefill's or verify step's rotary and cache write) against model.Attention's steps: float32
     rotary rounded once, index_copy_ into the caches; 16 and 5 positions."""
@@ -267,11 +277,10 @@ def check_rope_write() -> None:
         qkv = torch.randn(b, s, (h + 2 * hkv) * d, device="cuda", dtype=torch.bfloat16)
         angle = torch.rand(s, d // 2, device="cuda").repeat(1, 2) * 6
         cos, sin, slots = angle.cos().bfloat16(), angle.sin().bfloat16(), torch.arange(t - s, t, device="cuda")
-        q, k, v = (y.view(b, s, -1, d).transpose(1, 2) for y in qkv.split([h * d, hkv * d, hkv * d], dim=-1))
-        q, k = (apply_rotary(y.float(), cos.float(), sin.float()).bfloat16() for y in (q, k))
-        k_ref, v_ref = k_cache.clone().index_copy_(2, slots, k), v_cache.clone().index_copy_(2, slots, v)
+        q, k_ref, v_ref = rope_reference(qkv, cos, sin, slots, k_cache, v_cache, h)
         y = triton_attention.rope_write(qkv, cos, sin, slots, k_cache, v_cache, h)
-        err = max((y.transpose(1, 2).float() - q.float()).abs().max().item(), (k_cache.float() - k_ref.float()).abs().max().item())
+        err = max((y.transpose(1, 2).float() - q.float()).abs().max().item(),
+                  (k_cache.float() - k_ref.float()).abs().max().item())  # fmt: skip
         print(f"check rope_write B={b} H={h} Hkv={hkv} S={s} T={t}: max abs error (queries, key cache) {err:.1e}")
         assert err <= 2e-2 and torch.equal(v_cache, v_ref)
 

@@ -177,18 +177,18 @@ class RopeAttention(Attention):
 
     def attend(self, qkv: Tensor, input_pos: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
         cache = self.kv_cache
-        if not triton_attention.rope_attention_supported(qkv, cache.k_cache, mask, self.n_head):
-            if not triton_attention.rope_write_supported(qkv, cache.k_cache, self.n_head):
-                return super().attend(qkv, input_pos, cos, sin, mask)
-            q = triton_attention.rope_write(qkv, cos, sin, input_pos, cache.k_cache, cache.v_cache, self.n_head)
-            y = self.sdpa(q.transpose(1, 2), cache.k_cache, cache.v_cache, attn_mask=mask,
-                          enable_gqa=self.n_head != self.n_local_heads)  # [B, H, S, D]  # fmt: skip
-            return y.transpose(1, 2).contiguous().view(qkv.shape[0], qkv.shape[1], self.n_head * self.head_dim)
-        splits = triton_attention.attention_splits(qkv.shape[0], self.n_local_heads, cache.k_cache.shape[2], qkv.device)
-        counters = getattr(self.sdpa, "counters", None)  # DecodeAttention's, shared by the layers
-        y = triton_attention.rope_attention(qkv, cos, sin, input_pos, cache.k_cache, cache.v_cache, mask,
-                                            self.n_head, counters, splits)  # [B, H, 1, D]  # fmt: skip
-        return y.view(qkv.shape[0], 1, self.n_head * self.head_dim)
+        if triton_attention.rope_attention_supported(qkv, cache.k_cache, mask, self.n_head):
+            splits = triton_attention.attention_splits(qkv.shape[0], self.n_local_heads, cache.k_cache.shape[2], qkv.device)
+            counters = getattr(self.sdpa, "counters", None)  # DecodeAttention's, shared by the layers
+            y = triton_attention.rope_attention(qkv, cos, sin, input_pos, cache.k_cache, cache.v_cache, mask,
+                                                self.n_head, counters, splits)  # [B, H, 1, D]  # fmt: skip
+            return y.view(qkv.shape[0], 1, self.n_head * self.head_dim)
+        if not triton_attention.rope_write_supported(qkv, cache.k_cache, self.n_head):
+            return super().attend(qkv, input_pos, cos, sin, mask)
+        q = triton_attention.rope_write(qkv, cos, sin, input_pos, cache.k_cache, cache.v_cache, self.n_head)
+        y = self.sdpa(q.transpose(1, 2), cache.k_cache, cache.v_cache, attn_mask=mask,
+                      enable_gqa=self.n_head != self.n_local_heads)  # [B, H, S, D]  # fmt: skip
+        return y.transpose(1, 2).contiguous().view(qkv.shape[0], qkv.shape[1], self.n_head * self.head_dim)
 
 
 def kernel_weights(m: nn.Module, x: Tensor) -> tuple[str, Tensor, Tensor | None] | None:

@@ -9,6 +9,7 @@ from torch.testing import assert_close
 
 import triton_attention
 import triton_ops
+from bench_kernels import rope_reference
 
 
 def attention_case(b, h, hkv, s, t, d, dtype, pos, seed=0):
@@ -65,12 +66,8 @@ def rope_case(b, h, hkv, t, d, dtype, pos, seed=0):
 def test_rope_attention_is_rotary_then_cache_write_then_attention(b, h, hkv, t, d, dtype, splits, pos):
     # triton_attention.rope_attention against model.Attention's own steps: apply_rotary (in float32, rounded once, as
     # inductor computes it), index_copy_ into the caches, sdpa over them
-    from model import apply_rotary
-
     qkv, cos, sin, pos, (k_cache, v_cache), mask = rope_case(b, h, hkv, t, d, dtype, pos=pos)
-    q, k, v = (y.view(b, 1, -1, d).transpose(1, 2) for y in qkv.split([h * d, hkv * d, hkv * d], dim=-1))
-    q, k = (apply_rotary(y.float(), cos.float(), sin.float()).to(dtype) for y in (q, k))
-    k_ref, v_ref = k_cache.clone().index_copy_(2, pos, k), v_cache.clone().index_copy_(2, pos, v)
+    q, k_ref, v_ref = rope_reference(qkv, cos, sin, pos, k_cache, v_cache, h)
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.double(), k_ref.double(), v_ref.double(), attn_mask=mask, enable_gqa=True
     )  # fmt: skip
@@ -112,17 +109,13 @@ def test_rope_write_is_rotary_then_cache_write(b, h, hkv, s, d, dtype):
     # triton_attention.rope_write (a prefill's or verify step's rotary and cache write in one kernel) against
     # model.Attention's steps: apply_rotary in float32, rounded once, and index_copy_ into the caches at slots that
     # need not be consecutive; the other slots keep what they held
-    from model import apply_rotary
-
     g = torch.Generator().manual_seed(1)
     qkv = torch.randn(b, s, (h + 2 * hkv) * d, generator=g).to(dtype)
     k_cache, v_cache = (torch.randn(b, hkv, 40, d, generator=g).to(dtype) for _ in range(2))
     angle = torch.rand(s, d // 2, generator=g) * 6
     cos, sin = (f(torch.cat([angle, angle], dim=-1)).to(dtype) for f in (torch.cos, torch.sin))  # [S, D]
     pos = torch.tensor([3, 4, 5, 9, 10, 11][:s])
-    q, k, v = (y.view(b, s, -1, d).transpose(1, 2) for y in qkv.split([h * d, hkv * d, hkv * d], dim=-1))
-    q, k = (apply_rotary(y.float(), cos.float(), sin.float()).to(dtype) for y in (q, k))
-    k_ref, v_ref = k_cache.clone().index_copy_(2, pos, k), v_cache.clone().index_copy_(2, pos, v)
+    q, k_ref, v_ref = rope_reference(qkv, cos, sin, pos, k_cache, v_cache, h)
     out = triton_attention.rope_write(qkv, cos, sin, pos, k_cache, v_cache, h)
     assert out.shape == (b, s, h, d) and out.dtype == dtype and out.is_contiguous()
     ulp = 1e-6 if dtype == torch.float32 else 2e-2  # bf16: FMA contraction may move the rounding by one step
@@ -176,4 +169,5 @@ def test_fake_implementations_agree_with_the_kernel():
     torch.library.opcheck(triton_attention.rope_attention.op, (qkv, cos, sin, pos, *caches, mask, 4))  # mutates the caches
     torch.library.opcheck(triton_attention.rope_attention.op, (qkv, cos, sin, pos, *caches, mask, 4, counters, 2))
     qkv = torch.randn(1, 3, (4 + 2 * 2) * 32)  # a 3-position verify step's rotary and cache write
-    torch.library.opcheck(triton_attention.rope_write.op, (qkv, cos.expand(3, 32), sin.expand(3, 32), pos + torch.arange(3), *caches, 4))
+    rows = (qkv, cos.expand(3, 32), sin.expand(3, 32), pos + torch.arange(3))
+    torch.library.opcheck(triton_attention.rope_write.op, (*rows, *caches, 4))
